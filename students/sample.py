@@ -1,0 +1,112 @@
+"""Batched sampling from a transformers causal LM with a KV cache and an explicit torch.Generator.
+
+This is the CPU/small-run sampler for on-policy distillation and the generator behind
+`teachers.hf.HFTeacher`. It never samples a padded head row (ids >= the tokenizer's length).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from teachers.protocol import Generation, SamplingParams
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p (nucleus) filtering of (B, V) logits; removed ids get -inf."""
+    logits = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # keep the smallest prefix whose mass reaches top_p: drop ids whose *preceding* mass does
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+    batch_size: int = 64,
+) -> list[Generation]:
+    """One completion per prompt. Same prompts, params and batch_size give the same tokens."""
+    assert len(prompts) > 0 and all(len(p) > 0 for p in prompts), "empty prompt"
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(params.seed)
+    out: list[Generation] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        out.extend(_sample_chunk(model, chunk, params, eos_id, pad_id, vocab_size, generator))
+    return out
+
+
+def _sample_chunk(
+    model: PreTrainedModel,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    eos_id: int,
+    pad_id: int,
+    vocab_size: int,
+    generator: torch.Generator,
+) -> list[Generation]:
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    # Left padding keeps every sequence's next token at the last column.
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((B, P), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        attn[i, P - len(p) :] = 1
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+    cache = DynamicCache()
+    logits = model(
+        input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache
+    ).logits[:, -1, :vocab_size]  # (B, V): padded head rows are never sampled
+    tokens = torch.empty((B, params.max_tokens), dtype=torch.long, device=device)
+    seen = torch.zeros((B, vocab_size), dtype=torch.bool, device=device)  # for presence penalty
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.full((B,), params.max_tokens, dtype=torch.long, device=device)
+    pos = positions[:, -1:]
+    n = 0
+    for n in range(params.max_tokens):
+        if params.presence_penalty:
+            logits = logits - params.presence_penalty * seen.float()
+        if params.temperature == 0.0:
+            nxt = logits.argmax(-1)  # (B,)
+        else:
+            probs = filter_logits(logits, params).softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens[:, n] = nxt
+        seen[torch.arange(B, device=device), nxt.clamp(max=vocab_size - 1)] |= ~done
+        finished_now = (nxt == eos_id) & ~done
+        lengths = torch.where(finished_now, torch.full_like(lengths, n + 1), lengths)
+        done |= finished_now
+        if bool(done.all()) or n == params.max_tokens - 1:
+            break
+        attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], dim=1)
+        pos = pos + 1
+        logits = model(
+            input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache
+        ).logits[:, -1, :vocab_size]
+    tokens_np = tokens[:, : n + 1].cpu().numpy().astype(np.int32)
+    gens = []
+    for i in range(B):
+        L = int(lengths[i])
+        row = tokens_np[i, :L]
+        stopped = L > 0 and int(row[-1]) == eos_id
+        gens.append(Generation(token_ids=row.copy(), finish_reason="stop" if stopped else "length"))
+    return gens

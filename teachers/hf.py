@@ -1,0 +1,139 @@
+"""HFTeacher: a transformers model in this process; exact, dense, and the reference in tests."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from students.sample import sample
+from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+
+
+class HFTeacher:
+    """Scores with one forward pass per batch; log-softmax is taken `chunk` positions at a time."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        vocab_size: int,
+        eos_id: int,
+        pad_id: int,
+        name: str,
+        batch_size: int = 16,
+        chunk: int = 256,
+    ) -> None:
+        self.model = model.eval()
+        self._vocab_size = vocab_size
+        self.eos_id, self.pad_id = eos_id, pad_id
+        self._name = name
+        self.batch_size, self.chunk = batch_size, chunk
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    ) -> HFTeacher:
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise TeacherError(
+                f"teacher model not found at {path}: pass a folder holding config.json and "
+                "safetensors weights (e.g. one written by save_pretrained)"
+            )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(
+            model,
+            vocab_size=len(tokenizer),
+            eos_id=int(tokenizer.eos_token_id),
+            pad_id=int(tokenizer.pad_token_id),
+            name=f"hf:{path.name}@{weights_digest(model)}",
+        )
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def logits_width(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def max_top_k(self) -> int:
+        return self.logits_width
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        return sample(
+            self.model,
+            prompts,
+            params,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            vocab_size=self._vocab_size,
+            batch_size=self.batch_size * 4,
+        )
+
+    @torch.no_grad()
+    def score(
+        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int
+    ) -> list[TopK]:
+        if not 1 <= top_k <= self.max_top_k:
+            raise TeacherError(f"top_k={top_k} is outside 1..{self.max_top_k} for {self.name}")
+        assert len(sequences) == len(prompt_lengths)
+        out: list[TopK] = []
+        for start in range(0, len(sequences), self.batch_size):
+            seqs = sequences[start : start + self.batch_size]
+            plens = prompt_lengths[start : start + self.batch_size]
+            out.extend(self._score_batch(seqs, plens, top_k))
+        check_scores(out, self.name)
+        return out
+
+    def _score_batch(
+        self, seqs: Sequence[Sequence[int]], plens: Sequence[int], top_k: int
+    ) -> list[TopK]:
+        device = next(self.model.parameters()).device
+        B, T = len(seqs), max(len(s) for s in seqs)
+        ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros((B, T), dtype=torch.long, device=device)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+            attn[i, : len(s)] = 1
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        head = self.model.get_output_embeddings()
+        results = []
+        for i, s in enumerate(seqs):
+            P, L = int(plens[i]), len(s) - int(plens[i])
+            assert 1 <= P <= len(s), (P, len(s))
+            # Alignment (see TopK): completion token t is predicted by the hidden state at P+t-1.
+            h = hidden[i, P - 1 : P - 1 + L]  # (L, H)
+            target = ids[i, P : P + L]  # (L,)
+            top_ids = np.empty((L, top_k), dtype=np.int32)
+            top_lp = np.empty((L, top_k), dtype=np.float32)
+            actual = np.empty(L, dtype=np.float32)
+            for c in range(0, L, self.chunk):
+                # Raw temperature-1 log-softmax over the full head width, as vLLM reports it.
+                logp = torch.log_softmax(head(h[c : c + self.chunk]).float(), dim=-1)  # (C, W)
+                vals, idx = torch.topk(logp, top_k, dim=-1)  # (C, K), sorted
+                top_ids[c : c + self.chunk] = idx.cpu().numpy()
+                top_lp[c : c + self.chunk] = vals.cpu().numpy()
+                actual[c : c + self.chunk] = (
+                    logp.gather(-1, target[c : c + self.chunk, None]).squeeze(-1).cpu().numpy()
+                )
+            results.append(TopK(ids=top_ids, logprobs=top_lp, actual_logprobs=actual))
+        return results
+
+
+def weights_digest(model: torch.nn.Module, n: int = 12) -> str:
+    """A short content hash of the weights: names the exact teacher in datasets and manifests."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:n]
