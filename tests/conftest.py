@@ -1,0 +1,49 @@
+"""Shared fixtures: a locally trained tokenizer and a seeded tiny teacher/student pair on disk."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+
+from distill.tasks import corpus
+from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3, train_tokenizer
+
+
+@dataclass(frozen=True)
+class TinyPair:
+    tokenizer: PreTrainedTokenizerFast
+    teacher: Qwen3ForCausalLM
+    student: Qwen3ForCausalLM
+    teacher_dir: Path
+    student_dir: Path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return train_tokenizer(corpus(400, seed=0), vocab_size=500)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
+    """Random-init teacher (4 layers) and student (2 layers), 500 real ids on a 512-row head."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    teacher = tiny_qwen3(TINY_SHAPES["tiny-teacher"], tokenizer, seed=1)
+    student = tiny_qwen3(TINY_SHAPES["tiny-student"], tokenizer, seed=2)
+    save_pretrained(teacher, tokenizer, root / "teacher")
+    save_pretrained(student, tokenizer, root / "student")
+    return TinyPair(tokenizer, teacher, student, root / "teacher", root / "student")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    have_vllm = importlib.util.find_spec("vllm") is not None
+    have_gpu = torch.cuda.is_available()
+    for item in items:
+        if "vllm" in item.keywords and not have_vllm:
+            item.add_marker(pytest.mark.skip(reason="vllm is not installed"))
+        if "gpu" in item.keywords and not have_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
