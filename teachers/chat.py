@@ -53,8 +53,8 @@ def render_prompt(
     assert isinstance(text, str)
     if mode == "no_think" and not soft_switch and "</think>" not in text[-32:]:
         raise TeacherError(
-            "the chat template ignores enable_thinking=False (no empty <think></think> block in the "
-            "prompt): use a Qwen3 tokenizer/template, or pass soft_switch=True for /no_think"
+            "the chat template ignores enable_thinking=False (no empty <think></think> block in "
+            "the prompt): use a Qwen3 tokenizer/template, or pass soft_switch=True for /no_think"
         )
     return tokenizer.encode(text, add_special_tokens=False)
 
@@ -96,7 +96,10 @@ def generate_with_budget(
     inserts = [
         np.zeros(0, np.int32) if think_end_id in first[i].token_ids else sentence for i in todo
     ]
-    rest = [max(1, params.max_tokens - len(first[i].token_ids) - len(ins)) for i, ins in zip(todo, inserts, strict=True)]
+    rest = [
+        max(1, params.max_tokens - len(first[i].token_ids) - len(ins))
+        for i, ins in zip(todo, inserts, strict=True)
+    ]
     # One call per distinct remaining length keeps each continuation within its own limit.
     out = list(first)
     for max_tokens in sorted(set(rest)):
@@ -105,7 +108,8 @@ def generate_with_budget(
             [*prompts[todo[j]], *first[todo[j]].token_ids.tolist(), *inserts[j].tolist()]
             for j in group
         ]
-        second = generate(cont_prompts, replace(params, max_tokens=max_tokens, seed=params.seed + 1))
+        cont_params = replace(params, max_tokens=max_tokens, seed=params.seed + 1)
+        second = generate(cont_prompts, cont_params)
         for j, g in zip(group, second, strict=True):
             i, ins = todo[j], inserts[j]
             ids = np.concatenate([first[i].token_ids, ins, g.token_ids]).astype(np.int32)

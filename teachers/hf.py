@@ -69,7 +69,9 @@ class HFTeacher:
     def max_top_k(self) -> int:
         return self.logits_width
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
         return sample(
             self.model,
             prompts,

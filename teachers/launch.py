@@ -28,7 +28,7 @@ from teachers.protocol import TeacherError
 API_KEY_ENV = "DISTILL_TEACHER_API_KEY"
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
 # All Qwen3 checkpoints share one tokenizer: 151,669 ids on a 151,936-row head (FACTS.md).
-QWEN3_VOCAB, QWEN3_WIDTH = 151_669, 151_936
+QWEN3_VOCAB, QWEN3_WIDTH, QWEN3_EOS = 151_669, 151_936, 151_645
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +57,7 @@ class ModelShape:
 
     vocab_size: int  # tokenizer length
     logits_width: int  # head rows
+    eos_id: int  # Qwen3: <|im_end|>
 
 
 def resolve_preset(teacher: str) -> Preset:
@@ -70,7 +71,13 @@ def resolve_preset(teacher: str) -> Preset:
             "folder holding config.json"
         )
     return Preset(model=str(Path(teacher).resolve()), tensor_parallel_size=1,
-                  max_logprobs=DEFAULT_MAX_LOGPROBS, max_model_len=CPU_MAX_MODEL_LEN)
+                  max_logprobs=DEFAULT_MAX_LOGPROBS, max_model_len=local_max_model_len(teacher))
+
+
+def local_max_model_len(path: str | Path, cap: int = CPU_MAX_MODEL_LEN) -> int:
+    """A context length a local model accepts: vLLM refuses one above max_position_embeddings."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    return min(cap, int(config.get("max_position_embeddings", cap)))
 
 
 def model_shape(model: str) -> ModelShape:
@@ -80,9 +87,11 @@ def model_shape(model: str) -> ModelShape:
         from transformers import AutoTokenizer  # local import: only needed for local folders
 
         width = int(json.loads(config.read_text())["vocab_size"])
-        return ModelShape(vocab_size=len(AutoTokenizer.from_pretrained(model)), logits_width=width)
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        return ModelShape(vocab_size=len(tokenizer), logits_width=width,
+                          eos_id=int(tokenizer.eos_token_id))
     if model.startswith("Qwen/Qwen3-"):
-        return ModelShape(vocab_size=QWEN3_VOCAB, logits_width=QWEN3_WIDTH)
+        return ModelShape(vocab_size=QWEN3_VOCAB, logits_width=QWEN3_WIDTH, eos_id=QWEN3_EOS)
     raise TeacherError(
         f"cannot tell the vocabulary of served model {model!r}: pass a local copy of its folder "
         "(config.json and tokenizer) as the model, or a Qwen/Qwen3-* id"
@@ -110,7 +119,8 @@ def serve_command(
            "--max-logprobs", str(max_logprobs or preset.max_logprobs)]
     if cpu:
         # One CPU "device": tensor parallelism does not apply; fp32 is the exact reference dtype.
-        cmd += ["--max-model-len", str(max_model_len or CPU_MAX_MODEL_LEN), "--dtype", "float32",
+        cpu_len = min(preset.max_model_len, CPU_MAX_MODEL_LEN)
+        cmd += ["--max-model-len", str(max_model_len or cpu_len), "--dtype", "float32",
                 "--enforce-eager", "--gpu-memory-utilization", "0.1"]
     else:
         cmd += ["--max-model-len", str(max_model_len or preset.max_model_len),

@@ -1,0 +1,306 @@
+"""ServerTeacher: running vLLM servers reached over their OpenAI-compatible `/v1/completions`.
+
+Token ids in, token ids out: prompts are sent as id lists, scores come back as `prompt_logprobs`
+(JSON keys are stringified ids). Sequences are packed into requests of at most `batch_tokens`
+tokens, at most `concurrency` requests are in flight, each to the server with the fewest in
+flight. 5xx answers, dropped connections, timeouts and truncated bodies are retried with
+exponential backoff (on another server when there are several); 4xx answers are the caller's
+mistake and raise at once, naming the fix. Standard library only (urllib + threads).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from teachers.launch import API_KEY_ENV, model_shape
+from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+
+JSON = dict[str, object]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    concurrency: int = 8  # requests in flight over all servers
+    batch_tokens: int = 16_384  # prompt tokens packed into one request (one always fits)
+    timeout_s: float = 600.0  # per request; a long prefill on a busy server is slow, not dead
+    retries: int = 5  # attempts after the first
+    backoff_s: float = 0.5  # first wait; doubles per attempt, capped at 30 s
+    api_key_env: str = API_KEY_ENV  # read at each request; the key itself is never logged
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt: 5xx, dropped connection, timeout, truncated body."""
+
+
+class ServerTeacher:
+    """Scoring and generation on one or more vLLM servers serving the same model."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        model: str,
+        *,
+        vocab_size: int,
+        logits_width: int,
+        eos_id: int,
+        max_top_k: int,
+        config: ServerConfig = ServerConfig(),
+    ) -> None:
+        assert urls, "at least one server URL"
+        self.urls = [u.rstrip("/") for u in urls]
+        self.model, self.config = model, config
+        self._vocab_size, self._width, self.eos_id = vocab_size, logits_width, eos_id
+        self._max_top_k = max_top_k
+        self._in_flight = dict.fromkeys(self.urls, 0)
+        self._lock = threading.Lock()
+        self.bytes_received = 0  # response bytes, for the benchmark's payload figure
+
+    @classmethod
+    def connect(
+        cls,
+        urls: Sequence[str],
+        model: str,
+        *,
+        max_top_k: int = 20,
+        config: ServerConfig = ServerConfig(),
+    ) -> ServerTeacher:
+        """Check every server answers and serves `model`; the shape comes from `model`'s folder."""
+        served = ""
+        for url in urls:
+            url = url.rstrip("/")
+            try:
+                body = _request(f"{url}/v1/models", None, config, timeout_s=10.0)
+            except urllib.error.HTTPError as e:
+                raise _client_error(e, url, config) from None
+            except (urllib.error.URLError, OSError, _Retryable) as e:
+                raise TeacherError(
+                    f"teacher server {url} is unreachable ({_reason(e)}): start it with "
+                    f"`distill teacher serve --teacher {model} --port {_port(url)}`"
+                ) from None
+            ids = [str(m["id"]) for m in body.get("data", [])]  # pyright: ignore
+            if model not in ids and len(ids) != 1:
+                raise TeacherError(f"server {url} serves {ids}, not {model!r}: pass one of them")
+            served = model if model in ids else ids[0]
+        shape = model_shape(model)
+        return cls(urls, served, vocab_size=shape.vocab_size, logits_width=shape.logits_width,
+                   eos_id=shape.eos_id, max_top_k=max_top_k, config=config)
+
+    @property
+    def name(self) -> str:
+        return f"server:{self.model}"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def logits_width(self) -> int:
+        return self._width
+
+    @property
+    def max_top_k(self) -> int:
+        return self._max_top_k
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int
+    ) -> list[TopK]:
+        check_request(sequences, prompt_lengths, top_k, self._max_top_k, self.name,
+                      fix="the server's --max-logprobs (and pass the same max_top_k here)")
+        groups = pack(sequences, self.config.batch_tokens)
+        requests = [
+            {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in group],
+             "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": top_k}
+            for group in groups
+        ]
+        out: list[TopK | None] = [None] * len(sequences)
+        for group, body in zip(groups, self._post_all(requests), strict=True):
+            choices = sorted(body["choices"], key=lambda c: c["index"])  # pyright: ignore
+            for i, choice in zip(group, choices, strict=True):
+                out[i] = topk_from_json(choice["prompt_logprobs"], sequences[i],
+                                        int(prompt_lengths[i]), top_k)
+        scores = [s for s in out if s is not None]
+        assert len(scores) == len(sequences)
+        check_scores(scores, self.name)
+        return scores
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
+        # Padded head rows (ids >= vocab_size) are never sampled: a -100 bias removes them.
+        bias = {str(i): -100.0 for i in range(self._vocab_size, self._width)}
+        requests = [
+            {"model": self.model, "prompt": list(map(int, p)), "max_tokens": params.max_tokens,
+             "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+             "presence_penalty": params.presence_penalty, "seed": params.seed + i,
+             "stop_token_ids": [self.eos_id], "return_token_ids": True, "logit_bias": bias}
+            for i, p in enumerate(prompts)
+        ]
+        gens = []
+        for body in self._post_all(requests):
+            choice = body["choices"][0]  # pyright: ignore
+            ids = [int(t) for t in choice["token_ids"]]
+            stopped = choice["finish_reason"] == "stop"
+            if stopped and (not ids or ids[-1] != self.eos_id):
+                ids.append(self.eos_id)  # Generation keeps eos as the last id
+            gens.append(Generation(token_ids=np.asarray(ids, dtype=np.int32),
+                                   finish_reason="stop" if stopped else "length"))
+        return gens
+
+    def _post_all(self, bodies: list[JSON]) -> list[JSON]:
+        """POST each body to /v1/completions, `concurrency` at a time; answers in input order."""
+        workers = max(1, min(self.config.concurrency, len(bodies)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(self._post, bodies))
+
+    def _post(self, body: JSON) -> JSON:
+        payload = json.dumps(body).encode()
+        last = ""
+        for attempt in range(self.config.retries + 1):
+            url = self._acquire()
+            try:
+                return _request(f"{url}/v1/completions", payload, self.config, counter=self)
+            except urllib.error.HTTPError as e:
+                if e.code < 500:
+                    raise _client_error(e, url, self.config) from None
+                last = f"{url}: HTTP {e.code}"
+            except (_Retryable, urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                last = f"{url}: {_reason(e)}"
+            finally:
+                self._release(url)
+            time.sleep(min(30.0, self.config.backoff_s * 2**attempt))
+        raise TeacherError(
+            f"teacher servers failed {self.config.retries + 1} times in a row (last: {last}); "
+            "check the servers' logs and that they are up (`curl URL/health`)"
+        )
+
+    def _acquire(self) -> str:
+        with self._lock:
+            url = min(self.urls, key=lambda u: self._in_flight[u])  # least loaded, first on ties
+            self._in_flight[url] += 1
+            return url
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            self._in_flight[url] -= 1
+
+
+def check_request(
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    top_k: int,
+    max_top_k: int,
+    name: str,
+    fix: str,
+) -> None:
+    """Refuse a request a backend would reject or mis-align, naming the fix."""
+    if not 1 <= top_k <= max_top_k:
+        raise TeacherError(f"top_k={top_k} is above what {name} serves ({max_top_k}): raise {fix}")
+    if len(sequences) != len(prompt_lengths):
+        raise TeacherError(f"{len(sequences)} sequences but {len(prompt_lengths)} prompt lengths")
+    for i, (s, P) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        # Position 0 has no prefix to be scored from, so a completion needs P >= 1.
+        if not 1 <= P <= len(s):
+            raise TeacherError(f"sequence {i}: prompt length {P} outside 1..{len(s)}")
+
+
+def pack(sequences: Sequence[Sequence[int]], batch_tokens: int) -> list[list[int]]:
+    """Consecutive index groups of at most `batch_tokens` tokens (a longer sequence goes alone)."""
+    groups: list[list[int]] = [[]]
+    used = 0
+    for i, s in enumerate(sequences):
+        if groups[-1] and used + len(s) > batch_tokens:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += len(s)
+    return [g for g in groups if g]
+
+
+def topk_from_json(
+    rows: list[dict[str, JSON] | None], seq: Sequence[int], P: int, top_k: int
+) -> TopK:
+    """Rows P..n-1 of the server's prompt_logprobs (see TopK: entry P + t scores token t).
+
+    Each row maps str(id) -> {logprob, rank}: the top K by rank, plus the actual token when it is
+    not among them (then K + 1 entries). The server writes -inf as -9999.0.
+    """
+    L = len(seq) - P
+    ids = np.empty((L, top_k), dtype=np.int32)  # (L, K)
+    lps = np.empty((L, top_k), dtype=np.float32)  # (L, K)
+    actual = np.empty(L, dtype=np.float32)  # (L,)
+    for t in range(L):
+        row = rows[P + t]
+        assert row is not None, f"no prompt logprobs at position {P + t}"
+        ranked = sorted(
+            (int(v["rank"]), -float(v["logprob"]), int(k))  # pyright: ignore[reportArgumentType]
+            for k, v in row.items()
+        )[:top_k]
+        ids[t] = [r[2] for r in ranked]
+        lps[t] = [-r[1] for r in ranked]
+        actual[t] = float(row[str(int(seq[P + t]))]["logprob"])  # pyright: ignore
+    return TopK(ids=ids, logprobs=lps, actual_logprobs=actual)
+
+
+def _request(
+    url: str,
+    payload: bytes | None,
+    config: ServerConfig,
+    timeout_s: float | None = None,
+    counter: ServerTeacher | None = None,
+) -> JSON:
+    headers = {"Content-Type": "application/json"}
+    if key := os.environ.get(config.api_key_env):
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=payload, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s or config.timeout_s) as resp:
+            raw = resp.read()
+    except http.client.IncompleteRead as e:
+        raise _Retryable(f"truncated response ({len(e.partial)} bytes)") from None
+    except (http.client.RemoteDisconnected, ConnectionError, TimeoutError) as e:
+        raise _Retryable(_reason(e)) from None
+    if counter is not None:
+        counter.bytes_received += len(raw)
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _Retryable(f"unparseable response body ({len(raw)} bytes)") from None
+    if not isinstance(body, dict):
+        raise _Retryable("response body is not a JSON object")
+    return body
+
+
+def _client_error(e: urllib.error.HTTPError, url: str, config: ServerConfig) -> TeacherError:
+    """4xx: the request is wrong for this server; name the fix."""
+    try:
+        message = str(json.loads(e.read()).get("error", {}).get("message", ""))
+    except (json.JSONDecodeError, OSError, AttributeError):
+        message = ""
+    if e.code == 401:
+        return TeacherError(f"server {url} refused the API key: set {config.api_key_env} to the "
+                            "key the server was started with")
+    if "logprobs" in message and "max" in message:
+        return TeacherError(f"server {url}: {message}; restart it with a larger --max-logprobs "
+                            "(distill teacher serve --max-logprobs K) or lower top_k")
+    return TeacherError(f"server {url} rejected the request (HTTP {e.code}): {message[:300]}")
+
+
+def _reason(e: BaseException) -> str:
+    reason = getattr(e, "reason", None)
+    return f"{type(e).__name__}: {reason or e}"
+
+
+def _port(url: str) -> str:
+    tail = url.rsplit(":", 1)[-1]
+    return tail if tail.isdigit() else "8000"

