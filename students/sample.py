@@ -110,3 +110,26 @@ def _sample_chunk(
         stopped = L > 0 and int(row[-1]) == eos_id
         gens.append(Generation(token_ids=row.copy(), finish_reason="stop" if stopped else "length"))
     return gens
+
+
+class HFSampler:
+    """Samples from the training model itself, so it always sees the current weights."""
+
+    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, vocab_size: int) -> None:
+        self.model = model
+        self.eos_id, self.pad_id, self.vocab_size = eos_id, pad_id, vocab_size
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sample(
+                self.model, prompts, params,
+                eos_id=self.eos_id, pad_id=self.pad_id, vocab_size=self.vocab_size,
+            )
+        finally:
+            self.model.train(was_training)
+
+    def sync(self, model: PreTrainedModel) -> None:
+        """Nothing to copy: this sampler runs the training model's own parameters."""
+        assert model is self.model, "HFSampler samples the model it was built with"

@@ -1,0 +1,50 @@
+"""Rich rendering for the CLI: errors, config tables, progress. Library code never renders."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distill.errors import DistillError
+from teachers.protocol import TeacherError
+
+console = Console()
+err_console = Console(stderr=True)
+
+# Errors a user can fix: one line naming the problem and the fix, exit code 2, no traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (DistillError, TeacherError, FileNotFoundError)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the user-fixable errors raised inside a command into `error: ...` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def config_table(title: str, config: Any) -> Table:
+    """A two-column table of a (frozen) dataclass config, as resolved."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("option")
+    table.add_column("value")
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        table.add_row(field.name, json.dumps(value, default=str) if not isinstance(value, str) else value)
+    return table

@@ -1,0 +1,59 @@
+"""Response filters, as the paper's response filtering: wrong, truncated, repetitive, empty.
+
+Every response is kept in the dataset with a `verdict`; training reads only "kept" rows, so a
+filter change never needs the teacher again and nothing generated is thrown away.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+from distill.tasks import extract_answer
+
+VERDICTS = ("kept", "truncated", "empty", "repetitive", "wrong")
+
+
+def repetition_score(token_ids: Sequence[int], n: int = 4) -> float:
+    """Share of n-grams that repeat an earlier n-gram: 0 for none, near 1 for a loop."""
+    if len(token_ids) < 2 * n:
+        return 0.0
+    grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
+    counts = Counter(grams)
+    return sum(c - 1 for c in counts.values()) / len(grams)
+
+
+def verify(answer_text: str, reference: str) -> bool:
+    """Is the final answer right? Integers by exact match, anything else by math-verify."""
+    got = extract_answer(answer_text)
+    try:
+        if got is not None and int(reference) == got:
+            return True
+    except ValueError:
+        pass
+    from math_verify import parse
+    from math_verify import verify as math_verify
+
+    gold, pred = parse(f"${reference}$"), parse(answer_text.split("</think>")[-1])
+    return bool(gold and pred and math_verify(gold, pred))
+
+
+def verdict(
+    *,
+    response_ids: Sequence[int],
+    answer_text: str,
+    finish_reason: str,
+    reference: str | None,
+    repetition_threshold: float,
+) -> tuple[str, bool | None]:
+    """(verdict, correct): the first failed check in VERDICTS order, and the verification result."""
+    correct = verify(answer_text, reference) if reference is not None else None
+    if finish_reason != "stop":
+        return "truncated", correct
+    if not answer_text.strip():
+        return "empty", correct
+    if repetition_score(response_ids) > repetition_threshold:
+        return "repetitive", correct
+    if correct is False:
+        return "wrong", correct
+    return "kept", correct

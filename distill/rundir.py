@@ -1,0 +1,109 @@
+"""The run directory: everything a run writes, written so that a kill at any moment loses nothing.
+
+Layout (each phase adds its own sub-folder):
+    config.json      resolved configs, by phase           manifest.json  versions, hashes, seeds
+    ledger.json      device-hours per phase               metrics.jsonl  one JSON object per line
+    teacher_data/    parquet shards (offpolicy.generate)  offpolicy/, onpolicy/  checkpoints
+Files are replaced atomically (write a temporary file, fsync, rename); metrics.jsonl is only ever
+appended whole lines, and a torn last line from a kill is dropped on read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distill.errors import DistillError
+
+
+def prepare(run_dir: Path) -> Path:
+    """Create `run_dir` (and parents) and prove it writable, or say how to fix it."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise DistillError(
+            f"cannot write to run directory {run_dir} ({e.strerror}): choose another --run-dir "
+            "or fix its permissions"
+        ) from None
+    return run_dir
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DistillError(f"{path} is not valid JSON ({e}); delete it or restore it") from None
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A dataclass config as plain JSON-able values (paths as strings)."""
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
+
+
+def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -> None:
+    """Write `phase`'s resolved config into config.json; refuse a changed one unless `force`.
+
+    A rerun into the same directory resumes, so it must mean the same run: otherwise finished
+    shards or checkpoints from the old config would be mixed with new ones.
+    """
+    path = run_dir / "config.json"
+    configs = read_json(path) if path.exists() else {}
+    new = config_dict(config)
+    old = configs.get(phase)
+    if old is not None and old != new and not force:
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise DistillError(
+            f"{run_dir} already holds a {phase} run with a different config "
+            f"(changed: {', '.join(changed)}): use a new --run-dir, or --force to overwrite"
+        )
+    configs[phase] = new
+    atomic_write_json(path, configs)
+
+
+def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line. A single write of a whole line; a kill can tear only the last one."""
+    line = json.dumps(dict(record), default=float) + "\n"
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(line)
+        f.flush()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed writer
+    return out
