@@ -1,11 +1,17 @@
-"""Divergences between a student and a teacher, per token. Imports torch and the standard library only.
+"""Divergences between a student and a teacher, per token. Imports torch and the stdlib only.
 
 Shape legend, used across the project where tensors are born:
-    B batch, T tokens, V vocab (head rows), K teacher top-k, S support (V, or K + 1 with the tail
-    bucket), G samples per prompt, N flattened tokens (B*T), H hidden size.
+    B batch, T tokens, V vocab (real ids, the tokenizer's length), V_s / V_t head rows (>= V;
+    the extra rows are padding), K teacher top-k, S support (V, or K + 1 with the tail bucket),
+    G samples per prompt, N flattened tokens (B*T), H hidden size, C rows in one chunk.
 
 Every divergence returns one value per token, (B, T) or (N,); masking and normalisation belong
 to the training loop, which divides by the target tokens of the whole optimizer step.
+
+Three forms of teacher data: dense (`dense_support`, or `TeacherHidden`/`TeacherLogits` on the
+fused path), top-k with a tail bucket (`topk_support`, `TeacherTopK`) and the sampled token's
+log-prob (`losses.sampled`, `TeacherSampled`). `fused_linear_divergence[_sum]` computes any of
+them chunk by chunk from hidden states and the lm_head, never holding (N, V) logits.
 """
 
 from losses.divergences import (
@@ -19,16 +25,43 @@ from losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
+from losses.fused import (
+    TeacherData,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherSampled,
+    TeacherTopK,
+    fused_linear_divergence,
+    fused_linear_divergence_sum,
+)
+from losses.sampled import ESTIMATORS, Estimator, estimator, k1, k2, k3, sampled_logprobs
 from losses.support import dense_support, topk_support
+from losses.vocab import check_heads, shared_vocab_size
 
 __all__ = [
     "DIVERGENCES",
+    "ESTIMATORS",
     "Divergence",
+    "Estimator",
+    "TeacherData",
+    "TeacherHidden",
+    "TeacherLogits",
+    "TeacherSampled",
+    "TeacherTopK",
+    "check_heads",
     "dense_support",
     "divergence",
+    "estimator",
     "forward_kl",
+    "fused_linear_divergence",
+    "fused_linear_divergence_sum",
     "jsd",
+    "k1",
+    "k2",
+    "k3",
     "reverse_kl",
+    "sampled_logprobs",
+    "shared_vocab_size",
     "skew_forward_kl",
     "skew_reverse_kl",
     "topk_support",

@@ -1,9 +1,12 @@
 """Divergences over a common support of log-probabilities, (..., S) -> (...).
 
 All take (log_s, log_t): the student's and the teacher's fp32 log-probabilities on the same
-support (see `losses.support`). Entries of -inf are zero probability and contribute nothing.
+support (see `losses.support`). Entries of -inf are zero probability and contribute nothing, in
+value and in gradient. `losses.gradients` holds the same formulas with their closed-form
+gradients for the chunked path; the tests pin the two to each other.
 """
 
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -11,59 +14,76 @@ import torch
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
 
-# -inf (zero mass) is replaced by this before differences are taken, so 0 * log 0 terms are exact
-# zeros in value and in gradient instead of NaN.
-_NEG = -1e30
+# -inf (zero mass) is replaced by this before any arithmetic, so 0 * log 0 terms are exact zeros
+# in value and in gradient instead of NaN (logsumexp's backward of all -inf is NaN, and 0 * NaN
+# stays NaN even where the upstream gradient is 0).
+NEG = -1e30
+
+
+def finite(log_p: torch.Tensor) -> torch.Tensor:
+    """log_p with -inf replaced by NEG; exp() of it is still exactly 0."""
+    return log_p.clamp(min=NEG)
+
+
+def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w a + (1 - w) b), stably, for finite inputs and 0 < w < 1."""
+    if not 0.0 < weight_a < 1.0:
+        raise ValueError(f"mixture weight must be in (0, 1), got {weight_a}")
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = sum p (log p - log q) over the last dim."""
-    log_p, log_q = log_p.clamp(min=_NEG), log_q.clamp(min=_NEG)
+    """KL(p‖q) = sum p (log p - log q) over the last dim; inputs already finite."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
-
-
-def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
-    """log(w a + (1 - w) b), stably."""
-    assert 0.0 < weight_a < 1.0, weight_a
-    stacked = torch.stack(
-        [log_a + torch.log(torch.tensor(weight_a)), log_b + torch.log(torch.tensor(1 - weight_a))]
-    )
-    return torch.logsumexp(stacked, dim=0)
 
 
 def forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
     """KL(p_t‖p_s): mode-covering; the off-policy objective (soft cross-entropy minus H(p_t))."""
-    return _kl(log_t, log_s)
+    return _kl(finite(log_t), finite(log_s))
 
 
 def reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
     """KL(p_s‖p_t): mode-seeking; the usual on-policy objective (GKD, MiniLLM, Qwen3)."""
-    return _kl(log_s, log_t)
+    return _kl(finite(log_s), finite(log_t))
 
 
 def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
     """Generalized JSD(β) = β KL(p_t‖m) + (1-β) KL(p_s‖m), m = β p_t + (1-β) p_s.
 
-    TRL's convention at the ends: β=0 is forward KL(p_t‖p_s), β=1 reverse KL(p_s‖p_t). (The
-    formula itself tends to 0 at both ends; the endpoints are the limits of JSD(β)/β and
-    JSD(β)/(1-β) up to first order, which is why trainers special-case them.)
+    TRL's (and Liger's) convention at the ends: β=0 is forward KL(p_t‖p_s), β=1 reverse
+    KL(p_s‖p_t). The formula itself tends to 0 at both ends; forward KL is the limit of
+    JSD(β)/β as β -> 0 and reverse KL that of JSD(β)/(1-β) as β -> 1, which is why the ends
+    are special-cased rather than evaluated. β=0.5 is the symmetric JSD, bounded by ln 2.
     """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
     if beta == 0.0:
         return forward_kl(log_s, log_t)
     if beta == 1.0:
         return reverse_kl(log_s, log_t)
-    log_m = _log_mix(log_t, log_s, beta)
+    log_s, log_t = finite(log_s), finite(log_t)
+    log_m = log_mix(log_t, log_s, beta)
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
 def skew_forward_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew KL: KL(p_t‖α p_t + (1-α) p_s); α=0 is forward KL. Bounded by -log α."""
-    return _kl(log_t, _log_mix(log_t, log_s, alpha)) if alpha > 0 else forward_kl(log_s, log_t)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
+    if alpha == 0.0:
+        return forward_kl(log_s, log_t)
+    log_s, log_t = finite(log_s), finite(log_t)
+    return _kl(log_t, log_mix(log_t, log_s, alpha))
 
 
 def skew_reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
     """DistiLLM's skew reverse KL: KL(p_s‖α p_s + (1-α) p_t); α=0 is reverse KL."""
-    return _kl(log_s, _log_mix(log_s, log_t, alpha)) if alpha > 0 else reverse_kl(log_s, log_t)
+    if not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
+    if alpha == 0.0:
+        return reverse_kl(log_s, log_t)
+    log_s, log_t = finite(log_s), finite(log_t)
+    return _kl(log_s, log_mix(log_s, log_t, alpha))
 
 
 def tvd(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
