@@ -139,3 +139,16 @@ def template_mismatch(
                 f"({len(ids_a)} vs {len(ids_b)} tokens)"
             )
     return None
+
+
+def vocab_mismatch(
+    a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, show: int = 5
+) -> str | None:
+    """None when both tokenizers map every id to the same token, else which ids differ."""
+    va = {i: t for t, i in a.get_vocab().items()}
+    vb = {i: t for t, i in b.get_vocab().items()}
+    differ = sorted(i for i in va.keys() | vb.keys() if va.get(i) != vb.get(i))
+    if not differ:
+        return None
+    shown = ", ".join(f"{i}: {va.get(i)!r} vs {vb.get(i)!r}" for i in differ[:show])
+    return f"{len(differ)} ids differ ({len(va)} vs {len(vb)} ids), first: {shown}"

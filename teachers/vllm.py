@@ -83,6 +83,10 @@ class VLLMTeacher:
         return cls(llm, name=f"vllm:{path.name}", vocab_size=len(tokenizer),
                    eos_id=int(tokenizer.eos_token_id), max_top_k=max_top_k)
 
+    def close(self) -> None:
+        """Stop the engine's worker processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     @property
     def name(self) -> str:
         return self._name

