@@ -46,5 +46,7 @@ def config_table(title: str, config: Any) -> Table:
     table.add_column("value")
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        table.add_row(field.name, json.dumps(value, default=str) if not isinstance(value, str) else value)
+        table.add_row(
+            field.name, json.dumps(value, default=str) if not isinstance(value, str) else value
+        )
     return table

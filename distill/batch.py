@@ -75,13 +75,15 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
             t_ids[b, P : P + R, :k] = torch.from_numpy(e.topk.ids.astype(np.int64))
             t_lp[b, P : P + R, :k] = torch.from_numpy(e.topk.logprobs.astype(np.float32))
     mask &= attn.bool()
-    return Batch(input_ids=ids, attention_mask=attn, loss_mask=mask, teacher_ids=t_ids, teacher_logprobs=t_lp)
+    return Batch(
+        input_ids=ids, attention_mask=attn, loss_mask=mask, teacher_ids=t_ids, teacher_logprobs=t_lp
+    )
 
 
 def next_token_view(
     logits: torch.Tensor, batch: Batch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(logits, targets, mask, teacher_ids, teacher_logprobs) with logits[:, j] predicting targets[:, j].
+    """(logits, targets, mask, teacher_ids, teacher_logprobs); logits[:, j] predicts targets[:, j].
 
     logits (B, T, V) -> (B, T-1, V); everything else drops its first column.
     """

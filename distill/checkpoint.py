@@ -3,7 +3,8 @@
 `<phase>/checkpoint/` holds config.json + model.safetensors + tokenizer files (load it with
 `AutoModelForCausalLM.from_pretrained`) and `trainer_state.pt` (optimizer, step, RNG, anything the
 loop adds), read back with `weights_only=True`. A new checkpoint is written into a temporary
-folder and swapped in by rename; a kill mid-swap leaves `checkpoint.old`, which `load` falls back to.
+folder and swapped in by rename; a kill mid-swap leaves
+`checkpoint.old`, which `latest` falls back to.
 """
 
 from __future__ import annotations

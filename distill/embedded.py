@@ -101,7 +101,9 @@ def build(recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> Asse
     rows = reference_rows(tokenizer, recipe.problems, recipe.seed)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
-    atomic_write_bytes(build_dir / "reference_data" / "shard-00000.parquet", sink.getvalue().to_pybytes())
+    atomic_write_bytes(
+        build_dir / "reference_data" / "shard-00000.parquet", sink.getvalue().to_pybytes()
+    )
     config = offpolicy.Config(
         run_dir=build_dir,
         student=str(build_dir / "teacher-init"),

@@ -49,7 +49,9 @@ def mean_divergence(
     device = next(model.parameters()).device
     for i in range(0, len(examples), batch_size):
         batch = collate(examples[i : i + batch_size], pad_id).to(device)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).logits  # (B, T, V)
         per_token, mask = topk_divergence(logits, batch, kind, vocab_size)  # (B, T-1)
         total += float(per_token.sum())
         count += int(mask.sum())
@@ -59,7 +61,9 @@ def mean_divergence(
 def heldout_kl(
     model: PreTrainedModel, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase
 ) -> float:
-    return mean_divergence(model, examples, "forward_kl", len(tokenizer), int(tokenizer.pad_token_id))
+    return mean_divergence(
+        model, examples, "forward_kl", len(tokenizer), int(tokenizer.pad_token_id)
+    )
 
 
 def onpolicy_divergence(
@@ -71,14 +75,17 @@ def onpolicy_divergence(
     config: Config,
     ledger: GpuLedger,
 ) -> float:
-    """Reverse KL on fresh samples from the student (T=1: its own distribution), scored by the teacher."""
+    """Reverse KL on fresh student samples (T=1: its own distribution), scored by the teacher."""
     prompt_ids = [render_prompt(tokenizer, p.messages, mode) for p in prompts for mode in modes]
     params = SamplingParams(temperature=1.0, max_tokens=config.max_tokens, seed=config.seed)
     model.eval()
     with ledger.phase("eval") as meter:
         gens = sample(
-            model, prompt_ids, params,
-            eos_id=int(tokenizer.eos_token_id), pad_id=int(tokenizer.pad_token_id),
+            model,
+            prompt_ids,
+            params,
+            eos_id=int(tokenizer.eos_token_id),
+            pad_id=int(tokenizer.pad_token_id),
             vocab_size=len(tokenizer),
         )
         seqs = [p + g.token_ids.tolist() for p, g in zip(prompt_ids, gens, strict=True)]
@@ -87,7 +94,9 @@ def onpolicy_divergence(
             Example(prompt_ids=p, response_ids=g.token_ids.tolist(), train=~g.forced, topk=s)
             for p, g, s in zip(prompt_ids, gens, scores, strict=True)
         ]
-        value = mean_divergence(model, examples, "reverse_kl", len(tokenizer), int(tokenizer.pad_token_id))
+        value = mean_divergence(
+            model, examples, "reverse_kl", len(tokenizer), int(tokenizer.pad_token_id)
+        )
         meter.add(sum(len(s) for s in seqs))
     return value
 
@@ -110,12 +119,17 @@ def accuracy(
     n_params = sum(p.numel() for p in model.parameters())
     with ledger.phase("eval") as meter:
         gens = sample(
-            model, ids, SamplingParams(temperature=0.0, max_tokens=config.max_tokens),
-            eos_id=int(tokenizer.eos_token_id), pad_id=int(tokenizer.pad_token_id),
+            model,
+            ids,
+            SamplingParams(temperature=0.0, max_tokens=config.max_tokens),
+            eos_id=int(tokenizer.eos_token_id),
+            pad_id=int(tokenizer.pad_token_id),
             vocab_size=len(tokenizer),
         )
         n = sum(len(g.token_ids) for g in gens)
         meter.add(n, forward_flops(n_params, n))
     texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
-    right = [verify(t, p.answer) for t, p in zip(texts, scored, strict=True) if p.answer is not None]
+    right = [
+        verify(t, p.answer) for t, p in zip(texts, scored, strict=True) if p.answer is not None
+    ]
     return float(np.mean(right))

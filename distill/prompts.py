@@ -1,4 +1,4 @@
-"""Prompt sets: the embedded arithmetic task, or any `datasets`-readable file with a prompt column."""
+"""Prompt sets: the embedded arithmetic task, or any `datasets`-readable file of prompts."""
 
 from __future__ import annotations
 

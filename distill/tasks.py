@@ -34,8 +34,11 @@ def _add_steps(a: int, b: int) -> list[str]:
     """Column addition of two numbers < 100, one fact per line."""
     ones = a % 10 + b % 10
     tens = (a // 10 + b // 10) * 10
-    return [f"{a % 10} + {b % 10} = {ones}", f"{a // 10 * 10} + {b // 10 * 10} = {tens}",
-            f"{tens} + {ones} = {a + b}"]
+    return [
+        f"{a % 10} + {b % 10} = {ones}",
+        f"{a // 10 * 10} + {b // 10 * 10} = {tens}",
+        f"{tens} + {ones} = {a + b}",
+    ]
 
 
 def _sub_steps(a: int, b: int) -> list[str]:

@@ -115,17 +115,25 @@ def _sample_chunk(
 class HFSampler:
     """Samples from the training model itself, so it always sees the current weights."""
 
-    def __init__(self, model: PreTrainedModel, *, eos_id: int, pad_id: int, vocab_size: int) -> None:
+    def __init__(
+        self, model: PreTrainedModel, *, eos_id: int, pad_id: int, vocab_size: int
+    ) -> None:
         self.model = model
         self.eos_id, self.pad_id, self.vocab_size = eos_id, pad_id, vocab_size
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
         was_training = self.model.training
         self.model.eval()
         try:
             return sample(
-                self.model, prompts, params,
-                eos_id=self.eos_id, pad_id=self.pad_id, vocab_size=self.vocab_size,
+                self.model,
+                prompts,
+                params,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                vocab_size=self.vocab_size,
             )
         finally:
             self.model.train(was_training)

@@ -139,7 +139,9 @@ def tiny_qwen3(shape: TinyShape, tokenizer: PreTrainedTokenizerFast, seed: int) 
     return model.float().eval()
 
 
-def save_pretrained(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
+def save_pretrained(
+    model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path
+) -> None:
     """Write a `from_pretrained`-loadable folder (safetensors weights, config, tokenizer)."""
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)

@@ -42,7 +42,7 @@ NON_THINKING_SAMPLING = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, pre
 
 @dataclass(frozen=True, kw_only=True)
 class Generation:
-    """One completion. `forced` marks tokens the caller inserted (the budget sentence), not sampled."""
+    """One completion. `forced` marks tokens inserted by the caller (the budget sentence)."""
 
     token_ids: np.ndarray  # (L,) int32, completion only (no prompt)
     finish_reason: FinishReason  # "stop": eos emitted (and kept as the last id); "length": cut off
@@ -82,7 +82,7 @@ class TopK:
 
 @runtime_checkable
 class Teacher(Protocol):
-    """A scoring and generating causal LM. Implementations: teachers.hf, teachers.vllm, teachers.server."""
+    """A scoring and generating causal LM: teachers.hf, teachers.vllm, teachers.server."""
 
     @property
     def name(self) -> str:
@@ -104,7 +104,9 @@ class Teacher(Protocol):
         """Largest `top_k` that `score` serves (vLLM: the server's --max-logprobs)."""
         ...
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
         """Sample one completion per prompt (token ids in, token ids out)."""
         ...
 

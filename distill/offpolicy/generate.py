@@ -25,7 +25,7 @@ from distill.errors import DistillError
 from distill.offpolicy.filters import VERDICTS, verdict
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_bytes
-from teachers.chat import MODES, BUDGET_SENTENCE, Mode, generate_with_budget, render_prompt
+from teachers.chat import BUDGET_SENTENCE, MODES, Mode, generate_with_budget, render_prompt
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
@@ -67,8 +67,6 @@ class Summary:
     dropped_prompts: int
 
 
-
-
 def _keys(prompts: Sequence[Prompt], config: Config) -> list[tuple[int, Mode, int]]:
     """The fixed, ordered work list: (prompt index, mode, sample index)."""
     return [
@@ -90,8 +88,15 @@ def generate(
     """Write every missing shard of teacher responses; return counts by mode and verdict."""
     if not prompts:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
-    rendered = {mode: [render_prompt(tokenizer, p.messages, mode) for p in prompts] for mode in config.modes}
-    too_long = {i for ids in rendered.values() for i, x in enumerate(ids) if len(x) > config.max_prompt_tokens}
+    rendered = {
+        mode: [render_prompt(tokenizer, p.messages, mode) for p in prompts] for mode in config.modes
+    }
+    too_long = {
+        i
+        for ids in rendered.values()
+        for i, x in enumerate(ids)
+        if len(x) > config.max_prompt_tokens
+    }
     if too_long and config.overlong == "truncate":
         # Keep the end: the generation prompt and the question's last words must survive.
         rendered = {m: [x[-config.max_prompt_tokens :] for x in ids] for m, ids in rendered.items()}
@@ -111,7 +116,9 @@ def generate(
         if path.exists():
             skipped += 1
         else:
-            rows = _generate_shard(config, teacher, tokenizer, prompts, rendered, shard, index, ledger)
+            rows = _generate_shard(
+                config, teacher, tokenizer, prompts, rendered, shard, index, ledger
+            )
             table = pa.Table.from_pylist(rows)
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink)
@@ -148,7 +155,11 @@ def _generate_shard(
             continue
         base = config.think_sampling if mode == "think" else config.no_think_sampling
         # Seeded by shard and mode: regenerating a shard after a kill gives the same tokens.
-        params = replace(base, max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + index * 7 + (mode == "think"))
+        params = replace(
+            base,
+            max_tokens=config.max_tokens,
+            seed=config.seed * 1_000_003 + index * 7 + (mode == "think"),
+        )
         prompt_ids = [rendered[mode][i] for i, _, _ in keys]
         with ledger.phase("teacher.generate") as meter:
             if mode == "think" and config.thinking_budget is not None:
@@ -171,7 +182,9 @@ def _generate_shard(
                     [len(p) for p in prompt_ids],
                     config.store_topk,
                 )
-                meter.add(sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True)))
+                meter.add(
+                    sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True))
+                )
         for j, (key, ids, gen) in enumerate(zip(keys, prompt_ids, gens, strict=True)):
             rows[key] = _row(config, teacher, tokenizer, prompts[key[0]], key, ids, gen, think_end)
             if topk is not None:
@@ -195,7 +208,9 @@ def _row(
     # With the hard switch the template closed the think block in the prompt: all is answer.
     closed_in_prompt = think_end in prompt_ids[-8:]
     cut = 0 if closed_in_prompt or think_end not in response else response.index(think_end) + 1
-    answer_text = tokenizer.decode(response[cut:] if cut or closed_in_prompt else [], skip_special_tokens=True)
+    answer_text = tokenizer.decode(
+        response[cut:] if cut or closed_in_prompt else [], skip_special_tokens=True
+    )
     v, correct = verdict(
         response_ids=response,
         answer_text=answer_text,

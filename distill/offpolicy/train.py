@@ -125,7 +125,9 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
 
-    examples = load_examples(config.data_dir or config.run_dir / "teacher_data", config.kd_weight > 0)
+    examples = load_examples(
+        config.data_dir or config.run_dir / "teacher_data", config.kd_weight > 0
+    )
     epoch_steps = max(1, len(examples) // config.batch_size)
     order: list[list[int]] = []  # the current epoch's batches, rebuilt from (seed, epoch)
     loss_sum = torch.zeros(())
@@ -147,7 +149,9 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 mb = mb.to(accelerator.device)
                 last = i == len(micro) - 1
                 with nullcontext() if last else accelerator.no_sync(student):
-                    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V)
+                    logits = student(
+                        input_ids=mb.input_ids, attention_mask=mb.attention_mask
+                    ).logits  # (B, T, V)
                     shifted, targets, mask, _, _ = next_token_view(logits, mb)
                     per_token = cross_entropy(shifted, targets, vocab_size) * mask  # (B, T-1)
                     if config.kd_weight > 0:
@@ -157,7 +161,13 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                     loss_sum += per_token.detach().sum().cpu()
                 meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
-            lr = lr_at(step, lr=config.lr, steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
+            lr = lr_at(
+                step,
+                lr=config.lr,
+                steps=config.steps,
+                warmup=config.warmup_steps,
+                min_ratio=config.min_lr_ratio,
+            )
             set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

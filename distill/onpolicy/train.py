@@ -105,7 +105,9 @@ def train(
     student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
     vocab_size = len(tokenizer)
     n_params = sum(p.numel() for p in student.parameters())
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95)
+    )
     start = 0
     if resume:
         state = checkpoint.load_state(resume)
@@ -135,8 +137,14 @@ def train(
                 if not idx:
                     continue
                 base = config.think_sampling if mode == "think" else config.no_think_sampling
-                params = replace(base, max_tokens=config.max_tokens, seed=config.seed * 1_000_003 + step * 2 + (mode == "think"))
-                for i, g in zip(idx, sampler.generate([prompt_ids[i] for i in idx], params), strict=True):
+                params = replace(
+                    base,
+                    max_tokens=config.max_tokens,
+                    seed=config.seed * 1_000_003 + step * 2 + (mode == "think"),
+                )
+                for i, g in zip(
+                    idx, sampler.generate([prompt_ids[i] for i in idx], params), strict=True
+                ):
                     gens.append((i, g))
             gens = [g for _, g in sorted(gens, key=lambda x: x[0])]
             n_sampled = sum(len(g.token_ids) for g in gens)
@@ -152,25 +160,44 @@ def train(
                 prompt_ids=prompt_ids[i],
                 response_ids=gens[i].token_ids.tolist(),
                 # forced tokens were not sampled by the student; truncated ones may be masked
-                train=~gens[i].forced & ~np.full(len(gens[i].token_ids), truncated[i] and config.truncation == "mask"),
+                train=~gens[i].forced
+                & ~np.full(len(gens[i].token_ids), truncated[i] and config.truncation == "mask"),
                 topk=s,
             )
             for i, s in zip(keep, scores, strict=True)
         ]
-        micro = [collate(examples[i : i + config.micro_batch_size], pad_id=int(tokenizer.pad_token_id)) for i in range(0, len(examples), config.micro_batch_size)]
+        micro = [
+            collate(examples[i : i + config.micro_batch_size], pad_id=int(tokenizer.pad_token_id))
+            for i in range(0, len(examples), config.micro_batch_size)
+        ]
         n_tokens = global_target_tokens(micro, accelerator)
         total = torch.zeros(())
         with ledger.phase("student.train", devices=accelerator.num_processes) as meter:
             for i, mb in enumerate(micro):
                 mb = mb.to(accelerator.device)
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
-                    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V)
-                    per_token, _ = topk_divergence(logits, mb, config.divergence, vocab_size, beta=config.beta, alpha=config.alpha)  # (B, T-1)
+                    logits = student(
+                        input_ids=mb.input_ids, attention_mask=mb.attention_mask
+                    ).logits  # (B, T, V)
+                    per_token, _ = topk_divergence(
+                        logits,
+                        mb,
+                        config.divergence,
+                        vocab_size,
+                        beta=config.beta,
+                        alpha=config.alpha,
+                    )  # (B, T-1)
                     accelerator.backward(per_token.sum() / n_tokens)
                     total += per_token.detach().sum().cpu()
                 meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
-            lr = lr_at(step, lr=config.lr, steps=config.steps, warmup=config.warmup_steps, min_ratio=config.min_lr_ratio)
+            lr = lr_at(
+                step,
+                lr=config.lr,
+                steps=config.steps,
+                warmup=config.warmup_steps,
+                min_ratio=config.min_lr_ratio,
+            )
             set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

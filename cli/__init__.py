@@ -1,0 +1,13 @@
+"""distill's command line. The only package that renders with rich.
+
+distill run                      # the whole pipeline on the embedded default
+distill --help
+"""
+
+from cli import offpolicy, onpolicy, report, run  # noqa: F401  (they register commands on `app`)
+from cli.app import app
+from cli.teacher import teacher_app
+
+app.add_typer(teacher_app, name="teacher")
+
+__all__ = ["app"]

@@ -1,0 +1,64 @@
+"""Options and resolvers shared by the pipeline commands."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli.render import console
+from cli.teacher import BACKENDS
+from distill import embedded
+from distill.errors import DistillError
+from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
+from teachers.chat import MODES, Mode
+
+RunDir = Annotated[Path, typer.Option(help="where everything of this run is written")]
+TeacherOpt = Annotated[str, typer.Option(help="'embedded' or a model folder / served name")]
+StudentOpt = Annotated[
+    str, typer.Option(help="'embedded' or a model folder sharing the teacher's tokenizer")
+]
+PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet file")]
+BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
+UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
+ModesOpt = Annotated[str, typer.Option(help="think, no_think, or both")]
+
+
+def resolve_models(teacher: str, student: str) -> tuple[str, str]:
+    """'embedded' builds (or reuses) the cached tiny pair; anything else must exist."""
+    if EMBEDDED in (teacher, student):
+        assets = embedded.build(log=lambda s: console.print(f"[dim]{s}[/]"))
+        teacher = str(assets.teacher) if teacher == EMBEDDED else teacher
+        student = str(assets.student) if student == EMBEDDED else student
+    if not Path(student).is_dir():
+        raise DistillError(
+            f"student {student!r} is neither 'embedded' nor a model folder: pass a folder "
+            "written by save_pretrained (config.json + safetensors + tokenizer)"
+        )
+    return teacher, student
+
+
+def resolve_modes(modes: str) -> tuple[Mode, ...]:
+    if modes == "both":
+        return MODES
+    if modes in MODES:
+        return (modes,)  # type: ignore[return-value]
+    raise DistillError(f"--modes {modes!r} is not one of think, no_think, both")
+
+
+def prompt_sets(
+    source: str, n: int, n_eval: int, seed: int, prompt_column: str, answer_column: str
+) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out) prompts; a file is split by a seeded shuffle, held-out first."""
+    if source == EMBEDDED:
+        return embedded_prompts(n, seed, "train"), embedded_prompts(n_eval, seed, "eval")
+    rows = load_prompts(source, prompt_column=prompt_column, answer_column=answer_column)
+    random.Random(seed).shuffle(rows)
+    if len(rows) <= n_eval:
+        raise DistillError(
+            f"{source} has {len(rows)} prompts, not more than --eval-prompts {n_eval}: "
+            "lower --eval-prompts or add prompts"
+        )
+    return rows[n_eval : n_eval + n], rows[:n_eval]

@@ -1,0 +1,131 @@
+"""`distill run`: the whole pipeline (teacher data -> off-policy -> on-policy -> report).
+
+distill run                                   # embedded default, CPU, a few minutes
+distill run --teacher T --student S --prompts data.jsonl --teacher-backend vllm
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from cli.app import app
+from cli.progress import phase_progress
+from cli.render import config_table, console, user_errors
+from cli.report import render_run
+from cli.resolve import (
+    BackendOpt,
+    ModesOpt,
+    PromptsOpt,
+    RunDir,
+    StudentOpt,
+    TeacherOpt,
+    UrlOpt,
+    prompt_sets,
+    resolve_models,
+    resolve_modes,
+)
+from cli.teacher import TeacherBackend, make_teacher
+from distill import evaluate, pipeline
+from distill.offpolicy import generate as gen
+from distill.offpolicy import train as offpolicy
+from distill.onpolicy import train as onpolicy
+from distill.prompts import EMBEDDED
+from distill.rundir import prepare
+
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+
+@app.command()
+@user_errors
+def run(
+    run_dir: RunDir = Path("runs/default"),
+    teacher: TeacherOpt = EMBEDDED,
+    student: StudentOpt = EMBEDDED,
+    prompts: PromptsOpt = EMBEDDED,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    n_prompts: Annotated[int, typer.Option(help="training prompts")] = 256,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = evaluate.Config.prompts,
+    modes: ModesOpt = "both",
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
+    thinking_budget: Annotated[
+        int | None, typer.Option(help="thinking tokens before the stop sentence")
+    ] = None,
+    offpolicy_steps: int = 60,
+    onpolicy_steps: int = 30,
+    top_k: Annotated[
+        int, typer.Option(help="teacher log-probs per position")
+    ] = onpolicy.Config.top_k,
+    divergence: Annotated[
+        str, typer.Option(help="on-policy divergence")
+    ] = onpolicy.Config.divergence,
+    teacher_backend: BackendOpt = "hf",
+    teacher_url: UrlOpt = None,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+) -> None:
+    """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
+    run_dir = prepare(run_dir)
+    teacher_path, student_path = resolve_models(teacher, student)
+    mode_tuple = resolve_modes(modes)
+    train_prompts, held = prompt_sets(
+        prompts, n_prompts, eval_prompts, seed, prompt_column, answer_column
+    )
+    gen_config = gen.Config(
+        run_dir=run_dir,
+        modes=mode_tuple,
+        max_tokens=max_tokens,
+        thinking_budget=thinking_budget,
+        seed=seed,
+    )
+    off_config = offpolicy.Config(
+        run_dir=run_dir, student=student_path, steps=offpolicy_steps, seed=seed
+    )
+    on_config = onpolicy.Config(
+        run_dir=run_dir,
+        student=str(run_dir / "offpolicy" / "checkpoint"),
+        steps=onpolicy_steps,
+        modes=mode_tuple,
+        max_tokens=max_tokens,
+        top_k=top_k,
+        divergence=divergence,  # type: ignore[arg-type]
+        seed=seed,
+    )
+    eval_config = evaluate.Config(
+        prompts=eval_prompts, top_k=top_k, max_tokens=max_tokens, seed=seed + 1
+    )
+    for title, cfg in (
+        ("generate", gen_config),
+        ("offpolicy", off_config),
+        ("onpolicy", on_config),
+    ):
+        console.print(config_table(title, cfg))
+    backend: TeacherBackend = teacher_backend  # type: ignore[assignment]
+    the_teacher = make_teacher(backend, teacher_path, teacher_url or [], max_top_k=top_k)
+    teacher_tok = AutoTokenizer.from_pretrained(
+        teacher_path if Path(teacher_path).is_dir() else student_path
+    )
+    with phase_progress() as bars:
+        pipeline.run(
+            run_dir=run_dir,
+            teacher=the_teacher,
+            teacher_tokenizer=teacher_tok,
+            student=student_path,
+            train_prompts=train_prompts,
+            eval_prompts=held,
+            gen_config=gen_config,
+            off_config=off_config,
+            on_config=on_config,
+            eval_config=eval_config,
+            force=force,
+            log=bars.log,
+            progress=bars.step,
+            announce=lambda s: console.print(f"[bold cyan]>[/] {s}"),
+        )
+    render_run(run_dir)
