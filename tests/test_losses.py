@@ -41,7 +41,9 @@ SHAPES = [(1, 3, 7), (2, 7, 11), (3, 5, 13)]  # (B, T, V), odd on purpose
 DTYPES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2e-2)}  # (value rtol, grad rtol)
 
 
-def reference(kind: str, q: torch.Tensor, p: torch.Tensor, beta: float, alpha: float) -> torch.Tensor:
+def reference(
+    kind: str, q: torch.Tensor, p: torch.Tensor, beta: float, alpha: float
+) -> torch.Tensor:
     """Naive float64 divergence of student q from teacher p, (..., S) -> (...), by definition."""
 
     def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -258,10 +260,14 @@ def test_estimators_expectations_and_gradients():
     q = log_s.exp().detach()  # sampling weights are fixed: the samples are data
     rkl = (log_s.exp() * (log_s - log_t)).sum()
     fkl = (log_t.exp() * (log_t - log_s)).sum()
-    expect = {kind: (q * estimator(kind, log_s.double(), log_t).double()) for kind in ESTIMATOR_KINDS}
+    expect = {
+        kind: (q * estimator(kind, log_s.double(), log_t).double()) for kind in ESTIMATOR_KINDS
+    }
     assert expect["k1"].sum().item() == pytest.approx(rkl.item(), rel=1e-6)
     assert expect["k3"].sum().item() == pytest.approx(rkl.item(), rel=1e-6)
-    grads = {kind: torch.autograd.grad(v.sum(), z, retain_graph=True)[0] for kind, v in expect.items()}
+    grads = {
+        kind: torch.autograd.grad(v.sum(), z, retain_graph=True)[0] for kind, v in expect.items()
+    }
     (g_rkl,) = torch.autograd.grad(rkl, z, retain_graph=True)
     (g_fkl,) = torch.autograd.grad(fkl, z)
     torch.testing.assert_close(grads["k1"], torch.zeros_like(z), atol=1e-6, rtol=0)

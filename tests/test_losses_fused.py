@@ -1,0 +1,181 @@
+"""The chunked fused-linear path against the unchunked one: values and gradients, every form.
+
+Run: pytest tests/test_losses_fused.py -q
+"""
+
+import pytest
+import torch
+
+from losses import (
+    TeacherData,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherSampled,
+    TeacherTopK,
+    dense_support,
+    divergence,
+    estimator,
+    fused_linear_divergence,
+    fused_linear_divergence_sum,
+    sampled_logprobs,
+    topk_support,
+)
+from tests.test_losses import VARIANT_IDS, VARIANTS
+
+N, H, V, V_S, V_T, K = 13, 8, 11, 14, 16, 5  # odd sizes; both heads carry padded rows
+FORMS = ["hidden", "logits", "topk"]
+
+
+def setup(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = {
+        "h": torch.randn(N, H, generator=g),
+        "w": torch.randn(V_S, H, generator=g) * 0.7,
+        "ht": torch.randn(N, H, generator=g),
+        "wt": torch.randn(V_T, H, generator=g) * 0.7,
+    }
+    x = {k: v.to(dtype) for k, v in x.items()}
+    teacher_log = torch.log_softmax((x["ht"] @ x["wt"].T).float(), -1)  # over the full head
+    x["ids"] = torch.argsort(teacher_log, -1, descending=True)[:, :K]  # may hold padded rows
+    x["ids"][0, 2] = -1
+    x["lp"] = teacher_log.gather(-1, x["ids"].clamp(min=0))
+    x["tokens"] = torch.randint(0, V, (N,), generator=g)
+    x["tokens"][3] = -1  # a padding position
+    x["tlp"] = teacher_log.gather(-1, x["tokens"].clamp(min=0)[:, None]).squeeze(-1)
+    return x
+
+
+def teacher_data(form: str, x: dict[str, torch.Tensor]) -> TeacherData:
+    if form == "hidden":
+        return TeacherHidden(x["ht"], x["wt"])
+    if form == "logits":
+        return TeacherLogits(x["ht"] @ x["wt"].T)
+    if form == "topk":
+        return TeacherTopK(x["ids"], x["lp"])
+    return TeacherSampled(x["tokens"], x["tlp"])
+
+
+def unchunked(form: str, kind: str, x: dict[str, torch.Tensor], h, w, beta, alpha):
+    """The plain path: full logits, then the support, then the divergence."""
+    logits = h @ w.T  # (N, V_s)
+    if form in ("hidden", "logits"):
+        sup = dense_support(logits, x["ht"] @ x["wt"].T, V)
+        return divergence(kind, *sup, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+    if form == "topk":
+        sup = topk_support(logits, x["ids"], x["lp"], V)
+        return divergence(kind, *sup, beta=beta, alpha=alpha)  # type: ignore[arg-type]
+    values = estimator(kind, sampled_logprobs(logits, x["tokens"], V), x["tlp"])  # type: ignore[arg-type]
+    return torch.where(x["tokens"] >= 0, values, 0.0)
+
+
+def grads_of(loss: torch.Tensor, h: torch.Tensor, w: torch.Tensor):
+    return torch.autograd.grad(loss, (h, w))
+
+
+CASES = [(f, k, b, a) for f in FORMS for k, b, a in VARIANTS] + [
+    ("sampled", e, 0.5, 0.1) for e in ("k1", "k2", "k3")
+]
+CASE_IDS = [f"{f}-{i}" for f in FORMS for i in VARIANT_IDS] + [
+    "sampled-k1",
+    "sampled-k2",
+    "sampled-k3",
+]
+
+
+@pytest.mark.parametrize(("form", "kind", "beta", "alpha"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("chunk_size", [1, 4, N])
+def test_fused_matches_unchunked_fp32(form, kind, beta, alpha, chunk_size):
+    x = setup(torch.float32)
+    h, w = x["h"].requires_grad_(), x["w"].requires_grad_()
+    ref = unchunked(form, kind, x, h, w, beta, alpha)  # (N,)
+    upstream = torch.linspace(-0.5, 1.5, N)  # any per-token gradient, masks included
+    ref_gh, ref_gw = grads_of((ref * upstream).sum(), h, w)
+    teacher = teacher_data(form, x)
+    opts = {"vocab_size": V, "beta": beta, "alpha": alpha, "chunk_size": chunk_size}
+    values = fused_linear_divergence(h, w, teacher, kind, **opts)
+    torch.testing.assert_close(values, ref.detach(), rtol=1e-5, atol=1e-6)
+    gh, gw = grads_of((values * upstream).sum(), h, w)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-6)
+    assert gw[V:].abs().max() == 0  # padded rows of the student head
+    loss, per_token = fused_linear_divergence_sum(h, w, teacher, kind, upstream, **opts)
+    torch.testing.assert_close(per_token, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, (ref * upstream).sum().detach(), rtol=1e-5, atol=1e-6)
+    gh, gw = grads_of(loss * 2.0, h, w)  # a non-unit upstream gradient on the scalar
+    torch.testing.assert_close(gh, 2 * ref_gh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, 2 * ref_gw, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", [*FORMS, "sampled"])
+def test_fused_bf16_close_to_unchunked_fp32(form):
+    kind = "k3" if form == "sampled" else "jsd"
+    x16 = setup(torch.bfloat16)
+    x32 = {k: (v.float() if v.is_floating_point() else v) for k, v in x16.items()}
+    h32, w32 = x32["h"].requires_grad_(), x32["w"].requires_grad_()
+    ref = unchunked(form, kind, x32, h32, w32, 0.5, 0.1)
+    ref_gh, ref_gw = grads_of(ref.sum(), h32, w32)
+    h, w = x16["h"].requires_grad_(), x16["w"].requires_grad_()
+    loss, values = fused_linear_divergence_sum(
+        h, w, teacher_data(form, x16), kind, torch.ones(N), vocab_size=V, chunk_size=4
+    )
+    gh, gw = grads_of(loss, h, w)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    # bf16 logits (the matmul's output) and bf16 gradients: a few 2^-8 relative
+    torch.testing.assert_close(values, ref.detach(), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(gh.float(), ref_gh, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(gw.float(), ref_gw, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("form", [*FORMS, "sampled"])
+def test_micro_batches_sum_to_full_batch(form):
+    kind = "k2" if form == "sampled" else "reverse_kl"
+    x = setup(torch.float32, seed=1)
+    h, w = x["h"].requires_grad_(), x["w"].requires_grad_()
+    mask = (torch.arange(N) % 4 != 1).float()
+    n_tokens = mask.sum()  # of the whole optimizer step
+    teacher = teacher_data(form, x)
+    loss, _ = fused_linear_divergence_sum(h, w, teacher, kind, mask / n_tokens, vocab_size=V)
+    full = grads_of(loss, h, w)
+    parts = [torch.zeros_like(h), torch.zeros_like(w)]
+    for rows in (slice(0, 6), slice(6, N)):
+        sub = {k: v[rows] if k not in ("w", "wt") else v for k, v in x.items()}
+        part, _ = fused_linear_divergence_sum(
+            h[rows], w, teacher_data(form, sub), kind, mask[rows] / n_tokens, vocab_size=V
+        )
+        for acc, g in zip(parts, grads_of(part, h, w), strict=True):
+            acc += g
+    for got, want in zip(parts, full, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("form", [*FORMS, "sampled"])
+def test_all_masked_gives_zero_not_nan(form):
+    kind = "k3" if form == "sampled" else "skew_rkl"
+    x = setup(torch.float32, seed=2)
+    h, w = x["h"].requires_grad_(), x["w"].requires_grad_()
+    mask = torch.zeros(N)
+    loss, _ = fused_linear_divergence_sum(
+        h, w, teacher_data(form, x), kind, mask / mask.sum().clamp(min=1), vocab_size=V
+    )
+    gh, gw = grads_of(loss, h, w)
+    assert loss.item() == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
+
+
+def test_batched_shapes_and_errors():
+    x = setup(torch.float32)
+    h = x["h"][:12].reshape(3, 4, H)
+    topk = TeacherTopK(x["ids"][:12].reshape(3, 4, K), x["lp"][:12].reshape(3, 4, K))
+    values = fused_linear_divergence(h, x["w"], topk, "forward_kl", vocab_size=V)
+    assert values.shape == (3, 4)
+    with pytest.raises(ValueError, match="sampled-token"):
+        fused_linear_divergence(x["h"], x["w"], teacher_data("sampled", x), "jsd", vocab_size=V)
+    with pytest.raises(ValueError, match="not a divergence"):
+        fused_linear_divergence(x["h"], x["w"], topk, "k1", vocab_size=V)
+    with pytest.raises(ValueError, match="padded head row"):
+        bad = TeacherSampled(torch.full((N,), V), x["tlp"])
+        fused_linear_divergence(x["h"], x["w"], bad, "k1", vocab_size=V)
+    with pytest.raises(ValueError, match="teacher head has"):
+        fused_linear_divergence(x["h"], x["w"], TeacherLogits(torch.zeros(N, V - 1)), "jsd",
+                                vocab_size=V)  # fmt: skip
+    with pytest.raises(ValueError, match="positions"):
+        fused_linear_divergence(x["h"], x["w"], topk, "jsd", vocab_size=V)
