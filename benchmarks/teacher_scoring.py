@@ -45,7 +45,7 @@ def tiny_teacher(root: Path) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description="Teacher scoring throughput vs raw vLLM.")
     ap.add_argument("--model", type=Path, default=None, help="local model folder (default: tiny)")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--n", type=int, default=32, help="sequences")

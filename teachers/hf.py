@@ -44,7 +44,8 @@ class HFTeacher:
                 "safetensors weights (e.g. one written by save_pretrained)"
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = model.to(torch.device(device))  # pyright: ignore[reportArgumentType]
         return cls(
             model,
             vocab_size=len(tokenizer),
@@ -63,7 +64,12 @@ class HFTeacher:
 
     @property
     def logits_width(self) -> int:
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return int(self._head().weight.shape[0])
+
+    def _head(self) -> torch.nn.Linear:
+        head = self.model.get_output_embeddings()
+        assert isinstance(head, torch.nn.Linear), type(head)
+        return head
 
     @property
     def max_top_k(self) -> int:
@@ -108,7 +114,7 @@ class HFTeacher:
             ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
             attn[i, : len(s)] = 1
         hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        head = self.model.get_output_embeddings()
+        head = self._head()
         results = []
         for i, s in enumerate(seqs):
             P, L = int(plens[i]), len(s) - int(plens[i])

@@ -21,9 +21,15 @@ from teachers.protocol import Generation, SamplingParams, TeacherError
 MSGS = [{"role": "user", "content": "Ana has 3 apples. How many?"}]
 
 
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    i = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(i, int), i
+    return i
+
+
 def test_modes_render_as_the_qwen3_template(tokenizer: PreTrainedTokenizerFast) -> None:
-    think = tokenizer.decode(render_prompt(tokenizer, MSGS, "think"))
-    no_think = tokenizer.decode(render_prompt(tokenizer, MSGS, "no_think"))
+    think = str(tokenizer.decode(render_prompt(tokenizer, MSGS, "think")))
+    no_think = str(tokenizer.decode(render_prompt(tokenizer, MSGS, "no_think")))
     head = "<|im_start|>user\nAna has 3 apples. How many?<|im_end|>\n<|im_start|>assistant\n"
     assert think == head
     assert no_think == head + "<think>\n\n</think>\n\n"  # hard switch: empty block in the prompt
@@ -31,13 +37,13 @@ def test_modes_render_as_the_qwen3_template(tokenizer: PreTrainedTokenizerFast) 
 
 def test_soft_switch_appends_to_the_last_user_message(tokenizer: PreTrainedTokenizerFast) -> None:
     convo = [*MSGS, {"role": "assistant", "content": "3"}, {"role": "user", "content": "And 4?"}]
-    text = tokenizer.decode(render_prompt(tokenizer, convo, "no_think", soft_switch=True))
+    text = str(tokenizer.decode(render_prompt(tokenizer, convo, "no_think", soft_switch=True)))
     assert text.endswith("And 4? /no_think<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("/no_think") == 1  # the model emits the empty block itself
 
 
 def test_split_at_think_end(tokenizer: PreTrainedTokenizerFast) -> None:
-    end = tokenizer.convert_tokens_to_ids("</think>")
+    end = token_id(tokenizer, "</think>")
     assert split_thinking([5, 6, end, 7, 8], end) == ([5, 6, end], [7, 8])
     assert split_thinking([5, 6], end) == ([5, 6], [])
 
@@ -46,9 +52,12 @@ class ScriptedGenerate:
     """A generate function returning fixed continuations; records every call."""
 
     def __init__(self, script: list[list[int]], eos: int) -> None:
-        self.script, self.eos, self.calls = script, eos, []
+        self.script, self.eos = script, eos
+        self.calls: list[tuple[list[list[int]], int]] = []
 
-    def __call__(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[Generation]:
+    def __call__(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
         self.calls.append(([list(p) for p in prompts], params.max_tokens))
         out = []
         for p in prompts:
@@ -64,7 +73,7 @@ class ScriptedGenerate:
 def test_budget_inserts_the_sentence_once_and_masks_it(
     tokenizer: PreTrainedTokenizerFast, budget: int
 ) -> None:
-    end, eos = tokenizer.convert_tokens_to_ids("</think>"), tokenizer.eos_token_id
+    end, eos = token_id(tokenizer, "</think>"), token_id(tokenizer, "<|im_end|>")
     sentence = tokenizer.encode(BUDGET_SENTENCE, add_special_tokens=False)
     gen = ScriptedGenerate([[10] * 50, [20, 21, eos]], eos)
     params = SamplingParams(temperature=0.6, max_tokens=40)
@@ -79,7 +88,7 @@ def test_budget_inserts_the_sentence_once_and_masks_it(
 
 
 def test_budget_inserts_nothing_when_thinking_ended(tokenizer: PreTrainedTokenizerFast) -> None:
-    end, eos = tokenizer.convert_tokens_to_ids("</think>"), tokenizer.eos_token_id
+    end, eos = token_id(tokenizer, "</think>"), token_id(tokenizer, "<|im_end|>")
     sentence = tokenizer.encode(BUDGET_SENTENCE, add_special_tokens=False)
     params = SamplingParams(temperature=0.6, max_tokens=40)
     for script in ([[10, end, 11, eos]], [[10, 11, eos]]):  # closed in budget; eos in budget

@@ -40,7 +40,9 @@ def test_alignment_against_a_naive_forward(teacher: HFTeacher) -> None:
         assert sc.ids.dtype == np.int32 and sc.logprobs.dtype == np.float32
 
 
-def test_chunking_and_batching_do_not_change_scores(tiny_pair: TinyPair, teacher: HFTeacher) -> None:
+def test_chunking_and_batching_do_not_change_scores(
+    tiny_pair: TinyPair, teacher: HFTeacher
+) -> None:
     seqs, plens = sequences(5, teacher.vocab_size, seed=1)
     small = HFTeacher.from_pretrained(tiny_pair.teacher_dir)
     small.batch_size, small.chunk = 2, 3  # padding across sequences, many chunks per sequence

@@ -118,6 +118,7 @@ def test_engine_generation_matches_hf_greedy_and_budget(
 def check_budget(teacher: Teacher, prompts: list[list[int]], tiny_pair: TinyPair) -> None:
     tok = tiny_pair.tokenizer
     end = tok.convert_tokens_to_ids("</think>")
+    assert isinstance(end, int)
     sentence = tok.encode(BUDGET_SENTENCE, add_special_tokens=False)
     params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=60, seed=3)
     gens = generate_with_budget(teacher.generate, prompts, params, budget=5, think_end_id=end,
@@ -160,14 +161,17 @@ class FaultyProxy(ThreadingHTTPServer):
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
-    server: FaultyProxy
+    @property
+    def proxy(self) -> FaultyProxy:
+        assert isinstance(self.server, FaultyProxy)
+        return self.server
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
         pass
 
     def _forward(self, body: bytes | None) -> bytes | None:
         """The upstream body; a 4xx/5xx answer is relayed as is and gives None."""
-        req = urllib.request.Request(self.server.upstream + self.path, data=body,
+        req = urllib.request.Request(self.proxy.upstream + self.path, data=body,
                                      headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
@@ -182,9 +186,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        with self.server.lock:
-            action = self.server.plan[len(self.server.seen) % len(self.server.plan)]
-            self.server.seen.append(action)
+        with self.proxy.lock:
+            action = self.proxy.plan[len(self.proxy.seen) % len(self.proxy.plan)]
+            self.proxy.seen.append(action)
         if action == "500":
             self.send_error(500, "injected")
         elif action == "drop":
