@@ -1,20 +1,25 @@
 """`distill generate` and `distill offpolicy`: teacher data, then fine-tuning on it.
 
-distill generate --run-dir runs/x --prompts data.jsonl --modes both
+distill generate --run-dir runs/x --prompts data.jsonl --modes both --samples-per-prompt 2
+distill generate --run-dir runs/x --prompts data.jsonl --think-ratio 0.75 --store-topk 20
 distill offpolicy --run-dir runs/x --student S
+accelerate launch --config_file configs/accelerate/ddp.yaml "$(which distill)" offpolicy \\
+    --run-dir runs/x --student S
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
+from accelerate import PartialState
+from rich.table import Table
 from transformers import AutoTokenizer
 
 from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
-from cli.report import verdict_table
 from cli.resolve import (
     BackendOpt,
     ModesOpt,
@@ -23,17 +28,47 @@ from cli.resolve import (
     StudentOpt,
     TeacherOpt,
     UrlOpt,
-    prompt_sets,
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher
+from cli.teacher import make_teacher, parse_backend
 from distill.accounting import GpuLedger
-from distill.errors import DistillError
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
-from distill.prompts import EMBEDDED, load_prompts
+from distill.offpolicy.filters import VERDICTS
+from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
 from distill.rundir import prepare, record_config
+
+
+def filter_table(summary: gen.Summary) -> Table:
+    """Per mode: responses, what each filter removed (first failed check), and what was kept."""
+    table = Table(title=f"Teacher responses: {summary.kept} of {summary.rows} kept")
+    table.add_column("mode")
+    table.add_column("responses", justify="right")
+    for v in VERDICTS[1:]:
+        table.add_column(f"{v}", justify="right")
+    table.add_column("kept", justify="right")
+    table.add_column("kept %", justify="right")
+    totals = dict.fromkeys(VERDICTS, 0)
+    for mode, counts in sorted(summary.by_verdict.items()):
+        n = sum(counts.values())
+        for v in VERDICTS:
+            totals[v] += counts.get(v, 0)
+        table.add_row(
+            mode,
+            str(n),
+            *(str(counts.get(v, 0)) for v in VERDICTS[1:]),
+            str(counts.get("kept", 0)),
+            f"{100 * counts.get('kept', 0) / max(n, 1):.1f}",
+        )
+    table.add_row(
+        "[bold]all",
+        f"[bold]{summary.rows}",
+        *(f"[bold]{totals[v]}" for v in VERDICTS[1:]),
+        f"[bold]{summary.kept}",
+        f"[bold]{100 * summary.kept / max(summary.rows, 1):.1f}",
+    )
+    return table
 
 
 @app.command()
@@ -41,62 +76,96 @@ from distill.rundir import prepare, record_config
 def generate(
     run_dir: RunDir,
     teacher: TeacherOpt = EMBEDDED,
-    student: StudentOpt = EMBEDDED,
     prompts: PromptsOpt = EMBEDDED,
     prompt_column: str = "prompt",
-    answer_column: str = "answer",
-    n_prompts: int = 256,
+    answer_column: Annotated[
+        str, typer.Option(help="reference answers for verification (skipped when absent)")
+    ] = "answer",
+    n_prompts: Annotated[
+        int | None, typer.Option(help="use the first N prompts (embedded: 256; file: all)")
+    ] = None,
     modes: ModesOpt = "both",
+    think_ratio: Annotated[
+        float | None, typer.Option(help="share of prompts answered in think mode, one mode each")
+    ] = None,
+    soft_switch: Annotated[
+        bool, typer.Option(help="switch modes by /think, /no_think in the user turn")
+    ] = False,
     samples_per_prompt: int = gen.Config.samples_per_prompt,
-    max_tokens: int = gen.Config.max_tokens,
-    thinking_budget: int | None = None,
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = gen.Config.max_tokens,
+    thinking_budget: Annotated[
+        int | None, typer.Option(help="thinking tokens before the stop sentence is forced")
+    ] = None,
     store_topk: Annotated[int, typer.Option(help="also store the teacher's top-k (0: off)")] = 0,
     max_prompt_tokens: int = gen.Config.max_prompt_tokens,
     overlong: Annotated[
-        str, typer.Option(help="prompts over the limit: drop or truncate")
-    ] = "drop",
+        str, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
+    ] = gen.Config.overlong,
+    repetition_threshold: Annotated[
+        float, typer.Option(help="repeated 4-gram share above which a response is dropped")
+    ] = gen.Config.repetition_threshold,
+    shard_size: Annotated[
+        int, typer.Option(help="responses per shard (the unit redone after a kill)")
+    ] = gen.Config.shard_size,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer folder (default: the teacher's folder)")
+    ] = None,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
-    seed: int = 0,
-    force: bool = False,
+    seed: int = gen.Config.seed,
+    force: Annotated[
+        bool, typer.Option(help="replace data of another teacher/config (kept as .replaced-N)")
+    ] = False,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
     run_dir = prepare(run_dir)
-    teacher_path, _ = resolve_models(teacher, student)
-    if overlong not in ("drop", "truncate"):
-        raise DistillError(f"--overlong {overlong!r}: choose drop or truncate")
+    teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
     config = gen.Config(
         run_dir=run_dir,
         modes=resolve_modes(modes),
+        think_ratio=think_ratio,
+        soft_switch=soft_switch,
         samples_per_prompt=samples_per_prompt,
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         store_topk=store_topk,
         max_prompt_tokens=max_prompt_tokens,
         overlong=overlong,
+        repetition_threshold=repetition_threshold,
+        shard_size=shard_size,
         seed=seed,
     )
+    gen.check_config(config)
     console.print(config_table("generate", config))
-    record_config(run_dir, "generate", config, force=force)
-    rows, _ = (
-        prompt_sets(prompts, n_prompts, 0, seed, prompt_column, answer_column)
-        if prompts == EMBEDDED
-        else (
-            load_prompts(
-                prompts, prompt_column=prompt_column, answer_column=answer_column, limit=n_prompts
-            ),
-            None,
+    if prompts == EMBEDDED:
+        rows = embedded_prompts(n_prompts or 256, seed, "train")
+    else:
+        rows = load_prompts(
+            prompts, prompt_column=prompt_column, answer_column=answer_column, limit=n_prompts
         )
-    )
+    tok = AutoTokenizer.from_pretrained(tokenizer or teacher_path)
     the_teacher = make_teacher(
-        teacher_backend, teacher_path, teacher_url or [], max_top_k=store_topk or None
-    )  # type: ignore[arg-type]
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+        parse_backend(teacher_backend),
+        teacher_path,
+        teacher_url or [],
+        max_top_k=store_topk or None,
+    )
+    record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
     with phase_progress() as bars:
-        summary = gen.generate(config, the_teacher, tokenizer, rows, ledger, bars.step)
+        summary = gen.generate(config, the_teacher, tok, rows, ledger, bars.step, force=force)
     ledger.save(run_dir / "ledger.json")
-    console.print(verdict_table(summary))
+    console.print(filter_table(summary))
+    limit = f"--max-prompt-tokens {config.max_prompt_tokens}"
+    if summary.dropped_prompts:
+        console.print(f"dropped {summary.dropped_prompts} prompts longer than {limit}")
+    if summary.truncated_prompts:
+        console.print(f"truncated {summary.truncated_prompts} prompts to {limit}")
+    console.print(
+        f"{summary.shards_written} shards written, {summary.shards_skipped} already finished; "
+        f"data: {run_dir / config.output}"
+    )
+    gen.check_usable(summary)
 
 
 @app.command("offpolicy")
@@ -104,33 +173,75 @@ def generate(
 def offpolicy_cmd(
     run_dir: RunDir,
     student: StudentOpt = EMBEDDED,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="teacher data (default: RUN_DIR/teacher_data)")
+    ] = None,
     steps: int = offpolicy.Config.steps,
-    batch_size: int = offpolicy.Config.batch_size,
-    micro_batch_size: int = offpolicy.Config.micro_batch_size,
+    batch_size: Annotated[
+        int, typer.Option(help="sequences per optimizer step, all processes")
+    ] = offpolicy.Config.batch_size,
+    micro_batch_size: Annotated[
+        int, typer.Option(help="sequences per forward/backward on one process")
+    ] = offpolicy.Config.micro_batch_size,
     lr: float = offpolicy.Config.lr,
     warmup_steps: int = offpolicy.Config.warmup_steps,
-    kd_weight: float = offpolicy.Config.kd_weight,
-    seed: int = 0,
+    min_lr_ratio: float = offpolicy.Config.min_lr_ratio,
+    weight_decay: float = offpolicy.Config.weight_decay,
+    grad_clip: float = offpolicy.Config.grad_clip,
+    kd_weight: Annotated[
+        float, typer.Option(help="weight of the top-k KD term (needs --store-topk data)")
+    ] = offpolicy.Config.kd_weight,
+    kd_divergence: str = offpolicy.Config.kd_divergence,
+    think_block: Annotated[
+        str, typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'")
+    ] = offpolicy.Config.think_block,
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+    ] = offpolicy.Config.dtype,
+    log_every: int = offpolicy.Config.log_every,
+    save_every: int = offpolicy.Config.save_every,
+    report_to: Annotated[
+        str, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
+    ] = offpolicy.Config.report_to,
+    seed: int = offpolicy.Config.seed,
     force: bool = False,
 ) -> None:
-    """Fine-tune the student on the kept teacher responses in RUN_DIR/teacher_data."""
-    run_dir = prepare(run_dir)
+    """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
+    main = PartialState().is_main_process  # under `accelerate launch` only rank 0 writes/prints
+    run_dir = prepare(run_dir) if main else run_dir
     _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student)
     config = offpolicy.Config(
         run_dir=run_dir,
         student=student_path,
+        data_dir=data_dir,
         steps=steps,
         batch_size=batch_size,
         micro_batch_size=micro_batch_size,
         lr=lr,
         warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
         kd_weight=kd_weight,
+        kd_divergence=kd_divergence,  # type: ignore[arg-type]
+        think_block=think_block,
+        dtype=dtype,
+        log_every=log_every,
+        save_every=save_every,
+        report_to=report_to,
         seed=seed,
     )
-    console.print(config_table("offpolicy", config))
-    record_config(run_dir, "offpolicy", config, force=force)
+    if main:
+        console.print(config_table("offpolicy", config))
+        record_config(run_dir, "offpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    if not main:
+        offpolicy.train(config, ledger)
+        return
     with phase_progress() as bars:
         summary = offpolicy.train(config, ledger, bars.log)
     ledger.save(run_dir / "ledger.json")
-    console.print(f"final loss {summary.final_loss:.4f}; checkpoint {summary.checkpoint}")
+    console.print(
+        f"final loss {summary.final_loss:.4f} on {summary.examples} examples; "
+        f"checkpoint {summary.checkpoint}"
+    )

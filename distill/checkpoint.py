@@ -1,10 +1,10 @@
 """Checkpoints: a `from_pretrained`-loadable folder plus the state needed for exact resume.
 
 `<phase>/checkpoint/` holds config.json + model.safetensors + tokenizer files (load it with
-`AutoModelForCausalLM.from_pretrained`) and `trainer_state.pt` (optimizer, step, RNG, anything the
-loop adds), read back with `weights_only=True`. A new checkpoint is written into a temporary
-folder and swapped in by rename; a kill mid-swap leaves
-`checkpoint.old`, which `latest` falls back to.
+`AutoModelForCausalLM.from_pretrained`) and `trainer_state.pt` (optimizer, step, RNG states, data
+position, anything the loop adds), read back with `weights_only=True`. A new checkpoint is written
+into a temporary folder and swapped in by rename; a kill mid-swap leaves `checkpoint.old`, which
+`latest` falls back to.
 """
 
 from __future__ import annotations
@@ -27,12 +27,17 @@ def save(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     state: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write model, tokenizer and trainer state to `directory`, atomically replacing it."""
+    """Write model, tokenizer and trainer state to `directory`, atomically replacing it.
+
+    `state_dict`: the full weights when `model` holds only a shard of them (FSDP, ZeRO-3: pass
+    `accelerator.get_state_dict(model)`, gathered on every process).
+    """
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE)
         old = directory.with_name(directory.name + ".old")

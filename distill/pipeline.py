@@ -130,11 +130,13 @@ def run(
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
 
     announce("teacher writes responses in both modes")
-    summary = gen.generate(gen_config, teacher, teacher_tokenizer, train_prompts, ledger, progress)
+    summary = gen.generate(
+        gen_config, teacher, teacher_tokenizer, train_prompts, ledger, progress, force=force
+    )
     held = replace(
         gen_config, output="eval_data", store_topk=eval_config.top_k, samples_per_prompt=1
     )
-    gen.generate(held, teacher, teacher_tokenizer, eval_prompts, ledger, progress)
+    gen.generate(held, teacher, teacher_tokenizer, eval_prompts, ledger, progress, force=force)
     ledger.save(run_dir / "ledger.json")
     heldout = heldout_examples(run_dir, "eval_data")
     if not heldout:

@@ -1,5 +1,13 @@
 """Response filters, as the paper's response filtering: wrong, truncated, repetitive, empty.
 
+A response is judged by the first check it fails, in `VERDICTS` order:
+- truncated: no eos (cut at --max-tokens), or the thinking budget ran out (the stop sentence was
+  forced) and no answer followed it;
+- empty: nothing but whitespace after the think block;
+- repetitive: more than `repetition_threshold` of its 4-grams repeat an earlier one (a loop);
+- wrong: a reference answer exists and the final answer does not match it (integers exactly,
+  everything else, e.g. fractions, radicals or expressions in `\\boxed{}`, with math-verify).
+
 Every response is kept in the dataset with a `verdict`; training reads only "kept" rows, so a
 filter change never needs the teacher again and nothing generated is thrown away.
 """
@@ -45,10 +53,14 @@ def verdict(
     finish_reason: str,
     reference: str | None,
     repetition_threshold: float,
+    budget_exhausted: bool = False,
 ) -> tuple[str, bool | None]:
-    """(verdict, correct): the first failed check in VERDICTS order, and the verification result."""
+    """(verdict, correct): the first failed check in VERDICTS order, and the verification result.
+
+    `budget_exhausted`: the stop sentence was forced into the response by the thinking budget.
+    """
     correct = verify(answer_text, reference) if reference is not None else None
-    if finish_reason != "stop":
+    if finish_reason != "stop" or (budget_exhausted and not answer_text.strip()):
         return "truncated", correct
     if not answer_text.strip():
         return "empty", correct

@@ -1,16 +1,19 @@
 """Teacher data: the teacher answers every prompt in thinking and/or non-thinking mode.
 
-Output: parquet shards under RUN_DIR/teacher_data, one row per response, readable with
-`datasets.load_dataset("parquet", data_dir=RUN_DIR/"teacher_data")`. Work is cut into shards of
-a fixed list of keys (prompt id, mode, sample index); a shard is written whole to a temporary
-file and renamed, and is generated from a seed derived from its index. A run killed at any moment
-and rerun therefore ends with exactly the rows of an uninterrupted run: finished shards are
-skipped, an unfinished one is regenerated identically.
+Output: parquet shards under RUN_DIR/teacher_data, one row per response (columns: `SCHEMA`),
+readable with `datasets.load_dataset("parquet", data_dir=RUN_DIR/"teacher_data")`. The hidden
+`.dataset.json` beside them records who wrote them (teacher, config, prompt fingerprint); a rerun
+by another teacher or config is refused unless forced, and forcing sets the old folder aside.
+
+Work is cut into shards of a fixed, ordered list of keys (prompt id, mode, sample index); a shard
+is written whole to a temporary file and renamed, and is generated from a seed derived from its
+index. A run killed at any moment and rerun therefore ends with exactly the rows of an
+uninterrupted run: finished shards are skipped, an unfinished one is regenerated identically.
 """
 
 from __future__ import annotations
 
-import json
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,26 +25,59 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
-from distill.offpolicy.filters import VERDICTS, verdict
+from distill.manifest import fingerprint
+from distill.offpolicy.filters import VERDICTS, repetition_score, verdict
 from distill.prompts import Prompt
-from distill.rundir import atomic_write_bytes
-from teachers.chat import BUDGET_SENTENCE, MODES, Mode, generate_with_budget, render_prompt
+from distill.rundir import atomic_write_bytes, atomic_write_json, config_dict, read_json
+from teachers.chat import BUDGET_SENTENCE, MODES, Message, Mode, generate_with_budget, render_prompt
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
     Generation,
     SamplingParams,
     Teacher,
+    TopK,
 )
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
+Key = tuple[int, Mode, int]  # (prompt index, mode, sample index); the row key uses the prompt id
+META = ".dataset.json"  # hidden: datasets' parquet loader skips dot-files
+
+_ids = pa.list_(pa.int32())
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),  # "prompt_id|mode|sample", unique
+        ("prompt_id", pa.string()),
+        ("mode", pa.string()),  # "think" or "no_think"
+        ("sample", pa.int32()),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+        ("prompt_ids", _ids),  # the rendered prompt the teacher answered, generation prompt last
+        ("response_ids", _ids),  # the completion, eos included when it stopped
+        ("response_text", pa.string()),  # decoded with special tokens kept
+        ("thinking_tokens", pa.int32()),  # response tokens through `</think>` (0: none)
+        ("finish_reason", pa.string()),  # "stop" (eos) or "length"
+        ("forced", pa.list_(pa.bool_())),  # response tokens inserted by the budget, not sampled
+        ("answer", pa.string()),  # reference answer, null without an answer column
+        ("correct", pa.bool_()),  # verification result, null without a reference
+        ("repetition", pa.float32()),  # repeated 4-gram share of the response
+        ("verdict", pa.string()),  # "kept" or the first filter that removed it (VERDICTS)
+        ("teacher", pa.string()),  # the teacher's identity (path and weight hash)
+    ]
+)
+TOPK_FIELDS = [
+    pa.field("topk_ids", pa.list_(_ids)),  # (R, K): teacher's top-k at each response token
+    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # (R, K)
+    pa.field("topk_actual_logprobs", pa.list_(pa.float32())),  # (R,) log p_t(response token)
+]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
     run_dir: Path
     output: str = "teacher_data"  # sub-folder of run_dir for the shards
-    modes: tuple[Mode, ...] = MODES
+    modes: tuple[Mode, ...] = MODES  # every prompt in each of these modes
+    think_ratio: float | None = None  # instead: this share of prompts in think mode, the rest not
+    soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
     samples_per_prompt: int = 1
     max_tokens: int = 512
     thinking_budget: int | None = None  # thinking tokens before the stop sentence is inserted
@@ -52,7 +88,7 @@ class Config:
     shard_size: int = 64
     repetition_threshold: float = 0.5
     seed: int = 0
-    # Paper presets by mode; temperature 0 in both gives greedy data.
+    # Paper presets by mode (FACTS.md); temperature 0 in both gives greedy data.
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
@@ -64,17 +100,65 @@ class Summary:
     by_verdict: dict[str, dict[str, int]]  # mode -> verdict -> count
     shards_written: int
     shards_skipped: int
-    dropped_prompts: int
+    dropped_prompts: int  # over max_prompt_tokens (or not truncatable) and left out
+    truncated_prompts: int = 0  # over max_prompt_tokens and cut to fit
 
 
-def _keys(prompts: Sequence[Prompt], config: Config) -> list[tuple[int, Mode, int]]:
-    """The fixed, ordered work list: (prompt index, mode, sample index)."""
-    return [
-        (i, mode, s)
-        for i in range(len(prompts))
-        for mode in config.modes
-        for s in range(config.samples_per_prompt)
-    ]
+def check_config(config: Config) -> None:
+    """Refuse settings that cannot mean anything, naming the flag to change."""
+    if config.overlong not in ("drop", "truncate"):
+        raise DistillError(f"--overlong {config.overlong!r}: choose drop or truncate")
+    if config.think_ratio is not None:
+        if not 0.0 <= config.think_ratio <= 1.0:
+            raise DistillError(f"--think-ratio {config.think_ratio} must lie in [0, 1]")
+        if tuple(config.modes) != MODES:
+            raise DistillError("--think-ratio picks a mode per prompt: leave --modes at both")
+    if config.samples_per_prompt < 1 or config.shard_size < 1 or config.max_tokens < 1:
+        raise DistillError("--samples-per-prompt, --shard-size and --max-tokens must be >= 1")
+    if config.thinking_budget is not None and config.thinking_budget < 1:
+        raise DistillError(f"--thinking-budget {config.thinking_budget} must be >= 1")
+
+
+def prompt_modes(n: int, config: Config) -> list[tuple[Mode, ...]]:
+    """Modes each prompt is answered in: all of `modes`, or one by a seeded split at think_ratio."""
+    if config.think_ratio is None:
+        return [tuple(config.modes)] * n
+    order = list(range(n))
+    random.Random(config.seed).shuffle(order)  # exact share, not n coin flips
+    thinking = set(order[: round(config.think_ratio * n)])
+    return [("think",) if i in thinking else ("no_think",) for i in range(n)]
+
+
+def fit_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    mode: Mode,
+    config: Config,
+) -> tuple[list[int], tuple[Message, ...]] | None:
+    """(prompt ids, messages) within max_prompt_tokens, or None when the prompt must be dropped.
+
+    Truncation cuts the start of the last user message and keeps the template whole: the
+    question usually ends the message, and the generation prompt must survive.
+    """
+    limit = config.max_prompt_tokens
+    ids = render_prompt(tokenizer, messages, mode, config.soft_switch)
+    if len(ids) <= limit:
+        return ids, tuple(messages)
+    if config.overlong == "drop":
+        return None
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    content = tokenizer.encode(messages[last]["content"], add_special_tokens=False)
+    keep = len(content) - (len(ids) - limit)
+    while keep > 0:  # re-encoding a cut string can merge differently: shrink until it fits
+        cut = [dict(m) for m in messages]
+        text = tokenizer.decode(content[-keep:])
+        assert isinstance(text, str)
+        cut[last]["content"] = text
+        ids = render_prompt(tokenizer, cut, mode, config.soft_switch)
+        if len(ids) <= limit:
+            return ids, tuple(cut)
+        keep -= len(ids) - limit
+    return None  # the template and the other messages alone exceed the limit
 
 
 def generate(
@@ -84,44 +168,69 @@ def generate(
     prompts: Sequence[Prompt],
     ledger: GpuLedger,
     progress: ProgressFn | None = None,
+    force: bool = False,
 ) -> Summary:
     """Write every missing shard of teacher responses; return counts by mode and verdict."""
+    check_config(config)
     if not prompts:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
-    rendered = {
-        mode: [render_prompt(tokenizer, p.messages, mode) for p in prompts] for mode in config.modes
-    }
-    too_long = {
-        i
-        for ids in rendered.values()
-        for i, x in enumerate(ids)
-        if len(x) > config.max_prompt_tokens
-    }
-    if too_long and config.overlong == "truncate":
-        # Keep the end: the generation prompt and the question's last words must survive.
-        rendered = {m: [x[-config.max_prompt_tokens :] for x in ids] for m, ids in rendered.items()}
-        too_long = set()
-    keys = [k for k in _keys(prompts, config) if k[0] not in too_long]
+    seen: set[str] = set()
+    for p in prompts:
+        if p.id in seen:
+            raise DistillError(
+                f"prompt id {p.id!r} occurs twice: row keys must be unique; make the id column "
+                "unique or drop it (rows are then numbered)"
+            )
+        seen.add(p.id)
+    out = config.run_dir / config.output
+    claim(out, teacher.name, config, prompts, force)
+    for stale in out.glob(".shard-*.tmp"):  # left by a writer killed mid-write; never read
+        stale.unlink()
+
+    modes_of = prompt_modes(len(prompts), config)
+    fitted: dict[tuple[int, Mode], tuple[list[int], tuple[Message, ...]]] = {}
+    dropped: set[int] = set()
+    truncated: set[int] = set()
+    for i, p in enumerate(prompts):
+        for mode in modes_of[i]:
+            fit = fit_prompt(tokenizer, p.messages, mode, config)
+            if fit is None:
+                dropped.add(i)
+            else:
+                fitted[i, mode] = fit
+                if fit[1] != tuple(p.messages):
+                    truncated.add(i)
+    keys: list[Key] = [
+        (i, mode, s)
+        for i in range(len(prompts))
+        if i not in dropped
+        for mode in modes_of[i]
+        for s in range(config.samples_per_prompt)
+    ]
     if not keys:
         raise DistillError(
             f"all {len(prompts)} prompts are longer than --max-prompt-tokens "
-            f"{config.max_prompt_tokens}: raise it or pass --overlong truncate"
+            f"{config.max_prompt_tokens}: raise it, or pass --overlong truncate"
         )
-    out = config.run_dir / config.output
-    out.mkdir(parents=True, exist_ok=True)
     shards = [keys[i : i + config.shard_size] for i in range(0, len(keys), config.shard_size)]
     written = skipped = 0
     for index, shard in enumerate(shards):
         path = out / f"shard-{index:05d}.parquet"
+        expected = [row_key(prompts[i].id, mode, s) for i, mode, s in shard]
         if path.exists():
+            found = pq.read_table(path, columns=["key"])["key"].to_pylist()
+            if found != expected:
+                raise DistillError(
+                    f"{path} holds other rows than this run would write there (prompts changed?):"
+                    " use a new --run-dir, or --force to set the old data aside"
+                )
             skipped += 1
         else:
             rows = _generate_shard(
-                config, teacher, tokenizer, prompts, rendered, shard, index, ledger
+                config, teacher, tokenizer, prompts, fitted, shard, index, ledger
             )
-            table = pa.Table.from_pylist(rows)
             sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema(config.store_topk)), sink)
             atomic_write_bytes(path, sink.getvalue().to_pybytes())
             written += 1
         if progress is not None:
@@ -133,8 +242,54 @@ def generate(
         by_verdict=counts,
         shards_written=written,
         shards_skipped=skipped,
-        dropped_prompts=len(too_long),
+        dropped_prompts=len(dropped),
+        truncated_prompts=len(truncated - dropped),
     )
+
+
+def row_key(prompt_id: str, mode: str, sample: int) -> str:
+    return f"{prompt_id}|{mode}|{sample}"
+
+
+def schema(store_topk: int) -> pa.Schema:
+    return pa.schema([*SCHEMA, *TOPK_FIELDS]) if store_topk > 0 else SCHEMA
+
+
+def claim(out: Path, teacher: str, config: Config, prompts: Sequence[Prompt], force: bool) -> None:
+    """Make `out` this run's: refuse data by another teacher/config/prompt set unless `force`.
+
+    Forcing never deletes: the old folder is renamed to `<out>.replaced-N`.
+    """
+    identity = {
+        "teacher": teacher,
+        "config": {k: v for k, v in config_dict(config).items() if k != "run_dir"},
+        "prompts": {"count": len(prompts), "fingerprint": fingerprint(prompts)},
+    }
+    meta = out / META
+    if meta.exists() or any(out.glob("shard-*.parquet")):
+        old = read_json(meta) if meta.exists() else {}
+        if old == identity:
+            return
+        changed = sorted(
+            [k for k in ("teacher", "prompts") if old.get(k) != identity[k]]
+            + [
+                f"config.{k}"
+                for k in identity["config"]
+                if old.get("config", {}).get(k) != identity["config"][k]
+            ]
+        )
+        if not force:
+            raise DistillError(
+                f"{out} holds teacher data from another run (differs in: "
+                f"{', '.join(changed) or 'unknown origin'}): use a new --run-dir, or --force to "
+                "set the old data aside"
+            )
+        n = 1
+        while out.with_name(f"{out.name}.replaced-{n}").exists():
+            n += 1
+        out.rename(out.with_name(f"{out.name}.replaced-{n}"))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(meta, identity)
 
 
 def _generate_shard(
@@ -142,14 +297,15 @@ def _generate_shard(
     teacher: Teacher,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
-    rendered: dict[Mode, list[list[int]]],
-    shard: Sequence[tuple[int, Mode, int]],
+    fitted: dict[tuple[int, Mode], tuple[list[int], tuple[Message, ...]]],
+    shard: Sequence[Key],
     index: int,
     ledger: GpuLedger,
 ) -> list[dict[str, object]]:
     think_end = tokenizer.convert_tokens_to_ids("</think>")
-    rows: dict[tuple[int, Mode, int], dict[str, object]] = {}
-    for mode in config.modes:
+    assert isinstance(think_end, int)
+    rows: dict[Key, dict[str, object]] = {}
+    for mode in MODES:
         keys = [k for k in shard if k[1] == mode]
         if not keys:
             continue
@@ -160,7 +316,7 @@ def _generate_shard(
             max_tokens=config.max_tokens,
             seed=config.seed * 1_000_003 + index * 7 + (mode == "think"),
         )
-        prompt_ids = [rendered[mode][i] for i, _, _ in keys]
+        prompt_ids = [fitted[i, mode][0] for i, _, _ in keys]
         with ledger.phase("teacher.generate") as meter:
             if mode == "think" and config.thinking_budget is not None:
                 gens = generate_with_budget(
@@ -174,66 +330,74 @@ def _generate_shard(
             else:
                 gens = teacher.generate(prompt_ids, params)
             meter.add(sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True)))
-        topk = None
+        scores: list[TopK | None] = [None] * len(keys)
         if config.store_topk > 0:
+            sequences = [p + g.token_ids.tolist() for p, g in zip(prompt_ids, gens, strict=True)]
             with ledger.phase("teacher.score") as meter:
-                topk = teacher.score(
-                    [p + g.token_ids.tolist() for p, g in zip(prompt_ids, gens, strict=True)],
-                    [len(p) for p in prompt_ids],
-                    config.store_topk,
+                scores = list(
+                    teacher.score(sequences, [len(p) for p in prompt_ids], config.store_topk)
                 )
-                meter.add(
-                    sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True))
-                )
-        for j, (key, ids, gen) in enumerate(zip(keys, prompt_ids, gens, strict=True)):
-            rows[key] = _row(config, teacher, tokenizer, prompts[key[0]], key, ids, gen, think_end)
+                meter.add(sum(len(s) for s in sequences))
+        for key, ids, gen, topk in zip(keys, prompt_ids, gens, scores, strict=True):
+            prompt = prompts[key[0]]
+            messages = fitted[key[0], mode][1]
+            rows[key] = _row(config, teacher.name, tokenizer, prompt, messages, key, ids, gen)
             if topk is not None:
-                rows[key]["topk_ids"] = topk[j].ids.tolist()
-                rows[key]["topk_logprobs"] = topk[j].logprobs.tolist()
+                rows[key]["topk_ids"] = topk.ids.tolist()
+                rows[key]["topk_logprobs"] = topk.logprobs.tolist()
+                rows[key]["topk_actual_logprobs"] = topk.actual_logprobs.tolist()
     return [rows[k] for k in shard]
 
 
 def _row(
     config: Config,
-    teacher: Teacher,
+    teacher: str,
     tokenizer: PreTrainedTokenizerBase,
     prompt: Prompt,
-    key: tuple[int, Mode, int],
+    messages: tuple[Message, ...],
+    key: Key,
     prompt_ids: list[int],
     gen: Generation,
-    think_end: int,
 ) -> dict[str, object]:
     _, mode, sample = key
+    think_end = tokenizer.convert_tokens_to_ids("</think>")
     response = gen.token_ids.tolist()
+    forced = np.asarray(gen.forced, dtype=bool)
     # With the hard switch the template closed the think block in the prompt: all is answer.
     closed_in_prompt = think_end in prompt_ids[-8:]
-    cut = 0 if closed_in_prompt or think_end not in response else response.index(think_end) + 1
-    answer_text = tokenizer.decode(
-        response[cut:] if cut or closed_in_prompt else [], skip_special_tokens=True
-    )
+    if closed_in_prompt:
+        thinking = 0
+    elif think_end in response:
+        thinking = response.index(think_end) + 1
+    else:
+        thinking = len(response)  # never closed: all of it is thinking, there is no answer
+    answer_text = tokenizer.decode(response[thinking:], skip_special_tokens=True)
+    assert isinstance(answer_text, str)
     v, correct = verdict(
         response_ids=response,
         answer_text=answer_text,
         finish_reason=gen.finish_reason,
         reference=prompt.answer,
         repetition_threshold=config.repetition_threshold,
+        budget_exhausted=bool(forced.any()),
     )
     return {
-        "key": f"{prompt.id}|{mode}|{sample}",
+        "key": row_key(prompt.id, mode, sample),
         "prompt_id": prompt.id,
         "mode": mode,
         "sample": sample,
-        "messages": json.dumps(list(prompt.messages)),
+        "messages": [dict(m) for m in messages],
         "prompt_ids": prompt_ids,
         "response_ids": response,
         "response_text": tokenizer.decode(response, skip_special_tokens=False),
-        "thinking_tokens": max(cut - 1, 0) if not closed_in_prompt else 0,
+        "thinking_tokens": thinking,
         "finish_reason": gen.finish_reason,
-        "forced": np.asarray(gen.forced, dtype=bool).tolist(),
+        "forced": forced.tolist(),
         "answer": prompt.answer,
         "correct": correct,
+        "repetition": repetition_score(response),
         "verdict": v,
-        "teacher": teacher.name,
+        "teacher": teacher,
     }
 
 
@@ -245,6 +409,28 @@ def count_verdicts(directory: Path) -> dict[str, dict[str, int]]:
         for mode, v in zip(table["mode"].to_pylist(), table["verdict"].to_pylist(), strict=True):
             counts.setdefault(mode, dict.fromkeys(VERDICTS, 0))[v] += 1
     return counts
+
+
+def check_usable(summary: Summary) -> None:
+    """Raise when no row survived the filters, naming the filter that removed the most."""
+    if summary.kept > 0:
+        return
+    removed: dict[str, int] = {}
+    for counts in summary.by_verdict.values():
+        for v, n in counts.items():
+            removed[v] = removed.get(v, 0) + n
+    worst = max(removed, key=lambda v: removed[v])
+    fixes = {
+        "truncated": "raise --max-tokens (or --thinking-budget)",
+        "empty": "check the teacher's chat template and --max-tokens",
+        "repetitive": "raise --repetition-threshold or use a stronger teacher",
+        "wrong": "check --answer-column, or use a stronger teacher",
+    }
+    raise DistillError(
+        f"no usable teacher responses: all {summary.rows} were filtered out, most by the "
+        f"{worst!r} filter ({', '.join(f'{v}: {n}' for v, n in removed.items() if n)}); "
+        f"{fixes.get(worst, 'relax the filters')}. The rows are kept on disk with their verdicts"
+    )
 
 
 def read_rows(directory: Path, columns: Sequence[str] | None = None) -> list[dict[str, object]]:

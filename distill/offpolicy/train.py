@@ -1,14 +1,33 @@
 """Off-policy distillation: fine-tune the student on the teacher's kept responses.
 
     distill offpolicy --run-dir runs/demo --student PATH
+    accelerate launch --config_file configs/accelerate/ddp.yaml "$(which distill)" offpolicy \\
+        --run-dir runs/demo --student PATH
 
-The loss is cross-entropy on response tokens (the thinking included in thinking mode; forced
-budget-sentence tokens are context, never targets: the student should not learn to give up), plus,
-when the data stores the teacher's top-k, `kd_weight` x a divergence to it (logit-level KD).
+Loss: cross-entropy on response tokens only (the thinking included in thinking mode), plus, when
+the data stores the teacher's top-k, `kd_weight` x a divergence to it (logit-level KD, through
+`losses/`). Prompt tokens are context. Forced tokens (the budget's stop sentence) are context too,
+never targets: they were not sampled from the teacher, and a student trained on them learns to
+give up thinking by itself; the budget is the caller's to enforce at inference, as it was here.
+In non-thinking mode the template puts the empty think block into the *prompt* (hard switch), so
+by default it is context as well; `think_block="target"` moves it into the response (the student
+then learns to write it) and marks the user turn with `/no_think`, so the target is conditioned on
+a switch the student can see: Qwen3's soft-switch format. Data generated with `--soft-switch`
+has the block in the response already.
+
+A step's loss is the sum over its target tokens divided by the target tokens of the whole
+optimizer step, across micro-batches and processes (`objective.global_target_tokens`), so
+accumulation and data parallelism give the gradient of one big batch.
+
+Exact resume: the checkpoint holds the weights, the optimizer, the step (the schedule is a pure
+function of it), every process's torch RNG state and the data position (epoch and batch, checked
+against a fingerprint of the data). The batch order is rebuilt from (seed, epoch), so a resumed
+run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import DistributedType, gather_object
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from distill import checkpoint
 from distill.accounting import GpuLedger, train_flops
-from distill.batch import Example, collate, length_buckets, next_token_view
+from distill.batch import Batch, Example, collate, length_buckets, next_token_view
 from distill.errors import DistillError
 from distill.objective import (
     LogFn,
@@ -33,9 +54,12 @@ from distill.objective import (
     topk_divergence,
 )
 from distill.offpolicy.generate import read_rows
-from distill.rundir import append_metrics
+from distill.rundir import append_metrics, config_dict
 from losses import Divergence
+from teachers.chat import render_prompt
 from teachers.protocol import TopK
+
+TRACKERS = ("none", "all", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +70,7 @@ class Config:
     output: str = "offpolicy"  # sub-folder of run_dir for checkpoints
     steps: int = 100
     batch_size: int = 16  # sequences per optimizer step (all processes)
-    micro_batch_size: int = 8  # sequences per forward/backward
+    micro_batch_size: int = 8  # sequences per forward/backward on one process
     lr: float = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
@@ -54,9 +78,11 @@ class Config:
     grad_clip: float = 1.0
     kd_weight: float = 0.0  # > 0 needs data generated with --store-topk
     kd_divergence: Divergence = "forward_kl"
-    dtype: str = "auto"
+    think_block: str = "prompt"  # no_think rows: the empty think block as "prompt" or "target"
+    dtype: str = "auto"  # bf16 on GPUs that support it, fp32 on CPU
     log_every: int = 10
     save_every: int = 50
+    report_to: str = "none"  # accelerate trackers: none, all, tensorboard, wandb
     seed: int = 0
 
 
@@ -68,11 +94,17 @@ class Summary:
     examples: int
 
 
-def load_examples(data_dir: Path, with_topk: bool) -> list[Example]:
+def load_examples(
+    data_dir: Path,
+    with_topk: bool,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    think_block: str = "prompt",
+) -> list[Example]:
+    """The kept rows as training examples; `think_block="target"` needs the tokenizer."""
     rows = read_rows(data_dir)
     kept = [r for r in rows if r["verdict"] == "kept"]
     if not kept:
-        by = {}
+        by: dict[str, int] = {}
         for r in rows:
             by[str(r["verdict"])] = by.get(str(r["verdict"]), 0) + 1
         raise DistillError(
@@ -86,28 +118,100 @@ def load_examples(data_dir: Path, with_topk: bool) -> list[Example]:
         )
     examples = []
     for r in kept:
+        prompt = list(r["prompt_ids"])  # type: ignore[arg-type]
         response = list(r["response_ids"])  # type: ignore[arg-type]
+        train = ~np.asarray(r["forced"], dtype=bool)  # (R,) forced tokens are context
         topk = None
         if with_topk:
-            ids = np.asarray(r["topk_ids"], dtype=np.int32)
-            lp = np.asarray(r["topk_logprobs"], dtype=np.float32)
+            ids = np.asarray(r["topk_ids"], dtype=np.int32)  # (R, K)
+            lp = np.asarray(r["topk_logprobs"], dtype=np.float32)  # (R, K)
             topk = TopK(ids=ids, logprobs=lp, actual_logprobs=np.zeros(len(response), np.float32))
-        examples.append(
-            Example(
-                prompt_ids=list(r["prompt_ids"]),  # type: ignore[arg-type]
-                response_ids=response,
-                train=~np.asarray(r["forced"], dtype=bool),
-                topk=topk,
-            )
-        )
+        if think_block == "target" and r["mode"] == "no_think":
+            assert tokenizer is not None, "think_block='target' re-renders prompts: pass tokenizer"
+            prompt, block = _soft_switch(r, prompt, tokenizer)
+            response = block + response
+            train = np.concatenate([np.ones(len(block), bool), train])
+            if topk is not None:  # the teacher never scored the block: no KD rows there (-1)
+                K = topk.ids.shape[1]
+                topk = TopK(
+                    ids=np.concatenate([np.full((len(block), K), -1, np.int32), topk.ids]),
+                    logprobs=np.concatenate(
+                        [np.full((len(block), K), -np.inf, np.float32), topk.logprobs]
+                    ),
+                    actual_logprobs=np.zeros(len(response), np.float32),
+                )
+        examples.append(Example(prompt_ids=prompt, response_ids=response, train=train, topk=topk))
     return examples
+
+
+def _soft_switch(
+    row: dict[str, object], prompt: list[int], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[int]]:
+    """(prompt with /no_think, the empty think block) from a hard-switch no_think prompt."""
+    think_start = tokenizer.convert_tokens_to_ids("<think>")
+    if think_start not in prompt[-8:]:
+        return prompt, []  # soft-switch data: the block is in the response already
+    cut = len(prompt) - prompt[::-1].index(think_start) - 1
+    messages = list(row["messages"])  # type: ignore[call-overload]
+    soft = render_prompt(tokenizer, messages, "no_think", soft_switch=True)
+    return soft, prompt[cut:]
+
+
+def fingerprint(data_dir: Path) -> str:
+    """Identity of the training data: a resumed run must read the same kept rows."""
+    keys = [
+        str(r["key"]) for r in read_rows(data_dir, ["key", "verdict"]) if r["verdict"] == "kept"
+    ]
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def micro_batch_loss(
+    student: torch.nn.Module, mb: Batch, config: Config, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed per-token loss, summed cross-entropy) of one micro-batch; the caller normalises."""
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V)
+    shifted, targets, mask, _, _ = next_token_view(logits, mb)
+    ce = cross_entropy(shifted, targets, vocab_size) * mask  # (B, T-1): response targets only
+    per_token = ce
+    if config.kd_weight > 0:
+        kd, _ = topk_divergence(logits, mb, config.kd_divergence, vocab_size)  # (B, T-1), masked
+        per_token = ce + config.kd_weight * kd
+    return per_token.sum(), ce.detach().sum()
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """An Accelerator with the requested trackers, refusing ones that are not installed."""
+    if config.report_to not in TRACKERS:
+        raise DistillError(f"--report-to {config.report_to!r}: choose one of {', '.join(TRACKERS)}")
+    available = {str(t) for t in get_available_trackers()}
+    wanted = {"none": [], "all": sorted(available)}.get(config.report_to, [config.report_to])
+    missing = [t for t in wanted if t not in available]
+    if missing:
+        raise DistillError(
+            f"--report-to {config.report_to}: {missing[0]} is not installed: "
+            f"pip install {missing[0]}, or pass --report-to none (metrics.jsonl is always written)"
+        )
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        log_with=wanted or None,  # type: ignore[arg-type]
+        project_dir=str(config.run_dir / "trackers"),
+    )
 
 
 def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     """Fine-tune `config.student` on kept teacher responses; resumes from its last checkpoint."""
-    assert config.batch_size % config.micro_batch_size == 0, "batch_size % micro_batch_size"
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(config)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % (config.micro_batch_size * world) != 0:
+        raise DistillError(
+            f"--batch-size {config.batch_size} must be a multiple of --micro-batch-size "
+            f"{config.micro_batch_size} x {world} processes: every process runs the same "
+            "number of micro-batches"
+        )
+    if config.think_block not in ("prompt", "target"):
+        raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
     out = config.run_dir / config.output / "checkpoint"
+    data_dir = config.data_dir or config.run_dir / "teacher_data"
     resume = checkpoint.latest(out)
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -117,48 +221,63 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
+    examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
+    if len(examples) < config.batch_size:
+        raise DistillError(
+            f"{len(examples)} kept teacher responses are fewer than --batch-size "
+            f"{config.batch_size}: lower --batch-size or generate more data"
+        )
+    data_id = fingerprint(data_dir)
+    epoch_steps = len(examples) // config.batch_size  # full batches only: no ragged last step
     start = 0
     if resume:
         state = checkpoint.load_state(resume)
+        if state.get("data", {}).get("fingerprint") != data_id:
+            raise DistillError(
+                f"the teacher data in {data_dir} changed since checkpoint {resume}: resuming "
+                "would train on other batches; use a new --run-dir or restore the data"
+            )
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            raise DistillError(
+                "exact resume is implemented for single-process and DDP runs, not "
+                f"{accelerator.distributed_type.value}: start a new --run-dir with "
+                f"--student {resume}"
+            )
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"]) + 1
+        rng = state["rng"]
+        torch.set_rng_state(rng[rank % len(rng)])
+        assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
-
-    examples = load_examples(
-        config.data_dir or config.run_dir / "teacher_data", config.kd_weight > 0
+    accelerator.init_trackers(
+        config.output, config={k: str(v) for k, v in config_dict(config).items()}
     )
-    epoch_steps = max(1, len(examples) // config.batch_size)
+
     order: list[list[int]] = []  # the current epoch's batches, rebuilt from (seed, epoch)
-    loss_sum = torch.zeros(())
     loss = float("nan")
     for step in range(start, config.steps):
-        epoch = step // epoch_steps
-        if not order or step == start or step % epoch_steps == 0:
+        epoch, position = divmod(step, epoch_steps)
+        if not order or position == 0:
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            order = length_buckets([len(e) for e in examples], config.batch_size, g)
-        chosen = [examples[i] for i in order[step % epoch_steps]]
-        mine = chosen[accelerator.process_index :: accelerator.num_processes]
+            batches = length_buckets([len(e) for e in examples], config.batch_size, g)
+            order = [b for b in batches if len(b) == config.batch_size]
+        chosen = [examples[i] for i in order[position]]
+        mine = chosen[rank::world]
         micro = [
             collate(mine[i : i + config.micro_batch_size], pad_id=int(tokenizer.pad_token_id))
             for i in range(0, len(mine), config.micro_batch_size)
         ]
         n_tokens = global_target_tokens(micro, accelerator)
-        with ledger.phase("student.train", devices=accelerator.num_processes) as meter:
+        loss_sum = torch.zeros(2, device=accelerator.device)  # (loss, ce) summed over tokens
+        with ledger.phase("student.train", devices=world) as meter:
             for i, mb in enumerate(micro):
                 mb = mb.to(accelerator.device)
-                last = i == len(micro) - 1
-                with nullcontext() if last else accelerator.no_sync(student):
-                    logits = student(
-                        input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                    ).logits  # (B, T, V)
-                    shifted, targets, mask, _, _ = next_token_view(logits, mb)
-                    per_token = cross_entropy(shifted, targets, vocab_size) * mask  # (B, T-1)
-                    if config.kd_weight > 0:
-                        kd, _ = topk_divergence(logits, mb, config.kd_divergence, vocab_size)
-                        per_token = per_token + config.kd_weight * kd
-                    accelerator.backward(per_token.sum() / n_tokens)
-                    loss_sum += per_token.detach().sum().cpu()
+                # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
+                    total, ce = micro_batch_loss(student, mb, config, vocab_size)
+                    accelerator.backward(total / n_tokens)
+                loss_sum += torch.stack([total.detach(), ce])
                 meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
             lr = lr_at(
@@ -171,17 +290,52 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss = float(loss_sum) / (n_tokens * accelerator.num_processes)
-        loss_sum.zero_()
+        sums = accelerator.reduce(loss_sum, reduction="sum")  # every process's tokens
+        assert isinstance(sums, torch.Tensor)
+        loss, ce_mean = (float(x) / (n_tokens * world) for x in sums.tolist())
         if step % config.log_every == 0 or step == config.steps - 1:
-            metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+            metrics = {
+                "loss": loss,
+                "ce": ce_mean,
+                "lr": lr,
+                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
+                "tokens": n_tokens * world,
+                "epoch": epoch,
+            }
             log(config.output, step + 1, config.steps, metrics)
+            accelerator.log(metrics, step=step)
             if accelerator.is_main_process:
                 append_metrics(config.run_dir, {"phase": config.output, "step": step, **metrics})
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
-            accelerator.wait_for_everyone()
+            _save(accelerator, student, optimizer, tokenizer, out, step, epoch_steps, data_id)
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "step": step}
-                checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
+    accelerator.end_training()
     return Summary(steps=config.steps, final_loss=loss, checkpoint=out, examples=len(examples))
+
+
+def _save(
+    accelerator: Accelerator,
+    student: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    step: int,
+    epoch_steps: int,
+    data_id: str,
+) -> None:
+    """Every process joins (FSDP/ZeRO-3 gather weights, RNG states are gathered); rank 0 writes."""
+    accelerator.wait_for_everyone()
+    weights = accelerator.get_state_dict(student)
+    rng = gather_object([torch.get_rng_state()])  # one per process, in rank order
+    if accelerator.is_main_process:
+        epoch, position = divmod(step + 1, epoch_steps)
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "rng": rng,
+            "data": {"epoch": epoch, "position": position, "fingerprint": data_id},
+        }
+        model = accelerator.unwrap_model(student)
+        checkpoint.save(out, model, tokenizer, state, state_dict=weights)
+    accelerator.wait_for_everyone()
