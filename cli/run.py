@@ -29,7 +29,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import TeacherBackend, make_teacher
+from cli.teacher import make_teacher, parse_backend
 from distill import evaluate, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
@@ -106,8 +106,7 @@ def run(
         ("onpolicy", on_config),
     ):
         console.print(config_table(title, cfg))
-    backend: TeacherBackend = teacher_backend  # type: ignore[assignment]
-    the_teacher = make_teacher(backend, teacher_path, teacher_url or [], max_top_k=top_k)
+    the_teacher = make_teacher(parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k)
     teacher_tok = AutoTokenizer.from_pretrained(
         teacher_path if Path(teacher_path).is_dir() else student_path
     )

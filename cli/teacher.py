@@ -107,57 +107,21 @@ def check(
     atol: Annotated[float, typer.Option(help="largest logprob difference accepted")] = 1e-4,
 ) -> None:
     """Template parity, logprob parity (backend vs transformers) and KL(teacher||teacher) = 0."""
-    import numpy as np
-    import torch
     from rich.table import Table
     from transformers import AutoTokenizer
 
-    from distill.tasks import problems, response_text
-    from losses import forward_kl, topk_support
-    from teachers.chat import MODES, render_prompt, template_mismatch, vocab_mismatch
+    from distill.parity import check_conversations, logprob_parity
     from teachers.hf import HFTeacher
-    from teachers.protocol import SamplingParams
 
     backend_name = parse_backend(teacher_backend)
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
-    if diff := vocab_mismatch(tok_t, tok_s):
-        raise TeacherError(f"teacher and student tokenizers differ: {diff}; distil into a "
-                           "student that shares the teacher's tokenizer")
-    probs = problems(n, seed=0, split="check")
-    convs = [[{"role": "user", "content": p.prompt}] for p in probs]
-    # A finished thinking turn, then a new question: the template's history rules and the
-    # thinking prefix of the last turn are compared, not only the generation prompt.
-    convs.append([*convs[0], {"role": "assistant", "content": response_text(probs[0], True)},
-                  {"role": "user", "content": probs[-1].prompt}])
-    for conv in convs:
-        if diff := template_mismatch(tok_t, tok_s, conv):
-            raise TeacherError(f"teacher and student templates render differently: {diff}")
-
+    convs = check_conversations(tok_t, tok_s, n)
     backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)
     reference = HFTeacher.from_pretrained(teacher)
-    prompts = [render_prompt(tok_t, c, MODES[i % 2]) for i, c in enumerate(convs)]
-    gens = backend.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16))
-    seqs = [[*p, *g.token_ids.tolist()] for p, g in zip(prompts, gens, strict=True)]
-    plens = [len(p) for p in prompts]
-    got = backend.score(seqs, plens, top_k)
-    ref = reference.score(seqs, plens, top_k)
-    same_ids = float(np.mean([(a.ids == b.ids).mean() for a, b in zip(got, ref, strict=True)]))
-    diff_lp = max(float(np.abs(a.actual_logprobs - b.actual_logprobs).max(initial=0.0))
-                  for a, b in zip(got, ref, strict=True))
-    diff_top = max(float(np.abs(a.logprobs - b.logprobs).max(initial=0.0))
-                   for a, b in zip(got, ref, strict=True))
-
-    # Student = teacher: the teacher's own logits as the student must give KL = 0.
-    kls = []
-    with torch.no_grad():
-        for s, P, sc in zip(seqs, plens, got, strict=True):
-            logits = reference.model(torch.tensor([s])).logits[0, P - 1 : len(s) - 1]  # (L, W)
-            # Normalised over the full head width, as the teacher's logprobs are: this checks
-            # alignment and ids exactly (a training student masks the padded rows instead).
-            log_s, log_t = topk_support(logits, torch.from_numpy(sc.ids),
-                                        torch.from_numpy(sc.logprobs), backend.logits_width)
-            kls.append(forward_kl(log_s, log_t))  # (L,)
-    kl = float(torch.cat(kls).mean()) if kls else 0.0
+    report = logprob_parity(backend, reference, reference.model, tok_t, convs, top_k)
+    diff_lp, diff_top, same_ids, kl = (
+        report.max_actual_diff, report.max_topk_diff, report.same_ids, report.self_kl
+    )
 
     table = Table(title=f"teacher check: {backend.name} vs {reference.name}")
     for col in ("check", "value", "ok"):

