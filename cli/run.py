@@ -106,7 +106,9 @@ def run(
         ("onpolicy", on_config),
     ):
         console.print(config_table(title, cfg))
-    the_teacher = make_teacher(parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k)
+    the_teacher = make_teacher(
+        parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k
+    )
     teacher_tok = AutoTokenizer.from_pretrained(
         teacher_path if Path(teacher_path).is_dir() else student_path
     )
