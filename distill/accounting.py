@@ -1,26 +1,54 @@
-"""GpuLedger: device-hours, tokens and FLOPs per phase, so runs compare with RL by one meter.
+"""GpuLedger: device-hours, tokens, FLOPs and MFU per phase, so runs compare with RL by one meter.
 
-Device-hours = wall-clock seconds x devices *held* during the phase / 3600: a teacher's GPUs count
-while reserved, not only while busy. On a CPU-only machine the device is the CPU (one device per
-process) and reports say "CPU device-hours", never GPU-hours.
+Device-hours = wall-clock seconds x devices *held* / 3600. Every second from the ledger's start
+(or its reload on resume) to its last `save` is charged to exactly one owner, so the ledger's
+total equals wall-clock x devices held, whatever the loops meter:
 
-FLOPs (FACTS.md): a forward pass costs about 2·N FLOPs per token for N parameters (the attention
-term 4·L·d·context is added by callers that know the context); training costs 3x forward, 6·N.
+- inside `with ledger.phase(name, devices=d)`: `d` devices to `name`;
+- outside any phase (loading models, saving checkpoints, Python between phases): every held
+  device to `waiting`;
+- a remote teacher declared with `teacher_devices=n` (`--teacher-gpus n`) is held for the whole
+  run: its `n` devices go to the `teacher.*` phase while it works and to `teacher.reserved` while
+  the student works; the student's devices wait (`waiting`) while the remote teacher works.
+
+Nested phases charge the innermost one. On a CPU-only machine the device is the CPU and reports
+say "CPU device-hours", never GPU-hours; MFU is only reported against a known accelerator peak.
+
+FLOPs (FACTS.md; docs/accounting.md derives them): a forward pass costs 2·N per token for the N
+parameters that take part in matrix products, plus attention 4·L·d_attn·c per token attending to
+c positions; training costs 3x forward (forward, input gradient, weight gradient).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
 
+from distill.errors import DistillError
 from distill.rundir import atomic_write_json, read_json
 
-PHASES = ("teacher.generate", "teacher.score", "student.sample", "student.train", "eval")
+PHASES = (
+    "teacher.generate",
+    "teacher.score",
+    "student.sample",
+    "student.train",
+    "eval",
+    "waiting",
+    "teacher.reserved",
+)
+WAITING, RESERVED = "waiting", "teacher.reserved"
+
+# Dense bf16 peak FLOP/s and HBM bandwidth (B/s) by accelerator name, matched in the CUDA name.
+# H100/H200 SXM: FACTS.md; A100 SXM 80GB and L40S: the vendors' data sheets (dense, no sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12, "L40S": 0.864e12}
 
 
 def device_kind() -> str:
@@ -30,21 +58,71 @@ def device_kind() -> str:
     return "cpu"
 
 
-def forward_flops(n_params: int, tokens: int) -> float:
-    return 2.0 * n_params * tokens
+def accelerator_name(device: str) -> str | None:
+    """'H100' for 'cuda:NVIDIA H100 80GB HBM3' (or plain 'H100'); None for the CPU or unknown."""
+    upper = device.upper()
+    return next((name for name in PEAK_FLOPS if name in upper), None)
 
 
-def train_flops(n_params: int, tokens: int) -> float:
-    return 6.0 * n_params * tokens
+def peak_flops(device: str) -> float | None:
+    """Dense bf16 peak FLOP/s of one device, None where no peak is tabled (CPU, unknown GPU)."""
+    name = accelerator_name(device)
+    return PEAK_FLOPS[name] if name else None
+
+
+def unit(device: str) -> str:
+    return (
+        "GPU-hours" if device.startswith("cuda") or accelerator_name(device) else "CPU device-hours"
+    )
+
+
+def forward_flops(
+    n_params: int, tokens: int, *, layers: int = 0, attn_width: int = 0, context: float = 0.0
+) -> float:
+    """FLOPs of a forward pass over `tokens` tokens.
+
+    `n_params` counts the parameters used in matrix products: with an untied head, leave out the
+    input embedding (a lookup, no FLOPs). Each costs a multiply and an add per token: 2·N. The
+    attention scores (QKᵀ) and the weighted sum (AV) add 2·2·L·d_attn·c per token, where
+    d_attn = heads x head_dim and c is the mean number of positions a token attends to (T/2 for
+    a causal prefill of T tokens, the current length when decoding).
+    """
+    return 2.0 * n_params * tokens + 4.0 * layers * attn_width * context * tokens
+
+
+def train_flops(
+    n_params: int, tokens: int, *, layers: int = 0, attn_width: int = 0, context: float = 0.0
+) -> float:
+    """Forward + backward: the backward costs twice the forward (input and weight gradients)."""
+    return 3.0 * forward_flops(
+        n_params, tokens, layers=layers, attn_width=attn_width, context=context
+    )
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters of a transformers model that take part in matrix products (see forward_flops):
+    the matrices, less an untied input embedding (a lookup); norm scales and biases are not."""
+    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None:
+        return total
+    emb, head = get_in(), get_out()
+    tied = head is not None and head.weight is emb.weight
+    return total if tied else total - emb.weight.numel()
 
 
 @dataclass
 class PhaseTotals:
-    seconds: float = 0.0  # wall-clock
-    device_seconds: float = 0.0  # wall-clock x devices held
+    seconds: float = 0.0  # wall-clock while this phase owned the clock
+    device_seconds: float = 0.0  # wall-clock x devices charged to it
     tokens: int = 0
     flops: float = 0.0
     calls: int = 0
+
+    def add(self, other: PhaseTotals) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
 @dataclass
@@ -60,28 +138,87 @@ class Meter:
 
 
 class GpuLedger:
-    """Accumulates PhaseTotals by phase name; `save` writes ledger.json atomically."""
+    """Charges every second since its start to one phase; `save` writes ledger.json atomically.
 
-    def __init__(self, device: str | None = None) -> None:
+    `devices`: devices the student side holds (raised to the largest `devices` a student phase
+    passes). `teacher_devices`: a remote teacher's devices, held for the whole run (0: the
+    teacher runs on the student's devices, in-process).
+    """
+
+    def __init__(
+        self, device: str | None = None, *, devices: int = 1, teacher_devices: int = 0
+    ) -> None:
+        if devices < 1 or teacher_devices < 0:
+            raise DistillError(
+                f"devices={devices}, teacher_devices={teacher_devices}: a run holds at least one "
+                "device and a non-negative number of teacher devices (--teacher-gpus N)"
+            )
         self.device = device or device_kind()
+        self.devices = devices
+        self.teacher_devices = teacher_devices
         self.phases: dict[str, PhaseTotals] = {}
+        self.marks: dict[str, float] = {}  # label -> total device-hours when it was marked
+        self.eval_points: list[float] = []  # total device-hours at the start of each eval round
+        self.loaded: dict[str, PhaseTotals] = {}  # totals read from disk (see gather_ranks)
+        self._stack: list[tuple[str, int, bool]] = []  # (name, devices, is_teacher)
+        self._last: str | None = None  # the phase that finished last
+        self._mark = time.perf_counter()
+
+    def _charge(self, now: float) -> None:
+        """Charge the time since the last charge to the phase owning the clock."""
+        dt = now - self._mark
+        self._mark = now
+        if dt <= 0:
+            return
+        if not self._stack:
+            owners = [(WAITING, self.devices + self.teacher_devices)]
+        else:
+            name, devices, is_teacher = self._stack[-1]
+            if is_teacher and self.teacher_devices:  # remote teacher works, student waits
+                owners = [(name, devices), (WAITING, self.devices)]
+            elif self.teacher_devices:  # student (or eval) works, remote teacher stays reserved
+                owners = [(name, devices), (RESERVED, self.teacher_devices)]
+            else:
+                owners = [(name, devices)]
+        for name, devices in owners:
+            t = self.phases.setdefault(name, PhaseTotals())
+            t.seconds += dt
+            t.device_seconds += dt * devices
 
     @contextmanager
-    def phase(self, name: str, devices: int = 1) -> Iterator[Meter]:
-        """Meter the body: `with ledger.phase("teacher.score", devices=8) as m: ...; m.add(n)`."""
+    def phase(self, name: str, devices: int | None = None) -> Iterator[Meter]:
+        """Meter the body: `with ledger.phase("teacher.score") as m: ...; m.add(n, flops)`.
+
+        `devices=None`: a `teacher.*` phase holds the declared teacher devices (or the student's
+        when the teacher is in-process); any other phase holds the student's devices.
+        """
+        is_teacher = name.startswith("teacher.")
+        if devices is None:
+            devices = self.teacher_devices if is_teacher and self.teacher_devices else self.devices
         assert devices >= 1, devices
+        if not is_teacher:
+            self.devices = max(self.devices, devices)
         meter = Meter()
-        start = time.perf_counter()
+        now = time.perf_counter()
+        self._charge(now)
+        if name == "eval" and self._last != "eval" and all(n != "eval" for n, _, _ in self._stack):
+            self.eval_points.append(self.total_device_hours())  # a new evaluation round begins
+        self._stack.append((name, devices, is_teacher))
         try:
             yield meter
         finally:
-            seconds = time.perf_counter() - start
+            self._charge(time.perf_counter())
+            self._stack.pop()
             totals = self.phases.setdefault(name, PhaseTotals())
-            totals.seconds += seconds
-            totals.device_seconds += seconds * devices
             totals.tokens += meter.tokens
             totals.flops += meter.flops
             totals.calls += 1
+            self._last = name
+
+    def mark(self, label: str) -> None:
+        """Remember the total device-hours now under `label` (e.g. an evaluation stage)."""
+        self._charge(time.perf_counter())
+        self.marks[label] = self.total_device_hours()
 
     def device_hours(self) -> dict[str, float]:
         return {name: t.device_seconds / 3600 for name, t in self.phases.items()}
@@ -89,35 +226,128 @@ class GpuLedger:
     def total_device_hours(self) -> float:
         return sum(self.device_hours().values())
 
+    def wall_seconds(self) -> float:
+        """Wall-clock metered: every second has exactly one owner among the non-reserved phases."""
+        return sum(t.seconds for name, t in self.phases.items() if name != RESERVED)
+
+    def mfu(self) -> dict[str, float | None]:
+        """FLOPs / (device-seconds x peak) per phase; None on a CPU or without metered FLOPs."""
+        peak = peak_flops(self.device)
+        return {
+            name: t.flops / (t.device_seconds * peak)
+            if peak and t.flops and t.device_seconds
+            else None
+            for name, t in self.phases.items()
+        }
+
     def merge(self, other: GpuLedger) -> None:
+        """Add another ledger's totals (a later session of the same run)."""
         for name, t in other.phases.items():
-            mine = self.phases.setdefault(name, PhaseTotals())
-            mine.seconds += t.seconds
-            mine.device_seconds += t.device_seconds
-            mine.tokens += t.tokens
-            mine.flops += t.flops
-            mine.calls += t.calls
+            self.phases.setdefault(name, PhaseTotals()).add(t)
 
     def to_json(self) -> dict[str, object]:
         return {
             "device": self.device,
-            "unit": "GPU-hours" if self.device.startswith("cuda") else "CPU device-hours",
+            "unit": unit(self.device),
+            "devices": self.devices,
+            "teacher_devices": self.teacher_devices,
+            "peak_flops": peak_flops(self.device),
             "phases": {name: asdict(t) for name, t in self.phases.items()},
             "device_hours": self.device_hours(),
             "total_device_hours": self.total_device_hours(),
+            "wall_seconds": self.wall_seconds(),
+            "mfu": self.mfu(),
+            "marks": dict(self.marks),
+            "eval_points": list(self.eval_points),
         }
 
     def save(self, path: Path) -> None:
+        """Charge the time up to now, then write ledger.json atomically."""
+        self._charge(time.perf_counter())
         atomic_write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: Path) -> GpuLedger:
+    def load(cls, path: Path, *, teacher_devices: int | None = None) -> GpuLedger:
+        """Read a saved ledger; its clock restarts now (time between a kill and a resume is free).
+
+        `teacher_devices` overrides the saved declaration for the new session.
+        """
         data = read_json(path)
-        ledger = cls(device=str(data["device"]))
+        if not isinstance(data, dict) or not isinstance(data.get("phases"), dict):
+            raise DistillError(
+                f"{path} is not a distill ledger (no 'phases'); delete or restore it"
+            )
+        ledger = cls(
+            device=str(data["device"]),
+            devices=int(data.get("devices", 1)),
+            teacher_devices=(
+                int(data.get("teacher_devices", 0)) if teacher_devices is None else teacher_devices
+            ),
+        )
+        known = {f.name for f in fields(PhaseTotals)}
         for name, t in data["phases"].items():
-            ledger.phases[name] = PhaseTotals(**t)
+            ledger.phases[name] = PhaseTotals(**{k: v for k, v in t.items() if k in known})
+        ledger.marks = {str(k): float(v) for k, v in data.get("marks", {}).items()}
+        ledger.eval_points = [float(v) for v in data.get("eval_points", [])]
+        ledger.loaded = {name: replace(t) for name, t in ledger.phases.items()}
         return ledger
 
     @classmethod
-    def load_or_new(cls, path: Path) -> GpuLedger:
-        return cls.load(path) if path.exists() else cls()
+    def load_or_new(cls, path: Path, *, teacher_devices: int | None = None) -> GpuLedger:
+        if path.exists():
+            return cls.load(path, teacher_devices=teacher_devices)
+        return cls(teacher_devices=teacher_devices or 0)
+
+
+def gather_ranks(ledgers: Sequence[GpuLedger]) -> GpuLedger:
+    """One ledger for a job whose processes each kept one (rank 0 first).
+
+    Every process of an accelerate job meters the same phases over the same wall-clock and the
+    loops pass the job's device count (`devices=num_processes`), so time is taken from the
+    slowest rank (max), while tokens and FLOPs, which each process counts for its own shard, are
+    summed. Totals loaded from disk on resume sit in every rank's ledger and count once.
+    """
+    head = ledgers[0]
+    out = GpuLedger(head.device, devices=head.devices, teacher_devices=head.teacher_devices)
+    out.marks, out.eval_points = dict(head.marks), list(head.eval_points)
+    for name in dict.fromkeys(n for ledger in ledgers for n in ledger.phases):
+        base = head.loaded.get(name, PhaseTotals())
+        deltas = []
+        for ledger in ledgers:
+            t = ledger.phases.get(name, PhaseTotals())
+            b = ledger.loaded.get(name, PhaseTotals())
+            deltas.append(
+                PhaseTotals(
+                    **{f.name: getattr(t, f.name) - getattr(b, f.name) for f in fields(PhaseTotals)}
+                )
+            )
+        out.phases[name] = PhaseTotals(
+            seconds=base.seconds + max(d.seconds for d in deltas),
+            device_seconds=base.device_seconds + max(d.device_seconds for d in deltas),
+            tokens=base.tokens + sum(d.tokens for d in deltas),
+            flops=base.flops + sum(d.flops for d in deltas),
+            calls=base.calls + max(d.calls for d in deltas),
+        )
+    return out
+
+
+def gathered(ledger: GpuLedger, accelerator: Accelerator) -> GpuLedger:
+    """All processes call this together; every one gets the job's ledger (see gather_ranks).
+
+    With one process the ledger itself returns.
+    """
+    if accelerator.num_processes == 1:
+        return ledger
+    ledger._charge(time.perf_counter())
+    mine = {"json": ledger.to_json(), "loaded": {n: asdict(t) for n, t in ledger.loaded.items()}}
+    ledgers = []
+    for item in gather_object([mine]):
+        other = GpuLedger(str(item["json"]["device"]))
+        other.devices = int(item["json"]["devices"])
+        other.teacher_devices = int(item["json"]["teacher_devices"])
+        other.phases = {n: PhaseTotals(**t) for n, t in item["json"]["phases"].items()}
+        other.loaded = {n: PhaseTotals(**t) for n, t in item["loaded"].items()}
+        other.marks = dict(item["json"]["marks"])
+        other.eval_points = list(item["json"]["eval_points"])
+        ledgers.append(other)
+    return gather_ranks(ledgers)
