@@ -1,0 +1,98 @@
+"""`distill rl`: the RL baseline (GRPO, verifiable reward) metered by the same GpuLedger.
+
+distill rl --run-dir runs/rl --student runs/default/offpolicy/checkpoint
+distill report compare runs/default runs/rl --baseline runs/rl
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.app import app
+from cli.progress import phase_progress
+from cli.render import config_table, console, user_errors
+from cli.report import render_run
+from cli.resolve import ModesOpt, PromptsOpt, RunDir, prompt_sets, resolve_models, resolve_modes
+from distill import evaluate
+from distill.accounting import GpuLedger
+from distill.manifest import fingerprint
+from distill.prompts import EMBEDDED
+from distill.rl import train as rl
+from distill.rundir import atomic_write_json, prepare, record_config
+
+
+@app.command("rl")
+@user_errors
+def rl_cmd(
+    run_dir: RunDir,
+    student: Annotated[
+        str,
+        typer.Option(
+            help="'embedded' or a model folder; for a fair comparison, the "
+            "off-policy checkpoint on-policy distillation starts from"
+        ),
+    ] = EMBEDDED,
+    prompts: PromptsOpt = EMBEDDED,
+    prompt_column: str = "prompt",
+    answer_column: str = "answer",
+    n_prompts: Annotated[int, typer.Option(help="training prompts")] = 256,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = evaluate.Config.prompts,
+    steps: int = rl.Config.steps,
+    prompts_per_step: int = rl.Config.prompts_per_step,
+    samples_per_prompt: Annotated[
+        int, typer.Option(help="G: responses per prompt")
+    ] = rl.Config.samples_per_prompt,
+    modes: ModesOpt = "both",
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
+    format_weight: Annotated[
+        float, typer.Option(help="reward for a well-formed response")
+    ] = rl.Config.format_weight,
+    scale_by_std: Annotated[
+        bool, typer.Option(help="GRPO std scaling (--no-scale-by-std: Dr. GRPO)")
+    ] = rl.Config.scale_by_std,
+    lr: float = rl.Config.lr,
+    eval_every: Annotated[
+        int, typer.Option(help="evaluate every N steps (0: before and after only)")
+    ] = rl.Config.eval_every,
+    save_every: int = rl.Config.save_every,
+    seed: int = 0,
+    force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+) -> None:
+    """GRPO on the student with answer-correctness reward; device-hours by the same meter."""
+    run_dir = prepare(run_dir)
+    _, student_path = resolve_models(student, student)  # only the student is needed
+    train_prompts, held = prompt_sets(
+        prompts, n_prompts, eval_prompts, seed, prompt_column, answer_column
+    )
+    config = rl.Config(
+        run_dir=run_dir,
+        student=student_path,
+        steps=steps,
+        prompts_per_step=prompts_per_step,
+        samples_per_prompt=samples_per_prompt,
+        modes=resolve_modes(modes),
+        max_tokens=max_tokens,
+        format_weight=format_weight,
+        scale_by_std=scale_by_std,
+        lr=lr,
+        eval_every=eval_every,
+        save_every=save_every,
+        seed=seed,
+    )
+    # the same evaluation settings as `distill run`, so `report compare` finds the same eval set
+    eval_config = evaluate.Config(prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1)
+    console.print(config_table("rl", config))
+    record_config(run_dir, "rl", config, force=force)
+    record_config(run_dir, "eval", eval_config, force=force)
+    atomic_write_json(
+        run_dir / "eval_set.json", {"prompts": len(held), "fingerprint": fingerprint(held)}
+    )
+    ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    with phase_progress() as bars:
+        # the loop saves the ledger with each checkpoint, merged over processes; saving the
+        # local one here would drop the other processes' tokens
+        summary = rl.train(config, train_prompts, held, eval_config, ledger, bars.log)
+    console.print(f"final reward {summary.final_reward:.3f}; checkpoint {summary.checkpoint}")
+    render_run(run_dir)

@@ -1,0 +1,88 @@
+"""The RL baseline: group-relative advantages, format check, and a real short metered run."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from distill import evaluate
+from distill.accounting import GpuLedger
+from distill.errors import DistillError
+from distill.prompts import Prompt, embedded_prompts
+from distill.rl import train as rl
+from distill.rl.reward import group_advantages, well_formed
+from distill.rundir import read_metrics
+
+
+def test_group_advantages_closed_forms() -> None:
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+    a = group_advantages(rewards)
+    assert torch.allclose(a[0], torch.tensor([1.0, -1.0, -1.0, 1.0]))
+    assert torch.equal(a[1], torch.zeros(4))  # no signal in an all-equal group, and no NaN
+    assert torch.allclose(a[2], torch.tensor([-1, -1, -1, 3]) / 3**0.5)
+    assert torch.allclose(a.sum(dim=1), torch.zeros(3), atol=1e-6)
+    centred = group_advantages(rewards, scale_by_std=False)
+    assert torch.allclose(centred[2], torch.tensor([-0.25, -0.25, -0.25, 0.75]))
+
+
+def test_well_formed_per_mode() -> None:
+    assert well_formed("<think>\n3 + 4 = 7\n</think>\n\nThe answer is \\boxed{7}.", "think")
+    assert not well_formed("The answer is \\boxed{7}.", "think")  # thinking never closed
+    assert not well_formed("<think>\n</think>\n\nseven", "think")
+    assert well_formed("The answer is \\boxed{7}.", "no_think")
+
+
+def short_config(run_dir: Path, student: Path, steps: int) -> rl.Config:
+    return rl.Config(
+        run_dir=run_dir, student=str(student), steps=steps, prompts_per_step=2,
+        samples_per_prompt=2, max_tokens=10, save_every=2, log_every=1, format_weight=0.5,
+    )  # fmt: skip
+
+
+def test_rl_run_is_metered_checkpointed_and_resumes(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    run_dir = tmp_path / "rl"
+    run_dir.mkdir()
+    prompts = embedded_prompts(8, 0, "train")
+    held = embedded_prompts(2, 0, "eval")
+    eval_config = evaluate.Config(prompts=2, max_tokens=10)
+    start = time.perf_counter()
+    ledger = GpuLedger()
+    summary = rl.train(short_config(run_dir, tiny_pair.student_dir, 2), prompts, held,
+                       eval_config, ledger)  # fmt: skip
+    wall = time.perf_counter() - start
+    # the ledger is saved with the last checkpoint: all the run's wall-clock x devices held
+    saved = GpuLedger.load(run_dir / "ledger.json")
+    assert saved.total_device_hours() * 3600 == pytest.approx(wall * 1, rel=0.02)
+    assert {"student.sample", "student.train", "eval"} <= set(saved.phases)
+    assert saved.phases["student.sample"].tokens > 0 and saved.phases["student.train"].flops > 0
+    assert set(saved.marks) == {"before", "after_rl"}
+    evals = json.loads((run_dir / "eval.json").read_text())
+    assert list(evals) == ["before", "after_rl"]
+    assert set(evals["after_rl"]) == {"accuracy_think", "accuracy_no_think"}
+    records = [r for r in read_metrics(run_dir) if r["phase"] == "rl"]
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(0 <= r["correct"] <= 1 and r["device_hours"] > 0 for r in records)
+    model = AutoModelForCausalLM.from_pretrained(summary.checkpoint)
+    assert model.config.num_hidden_layers == 2
+
+    # resume: two more steps start at step 2; "before" is not measured again
+    rl.train(short_config(run_dir, tiny_pair.student_dir, 4), prompts, held, eval_config,
+             GpuLedger.load(run_dir / "ledger.json"))  # fmt: skip
+    records = [r for r in read_metrics(run_dir) if r["phase"] == "rl"]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "eval.json").read_text())["before"] == evals["before"]
+    resumed = GpuLedger.load(run_dir / "ledger.json")
+    assert resumed.phases["student.train"].calls == 4
+    assert resumed.total_device_hours() > saved.total_device_hours()
+
+
+def test_rl_refuses_prompts_without_answers(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    bare = [Prompt(id="x", messages=({"role": "user", "content": "hi"},), answer=None)]
+    with pytest.raises(DistillError, match="answer"):
+        rl.train(short_config(tmp_path, tiny_pair.student_dir, 1), bare, bare,
+                 evaluate.Config(prompts=1), GpuLedger())  # fmt: skip
