@@ -1,6 +1,8 @@
 """`distill onpolicy`: the student samples, the teacher scores, the student minimises a divergence.
 
-distill onpolicy --run-dir runs/x --teacher T        # from RUN_DIR/offpolicy/checkpoint
+distill onpolicy --run-dir runs/x        # embedded teacher; student: RUN_DIR/offpolicy/checkpoint
+distill onpolicy --run-dir runs/x --student S --divergence jsd --beta 0.5 --lmbda 0.25
+distill onpolicy --run-dir runs/x --sampler vllm --sync-every 4   # student sampled by vLLM
 """
 
 from __future__ import annotations
@@ -25,12 +27,17 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher
+from cli.teacher import make_teacher, parse_backend
 from distill import pipeline
 from distill.accounting import GpuLedger
+from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
+from distill.onpolicy.rollout import check_request
 from distill.prompts import EMBEDDED
 from distill.rundir import prepare, record_config
+from teachers.chat import vocab_mismatch
+
+C = onpolicy.Config
 
 
 @app.command("onpolicy")
@@ -44,16 +51,41 @@ def onpolicy_cmd(
     prompts: PromptsOpt = EMBEDDED,
     prompt_column: str = "prompt",
     n_prompts: int = 256,
-    steps: int = onpolicy.Config.steps,
-    prompts_per_step: int = onpolicy.Config.prompts_per_step,
-    samples_per_prompt: int = onpolicy.Config.samples_per_prompt,
+    steps: int = C.steps,
+    prompts_per_step: int = C.prompts_per_step,
+    samples_per_prompt: Annotated[int, typer.Option(help="G")] = C.samples_per_prompt,
+    micro_batch_size: int = C.micro_batch_size,
     modes: ModesOpt = "both",
-    max_tokens: int = onpolicy.Config.max_tokens,
-    top_k: int = onpolicy.Config.top_k,
-    divergence: str = onpolicy.Config.divergence,
-    lr: float = onpolicy.Config.lr,
+    think_ratio: Annotated[float, typer.Option(help="share of prompts in think mode")] = (
+        C.think_ratio
+    ),
+    max_tokens: int = C.max_tokens,
+    thinking_budget: Annotated[
+        int | None, typer.Option(help="thinking tokens before the stop sentence")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="teacher log-probs per position")] = C.top_k,
+    divergence: Annotated[
+        str, typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd")
+    ] = C.divergence,
+    beta: Annotated[float, typer.Option(help="JSD(β): 0 forward, 1 reverse")] = C.beta,
+    alpha: Annotated[float, typer.Option(help="skew KL mixing weight")] = C.alpha,
+    lmbda: Annotated[
+        float, typer.Option(help="share of slots taken from RUN_DIR/teacher_data")
+    ] = C.lmbda,
+    truncation: Annotated[
+        str, typer.Option(help="responses at --max-tokens: mask, drop or keep")
+    ] = C.truncation,
+    sampler: Annotated[str, typer.Option(help="auto (vllm on GPUs), hf or vllm")] = C.sampler,
+    sync_every: Annotated[int, typer.Option(help="steps between vLLM weight syncs")] = (
+        C.sync_every
+    ),
+    lr: float = C.lr,
+    save_every: int = C.save_every,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
+    teacher_max_top_k: Annotated[
+        int, typer.Option(help="vllm/server teachers: their max_logprobs")
+    ] = 20,
     seed: int = 0,
     force: bool = False,
 ) -> None:
@@ -67,23 +99,52 @@ def onpolicy_cmd(
         steps=steps,
         prompts_per_step=prompts_per_step,
         samples_per_prompt=samples_per_prompt,
+        micro_batch_size=micro_batch_size,
         modes=resolve_modes(modes),
+        think_ratio=think_ratio,
         max_tokens=max_tokens,
+        thinking_budget=thinking_budget,
         top_k=top_k,
-        divergence=divergence,
+        divergence=divergence,  # type: ignore[arg-type]  (checked by check_request)
+        beta=beta,
+        alpha=alpha,
+        lmbda=lmbda,
+        truncation=truncation,  # type: ignore[arg-type]
+        sampler=sampler,  # type: ignore[arg-type]
+        sync_every=sync_every,
         lr=lr,
-        seed=seed,  # type: ignore[arg-type]
+        save_every=save_every,
+        seed=seed,
     )
     console.print(config_table("onpolicy", config))
-    record_config(run_dir, "onpolicy", config, force=force)
     train_prompts, _ = prompt_sets(
         prompts, n_prompts, 0 if prompts == EMBEDDED else 1, seed, prompt_column, "answer"
     )
-    the_teacher = make_teacher(teacher_backend, teacher_path, teacher_url or [], max_top_k=top_k)  # type: ignore[arg-type]
     if Path(teacher_path).is_dir():
-        pipeline.check_parity(AutoTokenizer.from_pretrained(teacher_path), student_path)
+        teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+        differ = vocab_mismatch(teacher_tok, AutoTokenizer.from_pretrained(student_path))
+        if differ is not None:
+            raise DistillError(
+                f"teacher and student tokenizers differ: {differ}; distil only into a student "
+                "that shares the teacher's tokenizer and chat template"
+            )
+        pipeline.check_parity(teacher_tok, student_path)  # chat template: first differing ids
+    the_teacher = make_teacher(
+        parse_backend(teacher_backend),
+        teacher_path,
+        teacher_url or [],
+        max_top_k=teacher_max_top_k,
+    )
+    check_request(config, the_teacher, train_prompts)  # before config.json records anything
+    record_config(run_dir, "onpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
     with phase_progress() as bars:
         summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)
     ledger.save(run_dir / "ledger.json")
-    console.print(f"final loss {summary.final_loss:.4f}; checkpoint {summary.checkpoint}")
+    m = summary.metrics
+    console.print(
+        f"final loss {summary.final_loss:.4f}  kl {m.get('kl', float('nan')):.4f}  "
+        f"top-k overlap {m.get('topk_overlap', float('nan')):.2f}  "
+        f"truncation {m.get('truncation_rate', float('nan')):.2f}; "
+        f"checkpoint {summary.checkpoint}"
+    )

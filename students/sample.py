@@ -7,6 +7,7 @@ This is the CPU/small-run sampler for on-policy distillation and the generator b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -141,3 +142,18 @@ class HFSampler:
     def sync(self, model: PreTrainedModel) -> None:
         """Nothing to copy: this sampler runs the training model's own parameters."""
         assert model is self.model, "HFSampler samples the model it was built with"
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """The student's sampler for on-policy distillation: `HFSampler` or `VLLMSampler`."""
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams
+    ) -> list[Generation]:
+        """One completion per prompt from the weights of the last `sync`."""
+        ...
+
+    def sync(self, model: PreTrainedModel) -> None:
+        """Make the sampler draw from `model`'s current weights."""
+        ...

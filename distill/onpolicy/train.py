@@ -3,17 +3,25 @@ minimises a divergence to the teacher at every position it produced.
 
     distill onpolicy --run-dir runs/demo
 
-Default divergence: reverse KL(p_s‖p_t) on the teacher's top-k + tail support. It is the
-divergence of the student's own samples (mode-seeking: the student is pushed off tokens the
-teacher finds unlikely instead of spreading mass to cover every teacher mode), which is what the
-Qwen3 report, GKD and MiniLLM use on-policy; on the coarsened support it is exact, never negative.
+Default divergence: reverse KL(p_s‖p_t) on the teacher's top-k + tail support (docs/onpolicy.md
+gives the argument). It is the divergence of the student's own samples: mode-seeking, the student
+is pushed off tokens the teacher finds unlikely instead of spreading mass over every teacher
+mode, which is what the Qwen3 report, GKD and MiniLLM use on-policy; on the coarsened support it
+is a true divergence, never negative.
+
+One step: [sync the sampler's weights] -> student.sample (G responses per prompt, per mode, with
+the mode's sampling preset; `lmbda` of the slots take teacher rows instead) -> teacher.score (top-k
+plus the actual token, one prefill) -> student.train (loss on sampled response tokens only:
+prompt and forced tokens never carry loss) -> metrics, checkpoint.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill import checkpoint
 from distill.accounting import GpuLedger, forward_flops, train_flops
 from distill.batch import Example, collate
+from distill.errors import DistillError
 from distill.objective import (
     LogFn,
     global_target_tokens,
@@ -32,12 +41,24 @@ from distill.objective import (
     set_lr,
     topk_divergence,
 )
+from distill.onpolicy.metrics import Diagnostics, Lengths, accumulate, measured_mask
+from distill.onpolicy.rollout import (
+    OffPolicyRow,
+    Rollout,
+    check_request,
+    load_rows,
+    make_sampler,
+    sample_slots,
+)
+from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
-from distill.rundir import append_metrics
+from distill.rundir import append_metrics, prepare
 from losses import Divergence
-from students.sample import HFSampler
-from teachers.chat import MODES, Mode, render_prompt
+from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
+
+Truncation = Literal["mask", "drop", "keep"]
+SamplerKind = Literal["auto", "hf", "vllm"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,23 +67,29 @@ class Config:
     student: str  # usually RUN_DIR/offpolicy/checkpoint
     output: str = "onpolicy"
     steps: int = 50
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # slots per step; each gives G sequences
     samples_per_prompt: int = 2  # G
     micro_batch_size: int = 8
     modes: tuple[Mode, ...] = MODES
-    think_ratio: float = 0.5  # share of prompts in thinking mode when both modes are on
+    think_ratio: float = 0.5  # exact share of on-policy prompts in thinking mode (both modes on)
     max_tokens: int = 256
-    top_k: int = 16  # teacher log-probs per position (vLLM server: <= --max-logprobs)
+    thinking_budget: int | None = None  # thinking tokens before the budget sentence is forced
+    budget_sentence: str = BUDGET_SENTENCE
+    top_k: int = 16  # teacher log-probs per position (vLLM: <= its max_logprobs)
     divergence: Divergence = "reverse_kl"
-    beta: float = 0.5  # JSD(β)
-    alpha: float = 0.1  # skew KL
-    truncation: str = "mask"  # responses that hit max_tokens: "mask" (no loss), "drop", "keep"
+    beta: float = 0.5  # JSD(β): 0 forward KL, 1 reverse KL (TRL's convention)
+    alpha: float = 0.1  # skew KL mixing weight
+    lmbda: float = 0.0  # share of slots filled from the teacher's dataset (GKD's mixing)
+    data_dir: Path | None = None  # teacher rows for lmbda > 0; default RUN_DIR/teacher_data
+    truncation: Truncation = "keep"  # responses at max_tokens: trained / no loss / not used
+    sampler: SamplerKind = "auto"  # auto: vllm with CUDA and vllm installed, else hf
+    sync_every: int = 1  # steps between weight pushes into a vllm sampler (hf: always current)
     lr: float = 5e-4
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     dtype: str = "auto"
-    log_every: int = 5
+    log_every: int = 1
     save_every: int = 25
     seed: int = 0
     think_sampling: SamplingParams = THINKING_SAMPLING
@@ -74,19 +101,29 @@ class Summary:
     steps: int
     final_loss: float
     checkpoint: Path
+    metrics: dict[str, float]  # the last step's
 
 
-def step_prompts(config: Config, prompts: list[Prompt], step: int) -> list[tuple[Prompt, Mode]]:
-    """The prompts and modes of one step, from a generator seeded by (seed, step): resumable."""
-    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    picks = torch.randint(len(prompts), (config.prompts_per_step,), generator=g).tolist()
-    coins = torch.rand(config.prompts_per_step, generator=g).tolist()
-    if len(config.modes) == 1:
-        return [(prompts[i], config.modes[0]) for i in picks]
-    return [
-        (prompts[i], "think" if c < config.think_ratio else "no_think")
-        for i, c in zip(picks, coins, strict=True)
-    ]
+def build_examples(rollouts: list[Rollout], truncation: Truncation) -> list[Example]:
+    """Examples whose `train` mask covers sampled response tokens only.
+
+    Prompt tokens are never targets (collate places `train` on response positions); forced
+    tokens (the budget sentence, or teacher rows' forced ids) were not chosen by the student;
+    a truncated response carries no loss under "mask" ("drop" removed it before scoring).
+    """
+    examples = []
+    for r in rollouts:
+        cut = r.generation.finish_reason == "length" and truncation == "mask"
+        train = ~np.asarray(r.generation.forced, dtype=bool) & (not cut)
+        examples.append(
+            Example(
+                prompt_ids=r.prompt_ids,
+                response_ids=r.generation.token_ids.tolist(),
+                train=train,
+                topk=r.scores,
+            )
+        )
+    return examples
 
 
 def train(
@@ -96,14 +133,25 @@ def train(
     ledger: GpuLedger,
     log: LogFn = no_log,
 ) -> Summary:
-    """Student samples -> teacher scores -> student minimises the divergence; resumable."""
+    """Student samples -> teacher scores -> student minimises the divergence; resumes exactly."""
+    check_request(config, teacher, prompts)
+    rows: list[OffPolicyRow] = []
+    if config.lmbda > 0:
+        rows = load_rows(config.data_dir or config.run_dir / "teacher_data", config.modes)
+    check_modes(config.modes, config.think_ratio, config.lmbda, [r.mode for r in rows])
+    prepare(config.run_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     out = config.run_dir / config.output / "checkpoint"
     resume = checkpoint.latest(out)
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if len(tokenizer) != teacher.vocab_size:
+        raise DistillError(
+            f"the student's tokenizer has {len(tokenizer)} ids, the teacher {teacher.name} "
+            f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
+        )
     student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
-    vocab_size = len(tokenizer)
+    vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
     n_params = sum(p.numel() for p in student.parameters())
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95)
@@ -113,67 +161,70 @@ def train(
         state = checkpoint.load_state(resume)
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"]) + 1
+        torch.set_rng_state(state["torch_rng"])
+        # The streams are functions of the step; the saved positions prove the plan is the same.
+        here = position(start, config.prompts_per_step, config.lmbda)
+        if (here.prompt, here.offpolicy) != (state["prompt_position"], state["offpolicy_position"]):
+            raise DistillError(
+                f"checkpoint {resume} was written by a run with another prompt plan: use a new "
+                "--run-dir, or delete that checkpoint to restart the phase"
+            )
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
-    sampler = HFSampler(
-        accelerator.unwrap_model(student),
-        eos_id=int(tokenizer.eos_token_id),
-        pad_id=int(tokenizer.pad_token_id),
-        vocab_size=vocab_size,
-    )
-    loss = float("nan")
+    sampler = make_sampler(config, accelerator.unwrap_model(student), source, tokenizer, prompts)
+    loss, metrics = float("nan"), {}
     for step in range(start, config.steps):
-        chosen = step_prompts(config, prompts, step)
-        mine = chosen[accelerator.process_index :: accelerator.num_processes]
-        prompt_ids, modes = [], []
-        for p, mode in mine:
-            for _ in range(config.samples_per_prompt):
-                prompt_ids.append(render_prompt(tokenizer, p.messages, mode))
-                modes.append(mode)
-        gens = []
+        t_step = time.perf_counter()
+        if step == start or step % config.sync_every == 0:
+            sampler.sync(accelerator.unwrap_model(student))
+        slots = step_slots(
+            step=step,
+            seed=config.seed,
+            prompts_per_step=config.prompts_per_step,
+            samples_per_prompt=config.samples_per_prompt,
+            lmbda=config.lmbda,
+            modes=config.modes,
+            think_ratio=config.think_ratio,
+            n_prompts=len(prompts),
+            row_modes=[r.mode for r in rows],
+        )
+        mine = slots[accelerator.process_index :: accelerator.num_processes]
         with ledger.phase("student.sample", devices=accelerator.num_processes) as meter:
-            for mode in MODES:  # one call per mode: each has its own sampling preset
-                idx = [i for i, m in enumerate(modes) if m == mode]
-                if not idx:
-                    continue
-                base = config.think_sampling if mode == "think" else config.no_think_sampling
-                params = replace(
-                    base,
-                    max_tokens=config.max_tokens,
-                    seed=config.seed * 1_000_003 + step * 2 + (mode == "think"),
-                )
-                for i, g in zip(
-                    idx, sampler.generate([prompt_ids[i] for i in idx], params), strict=True
-                ):
-                    gens.append((i, g))
-            gens = [g for _, g in sorted(gens, key=lambda x: x[0])]
-            n_sampled = sum(len(g.token_ids) for g in gens)
+            t0 = time.perf_counter()
+            rollouts = sample_slots(config, step, mine, sampler, tokenizer, prompts, rows)
+            n_sampled = sum(len(r.generation.token_ids) for r in rollouts if r.on_policy)
             meter.add(n_sampled, forward_flops(n_params, n_sampled))
-        truncated = [g.finish_reason == "length" for g in gens]
-        keep = [i for i in range(len(gens)) if not (truncated[i] and config.truncation == "drop")]
+            t_sample = time.perf_counter() - t0
+        lengths = Lengths()
+        for r in rollouts:
+            truncated = r.generation.finish_reason == "length"
+            lengths.add(r.mode, len(r.generation.token_ids), truncated and r.on_policy)
+        if config.truncation == "drop":
+            rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
         with ledger.phase("teacher.score") as meter:
-            seqs = [prompt_ids[i] + gens[i].token_ids.tolist() for i in keep]
-            scores = teacher.score(seqs, [len(prompt_ids[i]) for i in keep], config.top_k)
-            meter.add(sum(len(s) for s in seqs))
-        examples = [
-            Example(
-                prompt_ids=prompt_ids[i],
-                response_ids=gens[i].token_ids.tolist(),
-                # forced tokens were not sampled by the student; truncated ones may be masked
-                train=~gens[i].forced
-                & ~np.full(len(gens[i].token_ids), truncated[i] and config.truncation == "mask"),
-                topk=s,
-            )
-            for i, s in zip(keep, scores, strict=True)
-        ]
-        micro = [
-            collate(examples[i : i + config.micro_batch_size], pad_id=int(tokenizer.pad_token_id))
+            t0 = time.perf_counter()
+            seqs = [[*r.prompt_ids, *r.generation.token_ids.tolist()] for r in rollouts]
+            plens = [len(r.prompt_ids) for r in rollouts]
+            scores = teacher.score(seqs, plens, config.top_k) if seqs else []
+            rollouts = [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
+            n_scored = sum(len(s) for s in seqs)
+            meter.add(n_scored)
+            t_score = time.perf_counter() - t0
+        examples = build_examples(rollouts, config.truncation)
+        forced = [r.generation.forced for r in rollouts]
+        groups = [
+            range(i, min(i + config.micro_batch_size, len(examples)))
             for i in range(0, len(examples), config.micro_batch_size)
         ]
+        micro = [collate([examples[i] for i in g], pad_id=pad_id) for g in groups]
         n_tokens = global_target_tokens(micro, accelerator)
-        total = torch.zeros(())
+        total, diag, n_trained = torch.zeros(()), Diagnostics(), 0
         with ledger.phase("student.train", devices=accelerator.num_processes) as meter:
-            for i, mb in enumerate(micro):
+            t0 = time.perf_counter()
+            for i, (g, mb) in enumerate(zip(groups, micro, strict=True)):
+                measured = measured_mask(
+                    [examples[j] for j in g], [forced[j] for j in g], mb.input_ids.shape[1]
+                )
                 mb = mb.to(accelerator.device)
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
                     logits = student(
@@ -186,9 +237,12 @@ def train(
                         vocab_size,
                         beta=config.beta,
                         alpha=config.alpha,
-                    )  # (B, T-1)
+                    )  # (B, T-1), zero off the loss mask
+                    # Each backward adds its share of sum / (target tokens of the whole step).
                     accelerator.backward(per_token.sum() / n_tokens)
                     total += per_token.detach().sum().cpu()
+                    accumulate(diag, logits, mb, measured, vocab_size)
+                n_trained += int(mb.attention_mask.sum())
                 meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
             lr = lr_at(
@@ -201,22 +255,41 @@ def train(
             set_lr(optimizer, lr)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            t_train = time.perf_counter() - t0
         loss = float(total) / (n_tokens * accelerator.num_processes)
+        metrics = {
+            "loss": loss,
+            **diag.means(),
+            **lengths.means(),
+            "offpolicy_fraction": sum(s.prompt is None for s in slots) / len(slots),
+            "loss_tokens": float(sum(mb.n_targets for mb in micro)),  # this process's
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "sample_tokens_per_s": n_sampled / max(t_sample, 1e-9),
+            "score_tokens_per_s": n_scored / max(t_score, 1e-9),
+            "train_tokens_per_s": n_trained / max(t_train, 1e-9),
+            "step_seconds": time.perf_counter() - t_step,
+        }
         if step % config.log_every == 0 or step == config.steps - 1:
-            metrics = {
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "truncation_rate": float(np.mean(truncated)),
-                "response_len": float(np.mean([len(g.token_ids) for g in gens])),
-            }
             log(config.output, step + 1, config.steps, metrics)
             if accelerator.is_main_process:
                 append_metrics(config.run_dir, {"phase": config.output, "step": step, **metrics})
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "step": step}
+                after = position(step + 1, config.prompts_per_step, config.lmbda)
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "step": step,
+                    "prompt_position": after.prompt,
+                    "offpolicy_position": after.offpolicy,
+                    "torch_rng": torch.get_rng_state(),
+                    # sampling seeds derive from (seed, step): nothing else to store for them
+                    "sampler_seed_base": config.seed * 1_000_003 + (step + 1) * 2,
+                }
                 checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
-    return Summary(steps=config.steps, final_loss=loss, checkpoint=out)
+    close = getattr(sampler, "close", None)
+    if close is not None:
+        close()
+    return Summary(steps=config.steps, final_loss=loss, checkpoint=out, metrics=metrics)
