@@ -1,0 +1,430 @@
+"""Plan a run before paying for it: device-hours of off-policy distillation, on-policy
+distillation and an RL baseline, from a FLOP and bandwidth model with every assumption stated.
+
+    distill plan --student 8B --teacher 235B-A22B --prompts 4000 --samples 4 --response-len 8192
+
+Model: training and prefill (teacher scoring) are compute-bound, seconds = FLOPs / (peak x MFU);
+decoding (generation, sampling) is bandwidth-bound at realistic batch sizes: each step reads the
+weights once for the whole batch plus every sequence's KV cache, seconds = max(bytes / (bandwidth x
+utilisation), FLOPs / (peak x MFU)). Device-hours of a phase do not depend on how many devices
+run it, except that a decoding replica holds `replica_devices` devices. docs/accounting.md walks
+through the worked example and what drives the on-policy : RL ratio.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distill.accounting import BANDWIDTH, PEAK_FLOPS, forward_flops, train_flops
+from distill.errors import DistillError
+
+VOCAB_ROWS = 151_936  # Qwen3 config.vocab_size (FACTS.md)
+MEMORY_BYTES = {"H100": 80e9, "H200": 141e9, "A100": 80e9, "L40S": 48e9}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Architecture:
+    """A Qwen3 model's shapes (FACTS.md table; hidden/intermediate sizes from the model cards)."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int = 128
+    intermediate: int = 0  # dense MLP width (0 for MoE)
+    experts: int = 0
+    active_experts: int = 0
+    expert_intermediate: int = 0
+    tied: bool = False
+    vocab_rows: int = VOCAB_ROWS
+    published_total: float = 0.0  # parameters, as the Qwen3 report states them
+    published_active: float = 0.0
+
+    def _attention(self) -> int:
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.hidden * q + 2 * self.hidden * kv + q * self.hidden + 2 * self.head_dim
+
+    def _mlp(self, experts: int) -> int:
+        if not self.experts:
+            return 3 * self.hidden * self.intermediate
+        router = self.hidden * self.experts
+        return router + experts * 3 * self.hidden * self.expert_intermediate
+
+    def params(self, active: bool = False) -> int:
+        """Total (or active per token) parameter count, embeddings and norms included."""
+        experts = self.active_experts if active else self.experts
+        layer = self._attention() + self._mlp(experts) + 2 * self.hidden
+        embeddings = self.vocab_rows * self.hidden * (1 if self.tied else 2)
+        return self.layers * layer + embeddings + self.hidden
+
+    def matmul_params(self) -> int:
+        """Active parameters in matrix products: not the norms' scales, nor an untied input
+        embedding (a lookup)."""
+        norms = self.layers * (2 * self.hidden + 2 * self.head_dim) + self.hidden
+        lookup = 0 if self.tied else self.vocab_rows * self.hidden
+        return self.params(active=True) - norms - lookup
+
+    def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value
+
+    @property
+    def attn_width(self) -> int:
+        return self.heads * self.head_dim
+
+
+def _dense(
+    name: str, layers: int, hidden: int, heads: int, kv: int, inter: int, tied: bool, total: float
+) -> Architecture:
+    return Architecture(
+        name=name,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=kv,
+        intermediate=inter,
+        tied=tied,
+        published_total=total,
+        published_active=total,
+    )
+
+
+MODELS: dict[str, Architecture] = {
+    "0.6B": _dense("Qwen3-0.6B", 28, 1024, 16, 8, 3072, True, 0.6e9),
+    "1.7B": _dense("Qwen3-1.7B", 28, 2048, 16, 8, 6144, True, 1.7e9),
+    "4B": _dense("Qwen3-4B", 36, 2560, 32, 8, 9728, True, 4.0e9),
+    "8B": _dense("Qwen3-8B", 36, 4096, 32, 8, 12288, False, 8.2e9),
+    "14B": _dense("Qwen3-14B", 40, 5120, 40, 8, 17408, False, 14.8e9),
+    "32B": _dense("Qwen3-32B", 64, 5120, 64, 8, 25600, False, 32.8e9),
+    "30B-A3B": Architecture(
+        name="Qwen3-30B-A3B",
+        layers=48,
+        hidden=2048,
+        heads=32,
+        kv_heads=4,
+        experts=128,
+        active_experts=8,
+        expert_intermediate=768,
+        published_total=30.5e9,
+        published_active=3.3e9,
+    ),
+    "235B-A22B": Architecture(
+        name="Qwen3-235B-A22B",
+        layers=94,
+        hidden=4096,
+        heads=64,
+        kv_heads=4,
+        experts=128,
+        active_experts=8,
+        expert_intermediate=1536,
+        published_total=235e9,
+        published_active=22e9,
+    ),
+}
+
+
+def architecture(size: str) -> Architecture:
+    key = size.removeprefix("Qwen3-").removeprefix("Qwen/Qwen3-")
+    if key not in MODELS:
+        raise DistillError(f"unknown model size {size!r}: use one of {', '.join(MODELS)}")
+    return MODELS[key]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assumptions:
+    """Every number the estimate rests on; `distill plan` prints them all."""
+
+    student: str = "8B"
+    teacher: str = "235B-A22B"
+    gpu: str = "H100"
+    prompts: int = 4000  # distinct training prompts
+    prompt_len: int = 512  # tokens per rendered prompt
+    samples: int = 4  # responses per prompt, off-policy (teacher) and on-policy (student)
+    response_len: int = 8192  # mean tokens per response
+    offpolicy_epochs: float = 2.0  # passes of the student over the teacher data
+    onpolicy_passes: float = 1.0  # passes of on-policy sampling over the prompts
+    rl_steps: int = 170
+    rl_prompts_per_step: int = 128
+    rl_rollouts: int = 16  # G: rollouts per prompt
+    rl_response_len: int = 0  # 0: same as response_len
+    rl_logprob_passes: int = 1  # extra forwards per rollout token (old policy / reference)
+    mfu: float = 0.35  # compute-bound phases: training and prefill
+    bandwidth_utilisation: float = 0.6  # bandwidth-bound phases: decoding
+    decode_batch: int = 128  # concurrent sequences per decoding replica, at most
+    bytes_per_param: int = 2  # bf16 weights and KV cache
+
+    def check(self) -> None:
+        if self.gpu not in PEAK_FLOPS:
+            raise DistillError(f"--gpu {self.gpu!r} is not one of {', '.join(PEAK_FLOPS)}")
+        if not (0 < self.mfu <= 1 and 0 < self.bandwidth_utilisation <= 1):
+            raise DistillError("--mfu and --bandwidth-utilisation must lie in (0, 1]")
+        counts = (
+            self.prompts,
+            self.prompt_len,
+            self.samples,
+            self.response_len,
+            self.rl_steps,
+            self.rl_prompts_per_step,
+            self.rl_rollouts,
+            self.decode_batch,
+        )
+        if min(counts) < 1 or self.offpolicy_epochs < 0 or self.onpolicy_passes < 0:
+            raise DistillError("counts and lengths in a plan must be positive: check the options")
+        architecture(self.student)
+        architecture(self.teacher)
+
+
+# The worked example of docs/accounting.md: the paper's scale as we read it (see there).
+PAPER_SCALE = Assumptions(samples=8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseEstimate:
+    phase: str  # a ledger phase name
+    model: str
+    tokens: float  # tokens processed (generated, scored or trained on)
+    flops: float
+    bound: str  # "compute" or "memory"
+    devices: int  # devices one replica holds
+    batch: int = 0  # sequences decoded at once (decoding phases)
+    device_hours: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    method: str
+    phases: tuple[PhaseEstimate, ...]
+
+    @property
+    def device_hours(self) -> float:
+        return sum(p.device_hours for p in self.phases)
+
+
+def replica_devices(model: Architecture, a: Assumptions) -> int:
+    """Smallest power-of-two tensor-parallel group whose weights fill <= 60% of its memory."""
+    weights = model.params() * a.bytes_per_param
+    n = 1
+    while weights > 0.6 * MEMORY_BYTES[a.gpu] * n:
+        n *= 2
+    return n
+
+
+def weight_bytes_read(model: Architecture, a: Assumptions, batch: int) -> float:
+    """Weight bytes one decoding step reads: an MoE layer reads only the experts its batch hits.
+
+    With k of E experts per token, a batch of b tokens touches a share 1 - (1 - k/E)^b of them.
+    """
+    total = model.params() * a.bytes_per_param
+    if not model.experts:
+        return total
+    expert_bytes = model.layers * model.experts * 3 * model.hidden * model.expert_intermediate
+    expert_bytes *= a.bytes_per_param
+    touched = 1 - (1 - model.active_experts / model.experts) ** batch
+    return total - expert_bytes * (1 - touched)
+
+
+def batch_that_fits(model: Architecture, a: Assumptions, length: int) -> int:
+    """Sequences a replica decodes at once: `decode_batch`, or fewer when their KV caches at full
+    length (prompt + response) would not fit in 90% of the memory the weights leave free."""
+    devices = replica_devices(model, a)
+    free = 0.9 * MEMORY_BYTES[a.gpu] * devices - model.params() * a.bytes_per_param
+    per_sequence = model.kv_bytes_per_token(a.bytes_per_param) * (a.prompt_len + length)
+    return max(1, min(a.decode_batch, int(free // per_sequence)))
+
+
+def decode(
+    phase: str, model: Architecture, sequences: float, a: Assumptions, length: int
+) -> PhaseEstimate:
+    """Generate `length` tokens for each of `sequences` sequences, `decode_batch` at a time."""
+    devices = replica_devices(model, a)
+    context = a.prompt_len + length / 2  # mean positions attended while generating
+    b = batch_that_fits(model, a, length)
+    step_bytes = weight_bytes_read(model, a, b) + b * context * model.kv_bytes_per_token(
+        a.bytes_per_param
+    )
+    step_flops = forward_flops(
+        model.matmul_params(), b, layers=model.layers, attn_width=model.attn_width, context=context
+    )
+    t_memory = step_bytes / (BANDWIDTH[a.gpu] * devices * a.bandwidth_utilisation)
+    t_compute = step_flops / (PEAK_FLOPS[a.gpu] * devices * a.mfu)
+    tokens = sequences * length
+    steps = tokens / b
+    return PhaseEstimate(
+        phase=phase,
+        model=model.name,
+        tokens=tokens,
+        flops=steps * step_flops,
+        bound="memory" if t_memory >= t_compute else "compute",
+        devices=devices,
+        batch=b,
+        device_hours=steps * max(t_memory, t_compute) * devices / 3600,
+    )
+
+
+def compute(
+    phase: str,
+    model: Architecture,
+    sequences: float,
+    a: Assumptions,
+    length: int,
+    *,
+    train: bool,
+    passes: float = 1.0,
+) -> PhaseEstimate:
+    """A prefill (scoring) or training pass over prompt + response of each sequence."""
+    seq = a.prompt_len + length
+    tokens = sequences * seq * passes
+    count = train_flops if train else forward_flops
+    flops = (
+        count(
+            model.matmul_params(),
+            1,
+            layers=model.layers,
+            attn_width=model.attn_width,
+            context=seq / 2,
+        )
+        * tokens
+    )
+    return PhaseEstimate(
+        phase=phase,
+        model=model.name,
+        tokens=tokens,
+        flops=flops,
+        bound="compute",
+        devices=replica_devices(model, a),
+        device_hours=flops / (PEAK_FLOPS[a.gpu] * a.mfu) / 3600,
+    )
+
+
+def estimate(a: Assumptions) -> tuple[Workload, Workload, Workload]:
+    """(off-policy distillation, on-policy distillation, RL) for the assumptions."""
+    a.check()
+    student, teacher = architecture(a.student), architecture(a.teacher)
+    L = a.response_len
+    off_seqs = a.prompts * a.samples
+    off = Workload(
+        method="off-policy distillation",
+        phases=(
+            decode("teacher.generate", teacher, off_seqs, a, L),
+            compute("teacher.score", teacher, off_seqs, a, L, train=False),
+            compute(
+                "student.train", student, off_seqs, a, L, train=True, passes=a.offpolicy_epochs
+            ),
+        ),
+    )
+    on_seqs = a.prompts * a.samples * a.onpolicy_passes
+    on = Workload(
+        method="on-policy distillation",
+        phases=(
+            decode("student.sample", student, on_seqs, a, L),
+            compute("teacher.score", teacher, on_seqs, a, L, train=False),
+            compute("student.train", student, on_seqs, a, L, train=True),
+        ),
+    )
+    rl_len = a.rl_response_len or L
+    rl_seqs = a.rl_steps * a.rl_prompts_per_step * a.rl_rollouts
+    phases = [
+        decode("student.sample", student, rl_seqs, a, rl_len),
+        compute("student.train", student, rl_seqs, a, rl_len, train=True),
+    ]
+    if a.rl_logprob_passes:
+        phases.append(
+            compute(
+                "student.score",
+                student,
+                rl_seqs,
+                a,
+                rl_len,
+                train=False,
+                passes=a.rl_logprob_passes,
+            )
+        )
+    return off, on, Workload(method="RL (GRPO)", phases=tuple(phases))
+
+
+def sampled_tokens(w: Workload) -> float:
+    """Tokens the method had to generate: what its per-token costs multiply."""
+    return sum(p.tokens for p in w.phases if p.phase in ("teacher.generate", "student.sample"))
+
+
+def describe(a: Assumptions) -> list[tuple[str, str, str]]:
+    """(assumption, value, where it comes from) rows, the derived ones included."""
+    student, teacher = architecture(a.student), architecture(a.teacher)
+    rows = [
+        ("GPU", a.gpu, "--gpu"),
+        ("peak bf16 dense", f"{PEAK_FLOPS[a.gpu] / 1e12:.0f} TFLOP/s", "vendor data sheet"),
+        ("memory bandwidth", f"{BANDWIDTH[a.gpu] / 1e12:.2f} TB/s", "vendor data sheet"),
+        ("device memory", f"{MEMORY_BYTES[a.gpu] / 1e9:.0f} GB", "vendor data sheet"),
+        ("MFU (training, prefill)", f"{a.mfu:.2f}", "--mfu"),
+        (
+            "bandwidth utilisation (decoding)",
+            f"{a.bandwidth_utilisation:.2f}",
+            "--bandwidth-utilisation",
+        ),
+        ("decode batch per replica", str(a.decode_batch), "--decode-batch"),
+        ("bytes per weight / KV value", str(a.bytes_per_param), "bf16"),
+    ]
+    for role, m in (("student", student), ("teacher", teacher)):
+        rows += [
+            (f"{role}", m.name, f"--{role}"),
+            (
+                f"{role} parameters (total / active)",
+                f"{m.params() / 1e9:.2f}B / {m.params(active=True) / 1e9:.2f}B",
+                f"computed from the architecture; published {m.published_total / 1e9:g}B / "
+                f"{m.published_active / 1e9:g}B",
+            ),
+            (
+                f"{role} forward FLOPs/token",
+                f"2 x {m.matmul_params() / 1e9:.2f}B + attention",
+                "2·N (matmul params) + 4·L·d_attn·context",
+            ),
+            (
+                f"{role} KV cache per token",
+                f"{m.kv_bytes_per_token() / 1e3:.0f} kB",
+                "2·layers·kv_heads·head_dim·bytes",
+            ),
+            (
+                f"{role} decode batch",
+                str(batch_that_fits(m, a, a.response_len)),
+                "--decode-batch, capped so full-length KV caches fit in 90% of free memory",
+            ),
+            (
+                f"{role} replica",
+                f"{replica_devices(m, a)} device(s)",
+                "smallest power of two with weights <= 60% of memory",
+            ),
+        ]
+    rows += [
+        ("prompts", f"{a.prompts:,}", "--prompts"),
+        ("prompt length", f"{a.prompt_len:,} tokens", "--prompt-len"),
+        ("samples per prompt (distillation)", str(a.samples), "--samples"),
+        ("response length", f"{a.response_len:,} tokens", "--response-len"),
+        ("off-policy epochs", f"{a.offpolicy_epochs:g}", "--offpolicy-epochs"),
+        ("on-policy passes over the prompts", f"{a.onpolicy_passes:g}", "--onpolicy-passes"),
+        (
+            "RL steps x prompts/step x rollouts",
+            f"{a.rl_steps} x {a.rl_prompts_per_step} x {a.rl_rollouts}",
+            "--rl-steps, --rl-prompts-per-step, --rl-rollouts",
+        ),
+        (
+            "RL response length",
+            f"{a.rl_response_len or a.response_len:,} tokens",
+            "--rl-response-len (0: --response-len)",
+        ),
+        ("RL extra log-prob forwards", str(a.rl_logprob_passes), "--rl-logprob-passes"),
+        ("training FLOPs", "3 x forward", "backward = 2 x forward"),
+        ("teacher scoring", "one prefill of prompt + response", "FACTS.md"),
+    ]
+    return rows
+
+
+def ratio_decomposition(on: Workload, rl: Workload) -> tuple[float, float]:
+    """RL / on-policy device-hours = (sampled-token ratio) x (device-hours per sampled token ratio).
+
+    Both methods decode their own rollouts and then run compute-bound passes over them (teacher
+    prefill + student training for on-policy; student training + log-prob forwards for RL), so
+    the per-token costs are close and the rollout count sets the ratio.
+    """
+    tokens = sampled_tokens(rl) / sampled_tokens(on)
+    per_token = (rl.device_hours / sampled_tokens(rl)) / (on.device_hours / sampled_tokens(on))
+    return tokens, per_token
