@@ -210,6 +210,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         )
     if config.think_block not in ("prompt", "target"):
         raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
+    config.run_dir.mkdir(parents=True, exist_ok=True)
     out = config.run_dir / config.output / "checkpoint"
     data_dir = config.data_dir or config.run_dir / "teacher_data"
     resume = checkpoint.latest(out)
@@ -230,6 +231,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     data_id = fingerprint(data_dir)
     epoch_steps = len(examples) // config.batch_size  # full batches only: no ragged last step
     start = 0
+    rng_states: list[torch.Tensor] = []  # per process, from the checkpoint
     if resume:
         state = checkpoint.load_state(resume)
         if state.get("data", {}).get("fingerprint") != data_id:
@@ -245,11 +247,15 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             )
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"]) + 1
-        rng = state["rng"]
-        torch.set_rng_state(rng[rank % len(rng)])
+        rng_states = list(state["rng"])
         assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
+    # The global RNG drives only dropout; seeded per process, restored exactly on resume.
+    if rng_states:
+        torch.set_rng_state(rng_states[rank % len(rng_states)])
+    else:
+        torch.manual_seed(config.seed * 1_000_003 + rank)
     accelerator.init_trackers(
         config.output, config={k: str(v) for k, v in config_dict(config).items()}
     )
