@@ -54,6 +54,7 @@ from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
 from distill.rundir import append_metrics, prepare
 from losses import Divergence
+from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
 
@@ -132,8 +133,13 @@ def train(
     prompts: list[Prompt],
     ledger: GpuLedger,
     log: LogFn = no_log,
+    sampler: Sampler | None = None,
 ) -> Summary:
-    """Student samples -> teacher scores -> student minimises the divergence; resumes exactly."""
+    """Student samples -> teacher scores -> student minimises the divergence; resumes exactly.
+
+    `sampler`: an already running student sampler to reuse (it is synced to the student before
+    the first step and left open); by default one is built from `config.sampler` and closed.
+    """
     check_request(config, teacher, prompts)
     rows: list[OffPolicyRow] = []
     if config.lmbda > 0:
@@ -171,7 +177,10 @@ def train(
             )
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
-    sampler = make_sampler(config, accelerator.unwrap_model(student), source, tokenizer, prompts)
+    owned = sampler is None
+    if sampler is None:
+        model = accelerator.unwrap_model(student)
+        sampler = make_sampler(config, model, source, tokenizer, prompts)
     loss, metrics = float("nan"), {}
     for step in range(start, config.steps):
         t_step = time.perf_counter()
@@ -290,6 +299,6 @@ def train(
                 checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     close = getattr(sampler, "close", None)
-    if close is not None:
+    if owned and close is not None:
         close()
     return Summary(steps=config.steps, final_loss=loss, checkpoint=out, metrics=metrics)
