@@ -86,3 +86,24 @@ def test_rl_refuses_prompts_without_answers(tiny_pair, tmp_path: Path) -> None: 
     with pytest.raises(DistillError, match="answer"):
         rl.train(short_config(tmp_path, tiny_pair.student_dir, 1), bare, bare,
                  evaluate.Config(prompts=1), GpuLedger())  # fmt: skip
+
+
+def test_cli_rl_then_report_compare(tiny_pair, tmp_path: Path) -> None:  # noqa: ANN001
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    run_dir = tmp_path / "rl-cli"
+    args = ["rl", "--run-dir", str(run_dir), "--student", str(tiny_pair.student_dir),
+            "--n-prompts", "4", "--eval-prompts", "2", "--steps", "1", "--prompts-per-step", "2",
+            "--samples-per-prompt", "2", "--max-tokens", "8"]  # fmt: skip
+    result = runner.invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "student.sample" in result.output and "after RL" in result.output
+    assert json.loads((run_dir / "eval_set.json").read_text())["prompts"] == 2
+    result = runner.invoke(app, ["report", "compare", str(run_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    (run,) = json.loads(result.output)["runs"]
+    assert run["method"] == "RL (GRPO)" and run["ratio"] == 1.0
+    assert run["eval_set"]["prompts"] == 2 and "after_rl" in run["eval"]
