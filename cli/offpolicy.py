@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from accelerate import PartialState
 from rich.table import Table
@@ -207,7 +208,9 @@ def offpolicy_cmd(
     force: bool = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
-    main = PartialState().is_main_process  # under `accelerate launch` only rank 0 writes/prints
+    # Under `accelerate launch` only rank 0 writes and prints. cpu= must match the trainer's
+    # Accelerator: the state is shared, and only cpu=True turns a CPU launch into gloo DDP.
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
     run_dir = prepare(run_dir) if main else run_dir
     _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student)
     config = offpolicy.Config(

@@ -307,6 +307,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
                 "tokens": n_tokens * world,
                 "epoch": epoch,
+                "processes": world,
             }
             log(config.output, step + 1, config.steps, metrics)
             accelerator.log(metrics, step=step)

@@ -1,0 +1,54 @@
+"""Two CPU processes under `accelerate launch` = one process, on the first step.
+
+Two processes each take half of every batch; gradients are averaged by DDP (gloo) and the loss is
+normalised by the step's global target tokens, so loss and gradient norm must match one process
+holding the whole batch. About 30 s: two fresh interpreters import torch and transformers.
+
+Why `--multi_gpu` and not `--cpu`: in accelerate 1.x, `accelerate launch --cpu --num_processes 2`
+goes to its simple launcher, which starts ONE process unless `--mpirun_hostfile` is given (and
+`mpirun`, absent here, is installed). `--multi_gpu --num_processes 2` starts two processes with
+torch.distributed.run; on a machine without CUDA, `Accelerator(cpu=True)` then sets up gloo
+(DistributedType.MULTI_CPU). The test asserts the run really had two processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_offpolicy_train import Recorder, config, write_data
+
+from distill.accounting import GpuLedger
+from distill.offpolicy import train as offpolicy
+
+
+def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> None:
+    write_data(tmp_path / "data", tiny_pair.tokenizer, 4)
+    one = Recorder()
+    cfg = config(tmp_path / "one", tiny_pair.student_dir, tmp_path / "data", steps=1)
+    offpolicy.train(cfg, GpuLedger(), one)
+    distill = Path(sys.executable).parent / "distill"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        str(distill), "offpolicy",
+        "--run-dir", str(tmp_path / "two"), "--student", str(tiny_pair.student_dir),
+        "--data-dir", str(tmp_path / "data"), "--steps", "1", "--batch-size", "4",
+        "--micro-batch-size", "2", "--lr", "0.01", "--warmup-steps", "1", "--log-every", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # only rank 0 writes
+    two = json.loads(lines[0])
+    assert two["processes"] == 2 and one.metrics[1]["processes"] == 1
+    assert two["tokens"] == one.metrics[1]["tokens"]
+    assert two["loss"] == pytest.approx(one.metrics[1]["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one.metrics[1]["grad_norm"], rel=1e-4)
+    assert (tmp_path / "two" / "offpolicy" / "checkpoint" / "model.safetensors").exists()
