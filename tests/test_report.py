@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def make_run(
     name: str,
     phases: dict[str, float],
     evals: dict[str, dict[str, float]],
-    configs: dict[str, dict[str, object]],
+    configs: Mapping[str, Mapping[str, object]],
     marks: dict[str, float] | None = None,
 ) -> Path:
     run = root / name
@@ -38,7 +39,7 @@ def make_run(
     return run
 
 
-EVAL_CONFIG = {"prompts": 32, "max_tokens": 96, "seed": 1, "top_k": 16}
+EVAL_CONFIG: dict[str, object] = {"prompts": 32, "max_tokens": 96, "seed": 1, "top_k": 16}
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from distill.prompts import Prompt, embedded_prompts
 from distill.rl import train as rl
 from distill.rl.reward import group_advantages, well_formed
 from distill.rundir import read_metrics
+from teachers.chat import render_prompt
 
 
 def test_group_advantages_closed_forms() -> None:
@@ -107,3 +108,39 @@ def test_cli_rl_then_report_compare(tiny_pair, tmp_path: Path) -> None:  # noqa:
     (run,) = json.loads(result.output)["runs"]
     assert run["method"] == "RL (GRPO)" and run["ratio"] == 1.0
     assert run["eval_set"]["prompts"] == 2 and "after_rl" in run["eval"]
+
+
+def test_the_update_raises_the_probability_of_rewarded_responses(
+    tiny_pair,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    """Reward half of the student's 20 likeliest first tokens: after a few one-token steps it
+    puts more mass on them (a flipped policy-gradient sign would lower it)."""
+    tok = tiny_pair.tokenizer
+    prompts = embedded_prompts(1, 0, "train")
+    ids = torch.tensor([render_prompt(tok, prompts[0].messages, "no_think")])
+
+    @torch.no_grad()
+    def first_token_probs(model_dir: Path | str) -> torch.Tensor:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        return model(ids).logits[0, -1, : len(tok)].softmax(-1)  # (V,)
+
+    before = first_token_probs(tiny_pair.student_dir)
+    top = before.topk(20).indices  # what the sampler's top-k 20 can draw
+    rewarded = top[::2]  # ranks 1, 3, 5, ...
+    texts = {tok.decode([int(i)]) for i in rewarded}
+    monkeypatch.setattr(rl, "verify", lambda text, answer: text in texts)
+    config = rl.Config(
+        run_dir=tmp_path, student=str(tiny_pair.student_dir), steps=3, prompts_per_step=1,
+        samples_per_prompt=16, max_tokens=1, modes=("no_think",), lr=3e-3, warmup_steps=1,
+        save_every=3,
+    )  # fmt: skip
+    summary = rl.train(config, prompts, prompts, evaluate.Config(prompts=1, max_tokens=1),
+                       GpuLedger())  # fmt: skip
+    after = first_token_probs(summary.checkpoint)
+
+    def share(p: torch.Tensor) -> float:  # of the mass the sampler draws from
+        return float(p[rewarded].sum() / p[top].sum())
+
+    assert share(after) > share(before) + 0.05
