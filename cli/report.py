@@ -49,8 +49,8 @@ def ledger_table(ledger: GpuLedger) -> Table:
     held = f"{ledger.devices} device(s)" + (
         f" + {ledger.teacher_devices} teacher device(s) reserved" if ledger.teacher_devices else ""
     )
-    table = Table(title=f"Device time by phase ({ledger.device}; {held})")
-    for col in ("phase", unit, "wall s", "tokens", "tokens/s", "TFLOPs", "MFU"):
+    table = Table(title=f"{unit} by phase ({ledger.device}; {held})")
+    for col in ("phase", "hours", "wall s", "tokens", "tokens/s", "TFLOPs", "MFU"):
         table.add_column(col, justify="left" if col == "phase" else "right")
     mfu = ledger.mfu()
     for name in phase_order(set(ledger.phases)):
