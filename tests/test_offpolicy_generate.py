@@ -184,3 +184,26 @@ def test_duplicate_prompt_ids_and_zero_usable_rows_are_named(tmp_path, tiny_pair
     with pytest.raises(DistillError, match="'truncated' filter.*--max-tokens"):
         gen.check_usable(summary)
     assert len(gen.read_rows(tmp_path / "teacher_data")) == 4  # the rows stay on disk
+
+
+def test_cli_bad_input_exits_2_with_one_line_and_keeps_the_data(tmp_path, tiny_pair) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"question": "What is 1 + 2?", "answer": "3"}\n')
+    base = ["generate", "--run-dir", str(tmp_path / "run"), "--teacher", str(tiny_pair.teacher_dir),
+            "--prompts", str(prompts), "--max-tokens", "4"]  # fmt: skip
+    runner = CliRunner()
+    missing = runner.invoke(app, base)
+    assert missing.exit_code == 2 and "columns are ['question', 'answer']" in missing.output
+    ok = runner.invoke(app, [*base, "--prompt-column", "question"])
+    assert ok.exit_code == 2 and "'truncated' filter" in ok.output  # rows written, none usable
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run" / "teacher_data").iterdir()}
+    changed = runner.invoke(app, [*base, "--prompt-column", "question", "--max-tokens", "5"])
+    assert changed.exit_code == 2 and "max_tokens" in changed.output and "--force" in changed.output
+    after = {p.name: p.read_bytes() for p in (tmp_path / "run" / "teacher_data").iterdir()}
+    assert after == before
+    bad = runner.invoke(app, [*base, "--prompt-column", "question", "--overlong", "cut"])
+    assert bad.exit_code == 2 and "choose drop or truncate" in bad.output
