@@ -4,7 +4,7 @@ distill run                      # the whole pipeline on the embedded default
 distill --help
 """
 
-from cli import offpolicy, onpolicy, plan, report, rl, run  # noqa: F401  (register commands)
+from cli import eval, offpolicy, onpolicy, plan, report, rl, run, students  # noqa: F401  (commands)
 from cli.app import app
 from cli.teacher import teacher_app
 

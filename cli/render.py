@@ -13,13 +13,19 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.errors import DistillError
+from students.presets import StudentError
 from teachers.protocol import TeacherError
 
 console = Console()
 err_console = Console(stderr=True)
 
 # Errors a user can fix: one line naming the problem and the fix, exit code 2, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (DistillError, TeacherError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    DistillError,
+    TeacherError,
+    StudentError,
+    FileNotFoundError,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
