@@ -1,21 +1,40 @@
-"""The embedded task: arithmetic word problems with answers checked by code.
+"""The embedded task: two-digit addition and subtraction, with answers checked by code.
 
-Each problem has a prompt, an integer answer, a worked solution (the thinking-mode reasoning:
-column arithmetic one step per line) and the final line "The answer is \\boxed{N}." It needs no
-download, so a fresh machine can run a whole distillation on it, and answers are verifiable, so
-teacher responses can be filtered and students evaluated by pass@k.
+    What is 47+85?
+    <think>
+    7+5=12
+    4+8+1=13
+    </think>
+
+    The answer is \\boxed{132}.
+
+Why this shape. A tiny model must become competent in about a minute of CPU, and thinking must
+help it as it helps Qwen3. Digits are single tokens (Qwen's pre-tokeniser splits them), so each
+line of the worked solution is one single-token fact: a column's digit sum or difference, the carry
+or borrow of the line above included. The final answer then copies digits already written.
+Without thinking the model must do both columns and the carry inside the answer's few positions,
+which a small model learns far more slowly: after the same training, the embedded teacher is
+clearly better in thinking mode (benchmarks/table21/README.md has the numbers). Prompts and steps
+are written without spaces to keep examples short (about 40 tokens, template included).
+
+Held-out problems never overlap training ones: a problem belongs to the held-out region when a
+hash of its operands falls in `HELDOUT_SHARE`; `eval*` splits draw from that region only, all
+other splits from the rest.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import random
 import re
 from dataclasses import dataclass
 
+from distill.errors import DistillError
 from teachers.chat import BUDGET_SENTENCE
 
-NAMES = ("Ana", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Ivy", "Jon", "Kai", "Lea", "Max")
-ITEMS = ("apples", "books", "coins", "pens", "shells", "stamps", "cards", "eggs", "cups", "keys")
+HELDOUT_SHARE = 8  # about 1 problem in 8 is held out (1,554 of the 12,105)
+CHAT_PROMPT = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"  # for the tokenizer corpus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,60 +49,61 @@ class Problem:
         return f"The answer is \\boxed{{{self.answer}}}."
 
 
-def _add_steps(a: int, b: int) -> list[str]:
-    """Column addition of two numbers < 100, one fact per line."""
+def add_steps(a: int, b: int) -> list[str]:
+    """Column addition of two-digit numbers, ones first; the tens line adds the carry (0 or 1)."""
     ones = a % 10 + b % 10
-    tens = (a // 10 + b // 10) * 10
-    return [
-        f"{a % 10} + {b % 10} = {ones}",
-        f"{a // 10 * 10} + {b // 10 * 10} = {tens}",
-        f"{tens} + {ones} = {a + b}",
-    ]
+    carry = ones // 10
+    return [f"{a % 10}+{b % 10}={ones}", f"{a // 10}+{b // 10}+{carry}={a // 10 + b // 10 + carry}"]
 
 
-def _sub_steps(a: int, b: int) -> list[str]:
-    """a - b by removing tens then ones (a > b, both < 100)."""
-    mid = a - b // 10 * 10
-    return [f"{a} - {b // 10 * 10} = {mid}", f"{mid} - {b % 10} = {mid - b % 10}"]
+def sub_steps(a: int, b: int) -> list[str]:
+    """Column subtraction (a > b): borrow ten when the ones digit of a is smaller."""
+    borrow = int(a % 10 < b % 10)
+    ones = f"{10 * borrow + a % 10}-{b % 10}={10 * borrow + a % 10 - b % 10}"
+    return [ones, f"{a // 10}-{b // 10}-{borrow}={a // 10 - b // 10 - borrow}"]
 
 
-def _mul_steps(a: int, b: int) -> list[str]:
-    """a * b with b < 10 by splitting a into tens and ones."""
-    hi, lo = a // 10 * 10 * b, a % 10 * b
-    return [f"{a // 10 * 10} * {b} = {hi}", f"{a % 10} * {b} = {lo}", f"{hi} + {lo} = {hi + lo}"]
+def all_operands() -> list[tuple[str, int, int]]:
+    """Every problem of the task: a + b (both two-digit), and a - b with 10 <= b < a."""
+    adds = [("+", a, b) for a in range(10, 100) for b in range(10, 100)]
+    subs = [("-", a, b) for a in range(11, 100) for b in range(10, a)]
+    return adds + subs
 
 
-def make_problem(rng: random.Random, index: int, split: str) -> Problem:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    kind = rng.choice(("add", "sub", "mul"))
-    if kind == "add":
-        a, b = rng.randint(10, 89), rng.randint(10, 89)
-        q = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        steps, answer = _add_steps(a, b), a + b
-    elif kind == "sub":
-        a = rng.randint(30, 99)
-        b = rng.randint(11, a - 1)
-        q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-        steps, answer = _sub_steps(a, b), a - b
-    else:
-        a, b = rng.randint(11, 49), rng.randint(2, 9)
-        q = f"{name} buys {b} boxes with {a} {item} in each. How many {item} is that?"
-        steps, answer = _mul_steps(a, b), a * b
-    reasoning = "\n".join(steps) + f"\nSo the answer is {answer}."
-    return Problem(id=f"{split}-{index}", prompt=q, answer=answer, reasoning=reasoning)
+def is_heldout(op: str, a: int, b: int) -> bool:
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return digest[0] % HELDOUT_SHARE == 0
+
+
+@functools.cache
+def region(heldout: bool) -> tuple[tuple[str, int, int], ...]:
+    return tuple(t for t in all_operands() if is_heldout(*t) == heldout)
+
+
+def make_problem(op: str, a: int, b: int, index: int, split: str) -> Problem:
+    steps, answer = (add_steps(a, b), a + b) if op == "+" else (sub_steps(a, b), a - b)
+    return Problem(
+        id=f"{split}-{index}",
+        prompt=f"What is {a}{op}{b}?",
+        answer=answer,
+        reasoning="\n".join(steps),
+    )
 
 
 def problems(n: int, seed: int, split: str = "train") -> list[Problem]:
-    """`n` problems; the same (n, seed, split) always gives the same list. Splits never overlap."""
-    rng = random.Random(f"{split}:{seed}")
-    seen: set[str] = set()
-    out: list[Problem] = []
-    while len(out) < n:
-        p = make_problem(rng, len(out), split)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            out.append(p)
-    return out
+    """`n` distinct problems; the same (n, seed, split) always gives the same list.
+
+    `eval*` splits are drawn from the held-out region, every other split from the training
+    region, so evaluation never sees a training problem.
+    """
+    pool = region(split.startswith("eval"))
+    if n > len(pool):
+        raise DistillError(
+            f"asked for {n} problems of split {split!r}, which draws from {len(pool)}: "
+            f"ask for at most {len(pool)}"
+        )
+    chosen = random.Random(f"{split}:{seed}").sample(pool, n)
+    return [make_problem(op, a, b, i, split) for i, (op, a, b) in enumerate(chosen)]
 
 
 def response_text(problem: Problem, thinking: bool) -> str:
@@ -107,10 +127,10 @@ def is_correct(text: str, answer: int) -> bool:
 
 
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:
-    """Text to train the embedded tokenizer on: prompts and responses in both modes."""
+    """Text to train the embedded tokenizer on: chat-rendered prompts and both modes' responses."""
     out = [BUDGET_SENTENCE] * 50
     for p in problems(n, seed, "corpus"):
-        out.append(p.prompt + " /think /no_think")
+        out.append(CHAT_PROMPT.format(p.prompt + " /think /no_think"))
         out.append(response_text(p, thinking=True))
         out.append(response_text(p, thinking=False))
     return out
