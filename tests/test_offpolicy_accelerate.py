@@ -52,3 +52,19 @@ def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> N
     assert two["loss"] == pytest.approx(one.metrics[1]["loss"], rel=1e-5)
     assert two["grad_norm"] == pytest.approx(one.metrics[1]["grad_norm"], rel=1e-4)
     assert (tmp_path / "two" / "offpolicy" / "checkpoint" / "model.safetensors").exists()
+
+
+def test_shipped_accelerate_configs_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    root = Path(__file__).parents[1] / "configs" / "accelerate"
+    kinds = {
+        "ddp.yaml": DistributedType.MULTI_GPU,
+        "fsdp.yaml": DistributedType.FSDP,
+        "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
+    }
+    for name, kind in kinds.items():
+        config = load_config_from_file(str(root / name))
+        assert config.distributed_type == kind and config.num_processes == 8
+    assert load_config_from_file(str(root / "fsdp.yaml")).fsdp_config["fsdp_version"] == 2

@@ -1,9 +1,8 @@
 """Teacher data: the teacher answers every prompt in thinking and/or non-thinking mode.
 
-Output: parquet shards under RUN_DIR/teacher_data, one row per response (columns: `SCHEMA`),
-readable with `datasets.load_dataset("parquet", data_dir=RUN_DIR/"teacher_data")`. The hidden
-`.dataset.json` beside them records who wrote them (teacher, config, prompt fingerprint); a rerun
-by another teacher or config is refused unless forced, and forcing sets the old folder aside.
+Output: parquet shards under RUN_DIR/teacher_data, one row per response (`dataset.SCHEMA`),
+readable with `datasets.load_dataset("parquet", data_dir=RUN_DIR/"teacher_data")`; a rerun by
+another teacher or config is refused unless forced (`dataset.claim`).
 
 Work is cut into shards of a fixed, ordered list of keys (prompt id, mode, sample index); a shard
 is written whole to a temporary file and renamed, and is generated from a seed derived from its
@@ -25,11 +24,28 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
-from distill.manifest import fingerprint
+from distill.offpolicy.dataset import (
+    SCHEMA,
+    TOPK_FIELDS,
+    claim,
+    count_verdicts,
+    read_rows,
+    read_shard,
+    row_key,
+    schema,
+)
 from distill.offpolicy.filters import VERDICTS, repetition_score, verdict
 from distill.prompts import Prompt
-from distill.rundir import atomic_write_bytes, atomic_write_json, config_dict, read_json
-from teachers.chat import BUDGET_SENTENCE, MODES, Message, Mode, generate_with_budget, render_prompt
+from distill.rundir import atomic_write_bytes, config_dict
+from teachers.chat import (
+    BUDGET_SENTENCE,
+    MODES,
+    Message,
+    Mode,
+    check_thinking_switch,
+    generate_with_budget,
+    render_prompt,
+)
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
@@ -41,34 +57,8 @@ from teachers.protocol import (
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 Key = tuple[int, Mode, int]  # (prompt index, mode, sample index); the row key uses the prompt id
-META = ".dataset.json"  # hidden: datasets' parquet loader skips dot-files
-
-_ids = pa.list_(pa.int32())
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),  # "prompt_id|mode|sample", unique
-        ("prompt_id", pa.string()),
-        ("mode", pa.string()),  # "think" or "no_think"
-        ("sample", pa.int32()),
-        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
-        ("prompt_ids", _ids),  # the rendered prompt the teacher answered, generation prompt last
-        ("response_ids", _ids),  # the completion, eos included when it stopped
-        ("response_text", pa.string()),  # decoded with special tokens kept
-        ("thinking_tokens", pa.int32()),  # response tokens through `</think>` (0: none)
-        ("finish_reason", pa.string()),  # "stop" (eos) or "length"
-        ("forced", pa.list_(pa.bool_())),  # response tokens inserted by the budget, not sampled
-        ("answer", pa.string()),  # reference answer, null without an answer column
-        ("correct", pa.bool_()),  # verification result, null without a reference
-        ("repetition", pa.float32()),  # repeated 4-gram share of the response
-        ("verdict", pa.string()),  # "kept" or the first filter that removed it (VERDICTS)
-        ("teacher", pa.string()),  # the teacher's identity (path and weight hash)
-    ]
-)
-TOPK_FIELDS = [
-    pa.field("topk_ids", pa.list_(_ids)),  # (R, K): teacher's top-k at each response token
-    pa.field("topk_logprobs", pa.list_(pa.list_(pa.float32()))),  # (R, K)
-    pa.field("topk_actual_logprobs", pa.list_(pa.float32())),  # (R,) log p_t(response token)
-]
+# Re-exported: callers read the data through this module (pipeline, trainer, CLI).
+__all__ = ["SCHEMA", "TOPK_FIELDS", "VERDICTS", "count_verdicts", "read_rows", "row_key", "schema"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,11 +172,19 @@ def generate(
                 "unique or drop it (rows are then numbered)"
             )
         seen.add(p.id)
+    if config.store_topk > teacher.max_top_k:
+        raise DistillError(
+            f"--store-topk {config.store_topk} is above what teacher {teacher.name} serves "
+            f"({teacher.max_top_k}): lower --store-topk, or restart the server with a larger "
+            "--max-logprobs"
+        )
     out = config.run_dir / config.output
-    claim(out, teacher.name, config, prompts, force)
+    settings = {k: v for k, v in config_dict(config).items() if k != "run_dir"}
+    claim(out, teacher.name, settings, prompts, force)
     for stale in out.glob(".shard-*.tmp"):  # left by a writer killed mid-write; never read
         stale.unlink()
 
+    check_thinking_switch(tokenizer)
     modes_of = prompt_modes(len(prompts), config)
     fitted: dict[tuple[int, Mode], tuple[list[int], tuple[Message, ...]]] = {}
     dropped: set[int] = set()
@@ -218,7 +216,7 @@ def generate(
         path = out / f"shard-{index:05d}.parquet"
         expected = [row_key(prompts[i].id, mode, s) for i, mode, s in shard]
         if path.exists():
-            found = pq.read_table(path, columns=["key"])["key"].to_pylist()
+            found = read_shard(path, ["key"])["key"].to_pylist()
             if found != expected:
                 raise DistillError(
                     f"{path} holds other rows than this run would write there (prompts changed?):"
@@ -245,51 +243,6 @@ def generate(
         dropped_prompts=len(dropped),
         truncated_prompts=len(truncated - dropped),
     )
-
-
-def row_key(prompt_id: str, mode: str, sample: int) -> str:
-    return f"{prompt_id}|{mode}|{sample}"
-
-
-def schema(store_topk: int) -> pa.Schema:
-    return pa.schema([*SCHEMA, *TOPK_FIELDS]) if store_topk > 0 else SCHEMA
-
-
-def claim(out: Path, teacher: str, config: Config, prompts: Sequence[Prompt], force: bool) -> None:
-    """Make `out` this run's: refuse data by another teacher/config/prompt set unless `force`.
-
-    Forcing never deletes: the old folder is renamed to `<out>.replaced-N`.
-    """
-    identity = {
-        "teacher": teacher,
-        "config": {k: v for k, v in config_dict(config).items() if k != "run_dir"},
-        "prompts": {"count": len(prompts), "fingerprint": fingerprint(prompts)},
-    }
-    meta = out / META
-    if meta.exists() or any(out.glob("shard-*.parquet")):
-        old = read_json(meta) if meta.exists() else {}
-        if old == identity:
-            return
-        changed = sorted(
-            [k for k in ("teacher", "prompts") if old.get(k) != identity[k]]
-            + [
-                f"config.{k}"
-                for k in identity["config"]
-                if old.get("config", {}).get(k) != identity["config"][k]
-            ]
-        )
-        if not force:
-            raise DistillError(
-                f"{out} holds teacher data from another run (differs in: "
-                f"{', '.join(changed) or 'unknown origin'}): use a new --run-dir, or --force to "
-                "set the old data aside"
-            )
-        n = 1
-        while out.with_name(f"{out.name}.replaced-{n}").exists():
-            n += 1
-        out.rename(out.with_name(f"{out.name}.replaced-{n}"))
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta, identity)
 
 
 def _generate_shard(
@@ -401,16 +354,6 @@ def _row(
     }
 
 
-def count_verdicts(directory: Path) -> dict[str, dict[str, int]]:
-    """mode -> verdict -> count over every finished shard."""
-    counts: dict[str, dict[str, int]] = {}
-    for path in sorted(directory.glob("shard-*.parquet")):
-        table = pq.read_table(path, columns=["mode", "verdict"])
-        for mode, v in zip(table["mode"].to_pylist(), table["verdict"].to_pylist(), strict=True):
-            counts.setdefault(mode, dict.fromkeys(VERDICTS, 0))[v] += 1
-    return counts
-
-
 def check_usable(summary: Summary) -> None:
     """Raise when no row survived the filters, naming the filter that removed the most."""
     if summary.kept > 0:
@@ -431,14 +374,3 @@ def check_usable(summary: Summary) -> None:
         f"{worst!r} filter ({', '.join(f'{v}: {n}' for v, n in removed.items() if n)}); "
         f"{fixes.get(worst, 'relax the filters')}. The rows are kept on disk with their verdicts"
     )
-
-
-def read_rows(directory: Path, columns: Sequence[str] | None = None) -> list[dict[str, object]]:
-    """All rows of all finished shards, in key order."""
-    paths = sorted(directory.glob("shard-*.parquet"))
-    if not paths:
-        raise DistillError(f"no teacher data in {directory}: run `distill generate` first")
-    rows: list[dict[str, object]] = []
-    for path in paths:
-        rows.extend(pq.read_table(path, columns=list(columns) if columns else None).to_pylist())
-    return rows

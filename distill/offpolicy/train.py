@@ -37,7 +37,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, gather_object
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from distill import checkpoint
 from distill.accounting import GpuLedger, train_flops
@@ -157,6 +162,18 @@ def _soft_switch(
     return soft, prompt[cut:]
 
 
+def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
+    """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
+    head = model.get_output_embeddings()
+    rows = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
+    if rows < vocab_size:
+        raise DistillError(
+            f"model {source} has {rows} output rows but its tokenizer {vocab_size} ids: the "
+            "weights and tokenizer belong to different models; use a folder whose config "
+            "vocab_size covers its tokenizer"
+        )
+
+
 def fingerprint(data_dir: Path) -> str:
     """Identity of the training data: a resumed run must read the same kept rows."""
     keys = [
@@ -208,6 +225,16 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             f"{config.micro_batch_size} x {world} processes: every process runs the same "
             "number of micro-batches"
         )
+    if (
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and config.batch_size != config.micro_batch_size * world
+    ):
+        # DeepSpeed steps its engine inside accelerator.backward(): no accumulation of our own.
+        raise DistillError(
+            f"under DeepSpeed --batch-size must equal --micro-batch-size x {world} processes "
+            f"(one micro-batch per process per step): use --micro-batch-size "
+            f"{config.batch_size // world}, or FSDP for accumulation"
+        )
     if config.think_block not in ("prompt", "target"):
         raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +249,15 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
+    check_head(student, vocab_size, source)
     examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
+    top = max(max(*e.prompt_ids, *e.response_ids) for e in examples)
+    if top >= vocab_size:  # cross-entropy would clamp it: silent training on the wrong token
+        raise DistillError(
+            f"the teacher data in {data_dir} holds token id {top}, but the student's tokenizer "
+            f"has {vocab_size} ids: the data was tokenized by another tokenizer; use a student "
+            "that shares the teacher's tokenizer, or regenerate the data with it"
+        )
     if len(examples) < config.batch_size:
         raise DistillError(
             f"{len(examples)} kept teacher responses are fewer than --batch-size "
