@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ from distill.objective import (
     set_lr,
     topk_divergence,
 )
+from distill.offpolicy.train import check_head
 from distill.onpolicy.metrics import Diagnostics, Lengths, accumulate, measured_mask
 from distill.onpolicy.rollout import (
     OffPolicyRow,
@@ -127,6 +128,41 @@ def build_examples(rollouts: list[Rollout], truncation: Truncation) -> list[Exam
     return examples
 
 
+def trainer_state(optimizer: torch.optim.Optimizer, step: int, config: Config) -> dict[str, Any]:
+    """What a resume needs beyond the weights; the LR schedule is a function of the step."""
+    after = position(step + 1, config.prompts_per_step, config.lmbda)
+    return {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "prompt_position": after.prompt,
+        "offpolicy_position": after.offpolicy,
+        "torch_rng": torch.get_rng_state(),
+        # sampling seeds derive from (seed, step, mode): recorded, not needed to resume
+        "sampler_seed_base": config.seed * 1_000_003 + (step + 1) * 2,
+    }
+
+
+def restore(resume: Path, optimizer: torch.optim.Optimizer, config: Config) -> int:
+    """Load the optimizer and RNG state from checkpoint `resume`; returns the step to run next."""
+    state = checkpoint.load_state(resume)
+    optimizer.load_state_dict(state["optimizer"])
+    start = int(state["step"]) + 1
+    if "torch_rng" in state:  # absent in checkpoints written before this loop recorded it
+        torch.set_rng_state(state["torch_rng"])
+    # The streams are functions of the step; the saved positions prove the plan is the same.
+    here = position(start, config.prompts_per_step, config.lmbda)
+    saved = (
+        state.get("prompt_position", here.prompt),
+        state.get("offpolicy_position", here.offpolicy),
+    )
+    if (here.prompt, here.offpolicy) != saved:
+        raise DistillError(
+            f"checkpoint {resume} was written by a run with another prompt plan (prompts_per_step "
+            "or lmbda changed): use a new --run-dir, or delete that checkpoint to restart"
+        )
+    return start
+
+
 def train(
     config: Config,
     teacher: Teacher,
@@ -158,25 +194,16 @@ def train(
         )
     student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
     vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
+    check_head(student, vocab_size, source)
     n_params = sum(p.numel() for p in student.parameters())
     optimizer = torch.optim.AdamW(
         student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95)
     )
-    start = 0
-    if resume:
-        state = checkpoint.load_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"]) + 1
-        torch.set_rng_state(state["torch_rng"])
-        # The streams are functions of the step; the saved positions prove the plan is the same.
-        here = position(start, config.prompts_per_step, config.lmbda)
-        if (here.prompt, here.offpolicy) != (state["prompt_position"], state["offpolicy_position"]):
-            raise DistillError(
-                f"checkpoint {resume} was written by a run with another prompt plan: use a new "
-                "--run-dir, or delete that checkpoint to restart the phase"
-            )
+    start = restore(resume, optimizer, config) if resume else 0
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
+    if start >= config.steps:  # finished before: nothing to sample, no engine to start
+        return Summary(steps=config.steps, final_loss=float("nan"), checkpoint=out, metrics={})
     owned = sampler is None
     if sampler is None:
         model = accelerator.unwrap_model(student)
@@ -239,13 +266,9 @@ def train(
                     logits = student(
                         input_ids=mb.input_ids, attention_mask=mb.attention_mask
                     ).logits  # (B, T, V)
+                    kind, beta, alpha = config.divergence, config.beta, config.alpha
                     per_token, _ = topk_divergence(
-                        logits,
-                        mb,
-                        config.divergence,
-                        vocab_size,
-                        beta=config.beta,
-                        alpha=config.alpha,
+                        logits, mb, kind, vocab_size, beta=beta, alpha=alpha
                     )  # (B, T-1), zero off the loss mask
                     # Each backward adds its share of sum / (target tokens of the whole step).
                     accelerator.backward(per_token.sum() / n_tokens)
@@ -254,12 +277,9 @@ def train(
                 n_trained += int(mb.attention_mask.sum())
                 meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
+            c = config
             lr = lr_at(
-                step,
-                lr=config.lr,
-                steps=config.steps,
-                warmup=config.warmup_steps,
-                min_ratio=config.min_lr_ratio,
+                step, lr=c.lr, steps=c.steps, warmup=c.warmup_steps, min_ratio=c.min_lr_ratio
             )
             set_lr(optimizer, lr)
             optimizer.step()
@@ -286,16 +306,7 @@ def train(
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                after = position(step + 1, config.prompts_per_step, config.lmbda)
-                state = {
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "prompt_position": after.prompt,
-                    "offpolicy_position": after.offpolicy,
-                    "torch_rng": torch.get_rng_state(),
-                    # sampling seeds derive from (seed, step): nothing else to store for them
-                    "sampler_seed_base": config.seed * 1_000_003 + (step + 1) * 2,
-                }
+                state = trainer_state(optimizer, step, config)
                 checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     close = getattr(sampler, "close", None)
