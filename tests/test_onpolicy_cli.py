@@ -54,7 +54,9 @@ def test_top_k_above_the_teacher_limit_exits_2(tiny_pair: TinyPair, tmp_path: Pa
 
 
 def test_a_student_with_another_vocabulary_exits_2(tiny_pair: TinyPair, tmp_path: Path) -> None:
-    other_tok = train_tokenizer(corpus(300, seed=9), vocab_size=450)
+    words = ["the quick brown fox jumps over the lazy dog", "zebra quartz vex jinx"] * 40
+    other_tok = train_tokenizer(words + corpus(50, seed=9), vocab_size=450)
+    assert other_tok.get_vocab() != tiny_pair.tokenizer.get_vocab()
     other = tmp_path / "other"
     save_pretrained(tiny_qwen3(TINY_SHAPES["tiny-student"], other_tok, seed=2), other_tok, other)
     code, out = invoke(tmp_path / "run", tiny_pair.teacher_dir, other)
