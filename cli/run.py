@@ -11,7 +11,6 @@ from typing import Annotated
 
 import typer
 from transformers import AutoTokenizer
-from transformers.utils import logging as hf_logging
 
 from cli.app import app
 from cli.progress import phase_progress
@@ -36,9 +35,6 @@ from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
 from distill.prompts import EMBEDDED
 from distill.rundir import prepare
-
-hf_logging.disable_progress_bar()
-hf_logging.set_verbosity_error()
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="session")
-def tiny_pair(tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory) -> TinyPair:
+def tiny_pair(
+    tokenizer: PreTrainedTokenizerFast, tmp_path_factory: pytest.TempPathFactory
+) -> TinyPair:
     """Random-init teacher (4 layers) and student (2 layers), 500 real ids on a 512-row head."""
     root = tmp_path_factory.mktemp("tiny_pair")
     teacher = tiny_qwen3(TINY_SHAPES["tiny-teacher"], tokenizer, seed=1)
@@ -47,3 +50,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason="vllm is not installed"))
         if "gpu" in item.keywords and not have_gpu:
             item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(teacher_dir, student_dir): the embedded recipe shortened to ~40 steps.
+
+    The teacher learns the response format (think block, answer, eos) but little arithmetic:
+    enough for pipelines to produce kept, finished responses in a test.
+    """
+    from distill import embedded
+
+    cache = tmp_path_factory.mktemp("distill_cache")
+    previous = os.environ.get("DISTILL_CACHE")
+    os.environ["DISTILL_CACHE"] = str(cache)
+    try:
+        assets = embedded.build(
+            embedded.Recipe(steps=40, problems=300, batch_size=16), log=lambda _: None
+        )
+    finally:
+        if previous is None:
+            os.environ.pop("DISTILL_CACHE", None)
+        else:
+            os.environ["DISTILL_CACHE"] = previous
+    return assets.teacher, assets.student
