@@ -112,7 +112,10 @@ def run(
     log: LogFn = no_log,
     progress: gen.ProgressFn | None = None,
     announce: Callable[[str], None] = print,
+    teacher_devices: int = 0,
 ) -> Result:
+    """`teacher_devices`: GPUs a remote teacher holds for the whole run (0: it runs in-process);
+    the ledger charges them while reserved, not only while they score."""
     assert Path(on_config.student) == off_config.run_dir / off_config.output / "checkpoint", (
         "on-policy starts from the off-policy checkpoint"
     )
@@ -127,7 +130,7 @@ def run(
     manifest.write(
         run_dir, teacher=teacher.name, student=student, prompts=train_prompts, seed=gen_config.seed
     )
-    ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=teacher_devices)
 
     announce("teacher writes responses in both modes")
     summary = gen.generate(
@@ -148,6 +151,7 @@ def run(
     def stage(name: str, model_dir: str) -> None:
         if name not in evals:
             announce(f"measuring the student: {name}")
+            ledger.mark(name)  # plots place this stage at the device-hours spent so far
             evals[name] = measure(
                 model_dir,
                 name,

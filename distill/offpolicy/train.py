@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from distill import checkpoint
-from distill.accounting import GpuLedger, train_flops
+from distill.accounting import GpuLedger, gathered, train_flops
 from distill.batch import Batch, Example, collate, length_buckets, next_token_view
 from distill.errors import DistillError
 from distill.objective import (
@@ -347,11 +347,15 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             log(config.output, step + 1, config.steps, metrics)
             accelerator.log(metrics, step=step)
             if accelerator.is_main_process:
-                append_metrics(config.run_dir, {"phase": config.output, "step": step, **metrics})
+                record = {"phase": config.output, "step": step, **metrics}
+                append_metrics(
+                    config.run_dir, {**record, "device_hours": ledger.total_device_hours()}
+                )
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             _save(accelerator, student, optimizer, tokenizer, out, step, epoch_steps, data_id)
+            job = gathered(ledger, accelerator)  # collective: every process's device time
             if accelerator.is_main_process:
-                ledger.save(config.run_dir / "ledger.json")
+                job.save(config.run_dir / "ledger.json")
     accelerator.end_training()
     return Summary(steps=config.steps, final_loss=loss, checkpoint=out, examples=len(examples))
 
