@@ -32,13 +32,16 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend
+from cli.teacher import make_teacher, parse_backend, teacher_metrics
 from distill.accounting import GpuLedger
+from distill.errors import DistillError
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
 from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
-from distill.rundir import prepare, record_config
+from distill.rundir import append_metrics, prepare, record_config
+from teachers.hf import REMOTE_CODE_FIX
+from teachers.protocol import refuse_remote_code
 
 
 def filter_table(summary: gen.Summary) -> Table:
@@ -117,6 +120,9 @@ def generate(
     force: Annotated[
         bool, typer.Option(help="replace data of another teacher/config (kept as .replaced-N)")
     ] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
+    ] = False,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
     run_dir = prepare(run_dir)
@@ -144,17 +150,32 @@ def generate(
         rows = load_prompts(
             prompts, prompt_column=prompt_column, answer_column=answer_column, limit=n_prompts
         )
-    tok = AutoTokenizer.from_pretrained(tokenizer or teacher_path)
+    if teacher_backend != "server" and not Path(teacher_path).is_dir():
+        raise DistillError(
+            f"teacher {teacher_path!r} is not a model folder: pass a folder written by "
+            "save_pretrained (config.json + safetensors + tokenizer), or 'embedded'"
+        )
+    for folder in (tokenizer, teacher_path):
+        if folder is not None:
+            refuse_remote_code(folder, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
+    tok = AutoTokenizer.from_pretrained(
+        tokenizer or teacher_path, trust_remote_code=trust_remote_code
+    )
     the_teacher = make_teacher(
         parse_backend(teacher_backend),
         teacher_path,
         teacher_url or [],
         max_top_k=store_topk or None,
+        trust_remote_code=trust_remote_code,
     )
     record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
     with phase_progress() as bars:
-        summary = gen.generate(config, the_teacher, tok, rows, ledger, bars.step, force=force)
+        try:
+            summary = gen.generate(config, the_teacher, tok, rows, ledger, bars.step, force=force)
+        finally:  # retries are worth seeing most when the run failed
+            if faults := teacher_metrics(the_teacher):
+                append_metrics(run_dir, {"phase": "generate", **faults})
     ledger.save(run_dir / "ledger.json")
     console.print(filter_table(summary))
     limit = f"--max-prompt-tokens {config.max_prompt_tokens}"

@@ -27,15 +27,17 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend
+from cli.teacher import make_teacher, parse_backend, teacher_metrics
 from distill import pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import check_request
 from distill.prompts import EMBEDDED
-from distill.rundir import prepare, record_config
+from distill.rundir import append_metrics, prepare, record_config
 from teachers.chat import vocab_mismatch
+from teachers.hf import REMOTE_CODE_FIX
+from teachers.protocol import refuse_remote_code
 
 C = onpolicy.Config
 
@@ -88,6 +90,9 @@ def onpolicy_cmd(
     ] = 20,
     seed: int = 0,
     force: bool = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
+    ] = False,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
     run_dir = prepare(run_dir)
@@ -121,7 +126,10 @@ def onpolicy_cmd(
         prompts, n_prompts, 0 if prompts == EMBEDDED else 1, seed, prompt_column, "answer"
     )
     if Path(teacher_path).is_dir():
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+        refuse_remote_code(teacher_path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
+        teacher_tok = AutoTokenizer.from_pretrained(
+            teacher_path, trust_remote_code=trust_remote_code
+        )
         differ = vocab_mismatch(teacher_tok, AutoTokenizer.from_pretrained(student_path))
         if differ is not None:
             raise DistillError(
@@ -134,12 +142,17 @@ def onpolicy_cmd(
         teacher_path,
         teacher_url or [],
         max_top_k=teacher_max_top_k,
+        trust_remote_code=trust_remote_code,
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
     with phase_progress() as bars:
-        summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)
+        try:
+            summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)
+        finally:  # retries are worth seeing most when the run failed
+            if faults := teacher_metrics(the_teacher):
+                append_metrics(run_dir, {"phase": "onpolicy.teacher", **faults})
     ledger.save(run_dir / "ledger.json")
     m = summary.metrics
     console.print(

@@ -14,6 +14,7 @@ from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from teachers.chat import MODES, Mode
+from teachers.protocol import refuse_remote_code
 
 RunDir = Annotated[Path, typer.Option(help="where everything of this run is written")]
 TeacherOpt = Annotated[str, typer.Option(help="'embedded' or a model folder / served name")]
@@ -37,6 +38,8 @@ def resolve_models(teacher: str, student: str) -> tuple[str, str]:
             f"student {student!r} is neither 'embedded' nor a model folder: pass a folder "
             "written by save_pretrained (config.json + safetensors + tokenizer)"
         )
+    # Students are trained with transformers' own architectures only: never their shipped code.
+    refuse_remote_code(student, trust=False, fix="pick a student of a transformers architecture")
     return teacher, student
 
 

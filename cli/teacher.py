@@ -27,6 +27,7 @@ def make_teacher(
     urls: Sequence[str] = (),
     *,
     max_top_k: int | None = None,
+    trust_remote_code: bool = False,
 ) -> Teacher:
     """A teacher behind the protocol; `model` is a local folder (hf, vllm) or the served name.
 
@@ -36,11 +37,13 @@ def make_teacher(
     if backend == "hf":
         from teachers.hf import HFTeacher
 
-        return HFTeacher.from_pretrained(model)
+        return HFTeacher.from_pretrained(model, trust_remote_code=trust_remote_code)
     if backend == "vllm":
         from teachers.vllm import VLLMTeacher  # lazy: vllm is an optional extra
 
-        return VLLMTeacher.from_pretrained(model, max_top_k=max_top_k or 20)
+        return VLLMTeacher.from_pretrained(
+            model, max_top_k=max_top_k or 20, trust_remote_code=trust_remote_code
+        )
     if backend == "server":
         from teachers.server import ServerTeacher
 
@@ -51,6 +54,16 @@ def make_teacher(
             )
         return ServerTeacher.connect(urls, model, max_top_k=max_top_k or 20)
     raise TeacherError(f"unknown teacher backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def teacher_metrics(teacher: Teacher) -> dict[str, float]:
+    """Retried request failures of a server teacher by kind, for metrics.jsonl ({} otherwise)."""
+    faults = getattr(teacher, "faults", None)
+    if not isinstance(faults, dict):
+        return {}
+    return {"teacher_retries": float(sum(faults.values()))} | {
+        f"teacher_retries_{kind}": float(n) for kind, n in sorted(faults.items())
+    }
 
 
 def parse_backend(name: str) -> TeacherBackend:

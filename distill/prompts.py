@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,7 @@ def load_prompts(
     except DistillError:
         raise
     except Exception as e:  # datasets raises many types for unreadable input
+        e = e.__cause__ or e  # DatasetGenerationError wraps the parser's error, which says where
         raise DistillError(
             f"cannot read prompts from {source}: {type(e).__name__}: {str(e)[:200]}; "
             "pass a readable .jsonl/.parquet file (one prompt per row)"
@@ -72,8 +73,7 @@ def load_prompts(
         )
     has_answer = answer_column is not None and answer_column in columns
     out: list[Prompt] = []
-    for i, row in enumerate(ds):
-        assert isinstance(row, dict)
+    for i, row in enumerate(_rows(ds, source)):
         messages = _messages(row[prompt_column], source, i)
         if messages is None:
             continue  # empty prompts are skipped; the caller reports how many remain
@@ -90,6 +90,26 @@ def load_prompts(
     if not out:
         raise DistillError(f"no non-empty prompts in {source}: check the file and --prompt-column")
     return out
+
+
+def _rows(ds: Iterable[object], source: str) -> Iterator[dict[str, object]]:
+    """The rows as dicts; text that is not UTF-8 fails only when read, so name its row."""
+    it = iter(ds)
+    i = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as e:
+            raise DistillError(
+                f"{source} is not UTF-8 text at or after row {i} (bytes "
+                f"{e.object[e.start : e.end]!r}): re-encode it as UTF-8, e.g. `iconv -f latin1 "
+                "-t utf-8`"
+            ) from None
+        assert isinstance(row, dict)
+        yield row
+        i += 1
 
 
 def _messages(cell: object, source: str, row: int) -> tuple[dict[str, str], ...] | None:

@@ -11,6 +11,7 @@ appended whole lines, and a torn last line from a kill is dropped on read.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -47,8 +48,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The old file (if any) is untouched: the write went to the temporary file only.
+            raise DistillError(
+                f"no space left on the device writing {path}: free space (or raise the quota) "
+                "and rerun the same command; files already written are intact and reused"
+            ) from None
         raise
 
 
@@ -78,8 +85,11 @@ def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -
     configs = read_json(path) if path.exists() else {}
     new = config_dict(config)
     old = configs.get(phase)
-    if old is not None and old != new and not force:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # The run dir itself is no part of a run's identity: a moved or copied run resumes.
+    changed = sorted(
+        k for k in set(old or {}) | set(new) if k != "run_dir" and (old or {}).get(k) != new.get(k)
+    )
+    if old is not None and changed and not force:
         raise DistillError(
             f"{run_dir} already holds a {phase} run with a different config "
             f"(changed: {', '.join(changed)}): use a new --run-dir, or --force to overwrite"

@@ -59,6 +59,26 @@ def render_prompt(
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def check_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a chat template on which `enable_thinking` changes nothing: modes are meaningless.
+
+    Asking such a model for thinking (or non-thinking) mode would silently give the same prompt
+    for both, and the dataset's mode column would lie.
+    """
+    probe = [{"role": "user", "content": "1+1"}]
+    on, off = (
+        tokenizer.apply_chat_template(
+            probe, tokenize=False, add_generation_prompt=True, enable_thinking=flag
+        )
+        for flag in (True, False)
+    )
+    if on == off:
+        raise TeacherError(
+            "the chat template has no thinking switch (enable_thinking changes nothing), so "
+            "think and no_think modes cannot be asked for: use a Qwen3 tokenizer/template"
+        )
+
+
 def split_thinking(token_ids: Sequence[int], think_end_id: int) -> tuple[list[int], list[int]]:
     """(thinking, answer) split after the first `</think>`; no `</think>` means all thinking."""
     ids = list(token_ids)

@@ -11,7 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from students.sample import sample
-from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+from teachers.protocol import (
+    Generation,
+    SamplingParams,
+    TeacherError,
+    TopK,
+    check_scores,
+    refuse_remote_code,
+)
+
+REMOTE_CODE_FIX = "read that code, then pass --trust-remote-code to run it"
 
 
 class HFTeacher:
@@ -35,7 +44,11 @@ class HFTeacher:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
     ) -> HFTeacher:
         path = Path(path)
         if not (path / "config.json").exists():
@@ -43,8 +56,11 @@ class HFTeacher:
                 f"teacher model not found at {path}: pass a folder holding config.json and "
                 "safetensors weights (e.g. one written by save_pretrained)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        refuse_remote_code(path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         model = model.to(torch.device(device))  # pyright: ignore[reportArgumentType]
         return cls(
             model,

@@ -8,8 +8,10 @@ server returns, what a dataset stores, and they cost 4 bytes per entry.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -129,3 +131,24 @@ def check_scores(scores: Sequence[TopK], teacher_name: str) -> None:
 
 class TeacherError(RuntimeError):
     """A teacher that cannot serve the request as asked; the message names the fix."""
+
+
+def refuse_remote_code(path: str | Path, *, trust: bool, fix: str) -> None:
+    """Raise when a local model folder ships its own Python code and `trust` is off.
+
+    transformers runs such code (`auto_map` in config.json or tokenizer_config.json) when asked
+    to, and *asks on a terminal* when `trust_remote_code` is left unset: a careless "y" would
+    run it. distill decides here, before any load, and only an explicit flag turns it on.
+    """
+    folder = Path(path)
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        try:
+            auto_map = json.loads(file.read_text()).get("auto_map") if file.is_file() else None
+        except (ValueError, OSError, AttributeError):
+            continue  # unreadable: the loader itself reports it
+        if auto_map and not trust:
+            raise TeacherError(
+                f"{folder} ships its own Python code (auto_map in {name}), which distill does "
+                f"not run by default: {fix}"
+            )

@@ -42,6 +42,10 @@ class ServerConfig:
 class _Retryable(Exception):
     """A failure worth another attempt: 5xx, dropped connection, timeout, truncated body."""
 
+    def __init__(self, message: str, kind: str = "dropped") -> None:
+        super().__init__(message)
+        self.kind = kind  # the key counted in ServerTeacher.faults
+
 
 class ServerTeacher:
     """Scoring and generation on one or more vLLM servers serving the same model."""
@@ -65,6 +69,8 @@ class ServerTeacher:
         self._in_flight = dict.fromkeys(self.urls, 0)
         self._lock = threading.Lock()
         self.bytes_received = 0  # response bytes, for the benchmark's payload figure
+        # Retried failures by kind (http_5xx, dropped, timeout, truncated): metrics, not logs.
+        self.faults: dict[str, int] = {}
 
     @classmethod
     def connect(
@@ -173,11 +179,13 @@ class ServerTeacher:
             except urllib.error.HTTPError as e:
                 if e.code < 500:
                     raise _client_error(e, url, self.config) from None
-                last = f"{url}: HTTP {e.code}"
+                last, kind = f"{url}: HTTP {e.code}", "http_5xx"
             except (_Retryable, urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                last = f"{url}: {_reason(e)}"
+                last, kind = f"{url}: {_reason(e)}", _kind(e)
             finally:
                 self._release(url)
+            with self._lock:
+                self.faults[kind] = self.faults.get(kind, 0) + 1
             time.sleep(min(30.0, self.config.backoff_s * 2**attempt))
         raise TeacherError(
             f"teacher servers failed {self.config.retries + 1} times in a row (last: {last}); "
@@ -267,17 +275,17 @@ def _request(
         with urllib.request.urlopen(req, timeout=timeout_s or config.timeout_s) as resp:
             raw = resp.read()
     except http.client.IncompleteRead as e:
-        raise _Retryable(f"truncated response ({len(e.partial)} bytes)") from None
+        raise _Retryable(f"truncated response ({len(e.partial)} bytes)", "truncated") from None
     except (http.client.RemoteDisconnected, ConnectionError, TimeoutError) as e:
-        raise _Retryable(_reason(e)) from None
+        raise _Retryable(_reason(e), _kind(e)) from None
     if counter is not None:
         counter.bytes_received += len(raw)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise _Retryable(f"unparseable response body ({len(raw)} bytes)") from None
+        raise _Retryable(f"unparseable response body ({len(raw)} bytes)", "truncated") from None
     if not isinstance(body, dict):
-        raise _Retryable("response body is not a JSON object")
+        raise _Retryable("response body is not a JSON object", "truncated")
     return body
 
 
@@ -294,6 +302,15 @@ def _client_error(e: urllib.error.HTTPError, url: str, config: ServerConfig) -> 
         return TeacherError(f"server {url}: {message}; restart it with a larger --max-logprobs "
                             "(distill teacher serve --max-logprobs K) or lower top_k")
     return TeacherError(f"server {url} rejected the request (HTTP {e.code}): {message[:300]}")
+
+
+def _kind(e: BaseException) -> str:
+    """The fault key of a retried failure: timeout, truncated, or dropped (connection lost)."""
+    if isinstance(e, _Retryable):
+        return e.kind
+    if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+        return "timeout"
+    return "truncated" if isinstance(e, http.client.IncompleteRead) else "dropped"
 
 
 def _reason(e: BaseException) -> str:

