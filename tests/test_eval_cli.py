@@ -10,7 +10,6 @@ from conftest import TinyPair
 from typer.testing import CliRunner
 
 from cli import app
-from cli.render import console
 
 runner = CliRunner()
 
@@ -71,11 +70,10 @@ def test_eval_bad_input_exits_2(tmp_path: Path, extra: list[str], message: str) 
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_students_table_and_architecture_check(
-    tiny_pair: TinyPair, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(console, "width", 200)  # the whole table, whatever the terminal
-    table = runner.invoke(app, ["students"])
+def test_students_table_and_architecture_check(tiny_pair: TinyPair) -> None:
+    # The whole table, whatever the terminal. (Setting console.width would pin the shared
+    # console's width for every later test, even after monkeypatch "restores" it.)
+    table = runner.invoke(app, ["students"], env={"COLUMNS": "200"})
     assert table.exit_code == 0, table.output
     assert "30B-A3B" in table.output and "│ 8B      │     36 │" in table.output
     assert "8.19B" in table.output and "3.35B" in table.output  # total; MoE active
