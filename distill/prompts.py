@@ -61,8 +61,10 @@ def load_prompts(
         raise
     except Exception as e:  # datasets raises many types for unreadable input
         e = e.__cause__ or e  # DatasetGenerationError wraps the parser's error, which says where
+        # One line: a worker's error may carry its whole traceback, whose last line is the error.
+        detail = ([line.strip() for line in str(e).splitlines() if line.strip()] or [""])[-1]
         raise DistillError(
-            f"cannot read prompts from {source}: {type(e).__name__}: {str(e)[:200]}; "
+            f"cannot read prompts from {source}: {type(e).__name__}: {detail[:200]}; "
             "pass a readable .jsonl/.parquet file (one prompt per row)"
         ) from None
     columns = list(ds.column_names)
