@@ -27,7 +27,7 @@ from distill.offpolicy.generate import read_rows
 from distill.onpolicy import train as onpolicy
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json, read_json, record_config
-from teachers.chat import template_mismatch
+from teachers.chat import Mode, template_mismatch
 from teachers.protocol import Teacher, TopK
 
 STAGES = ("before", "after_offpolicy", "after_onpolicy")
@@ -78,7 +78,7 @@ def measure(
     heldout: Sequence[Example],
     eval_prompts: Sequence[Prompt],
     config: evaluate.Config,
-    modes: Sequence[str],
+    modes: Sequence[Mode],
     ledger: GpuLedger,
 ) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -87,12 +87,12 @@ def measure(
         "heldout_kl": evaluate.heldout_kl(model, heldout, tokenizer),
         "onpolicy_rkl": evaluate.onpolicy_divergence(
             model, teacher, tokenizer, eval_prompts, modes, config, ledger
-        ),  # type: ignore[arg-type]
+        ),
     }
     for mode in modes:
         out[f"accuracy_{mode}"] = evaluate.accuracy(
             model, tokenizer, eval_prompts, mode, config, ledger
-        )  # type: ignore[arg-type]
+        )
     return out
 
 

@@ -124,9 +124,8 @@ def tiny_qwen3_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> Q
         max_position_embeddings=shape.max_positions,
         tie_word_embeddings=False,
         bos_token_id=None,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        torch_dtype="float32",
+        eos_token_id=int(tokenizer.eos_token_id),  # <|im_end|>
+        pad_token_id=int(tokenizer.pad_token_id),  # <|endoftext|>
     )
 
 
