@@ -13,6 +13,8 @@ from cli.teacher import BACKENDS
 from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
+from students.load import resolve_student
+from students.tiny import TINY_SHAPES
 from teachers.chat import MODES, Mode
 from teachers.protocol import refuse_remote_code
 
@@ -25,19 +27,25 @@ PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet f
 BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
 UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
 ModesOpt = Annotated[str, typer.Option(help="think, no_think, or both")]
+TeacherGpusOpt = Annotated[
+    int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
+]
 
 
 def resolve_models(teacher: str, student: str) -> tuple[str, str]:
-    """'embedded' builds (or reuses) the cached tiny pair; anything else must exist."""
+    """'embedded' builds (or reuses) the cached tiny pair; a student may also be a Qwen3 size
+    ('8B', '8B-Base'), a hub id, a local folder, or a tiny preset on the teacher's tokenizer."""
+    if student not in (EMBEDDED, *TINY_SHAPES):
+        student = resolve_student(student)  # fail fast, before a minute of embedded build
     if EMBEDDED in (teacher, student):
         assets = embedded.build(log=lambda s: console.print(f"[dim]{s}[/]"))
         teacher = str(assets.teacher) if teacher == EMBEDDED else teacher
         student = str(assets.student) if student == EMBEDDED else student
-    if not Path(student).is_dir():
-        raise DistillError(
-            f"student {student!r} is neither 'embedded' nor a model folder: pass a folder "
-            "written by save_pretrained (config.json + safetensors + tokenizer)"
-        )
+    student = resolve_student(
+        student,
+        tokenizer_from=teacher if Path(teacher).is_dir() else None,
+        cache=embedded.cache_root() / "students",
+    )
     # Students are trained with transformers' own architectures only: never their shipped code.
     refuse_remote_code(student, trust=False, fix="pick a student of a transformers architecture")
     return teacher, student

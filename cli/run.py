@@ -22,6 +22,7 @@ from cli.resolve import (
     PromptsOpt,
     RunDir,
     StudentOpt,
+    TeacherGpusOpt,
     TeacherOpt,
     UrlOpt,
     prompt_sets,
@@ -63,6 +64,7 @@ def run(
     ] = onpolicy.Config.divergence,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
+    teacher_gpus: TeacherGpusOpt = 0,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
 ) -> None:
@@ -124,5 +126,6 @@ def run(
             log=bars.log,
             progress=bars.step,
             announce=lambda s: console.print(f"[bold cyan]>[/] {s}"),
+            teacher_devices=teacher_gpus,
         )
     render_run(run_dir)

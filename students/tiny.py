@@ -111,6 +111,12 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 500) -> PreTrainedT
     )
 
 
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(found, int), (token, found)
+    return found
+
+
 def tiny_qwen3_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> Qwen3Config:
     assert shape.vocab_rows >= len(tokenizer), (shape.vocab_rows, len(tokenizer))
     return Qwen3Config(
@@ -124,8 +130,8 @@ def tiny_qwen3_config(shape: TinyShape, tokenizer: PreTrainedTokenizerFast) -> Q
         max_position_embeddings=shape.max_positions,
         tie_word_embeddings=False,
         bos_token_id=None,
-        eos_token_id=int(tokenizer.eos_token_id),  # <|im_end|>
-        pad_token_id=int(tokenizer.pad_token_id),  # <|endoftext|>
+        eos_token_id=token_id(tokenizer, "<|im_end|>"),
+        pad_token_id=token_id(tokenizer, "<|endoftext|>"),
     )
 
 
