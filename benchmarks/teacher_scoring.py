@@ -72,16 +72,23 @@ def main() -> None:
 
     # The server starts first so its start-up overlaps the engine's.
     port = launch.free_port()
-    cmd = launch.serve_command(launch.resolve_preset(str(model)), port=port, cpu=launch.on_cpu(),
-                               max_logprobs=K, max_model_len=max(T + 1, 512))
+    cmd = launch.serve_command(
+        launch.resolve_preset(str(model)),
+        port=port,
+        cpu=launch.on_cpu(),
+        max_logprobs=K,
+        max_model_len=max(T + 1, 512),
+    )
     proc = launch.start_server(cmd, launch.server_env(launch.on_cpu()))
     try:
         engine = VLLMTeacher.from_pretrained(model, max_top_k=K, max_model_len=max(T + 1, 512))
-        sp = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=K,
-                                 detokenize=False, flat_logprobs=True)
+        sp = vllm.SamplingParams(
+            max_tokens=1, temperature=1.0, prompt_logprobs=K, detokenize=False, flat_logprobs=True
+        )
         prompts = [TokensPrompt(prompt_token_ids=s) for s in seqs]
-        t_raw_engine = best_of(lambda: engine.llm.generate(prompts, sp, use_tqdm=False),
-                               args.repeats)
+        t_raw_engine = best_of(
+            lambda: engine.llm.generate(prompts, sp, use_tqdm=False), args.repeats
+        )
         t_engine = best_of(lambda: engine.score(seqs, plens, K), args.repeats)
         scores = engine.score(seqs, plens, K)
         held = sum(s.nbytes for s in scores) / tokens
@@ -90,12 +97,20 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         launch.wait_healthy(url, proc)
         client = ServerTeacher.connect([url], str(model), max_top_k=K)
-        body = json.dumps({"model": client.model, "prompt": seqs, "max_tokens": 1,
-                           "temperature": 1.0, "prompt_logprobs": K}).encode()
+        body = json.dumps(
+            {
+                "model": client.model,
+                "prompt": seqs,
+                "max_tokens": 1,
+                "temperature": 1.0,
+                "prompt_logprobs": K,
+            }
+        ).encode()
 
         def raw_server() -> object:
-            req = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=600) as r:
                 return json.loads(r.read())
 
@@ -111,23 +126,31 @@ def main() -> None:
     table = Table(title=f"teacher scoring: {n} x {T} tokens, top-{K}")
     for col in ("path", "tokens/s", "vs raw"):
         table.add_column(col)
-    for name, t, raw in (("raw engine", t_raw_engine, t_raw_engine),
-                         ("distill VLLMTeacher", t_engine, t_raw_engine),
-                         ("raw server (1 request, json.loads)", t_raw_server, t_raw_server),
-                         ("distill ServerTeacher", t_server, t_raw_server)):
+    for name, t, raw in (
+        ("raw engine", t_raw_engine, t_raw_engine),
+        ("distill VLLMTeacher", t_engine, t_raw_engine),
+        ("raw server (1 request, json.loads)", t_raw_server, t_raw_server),
+        ("distill ServerTeacher", t_server, t_raw_server),
+    ):
         table.add_row(name, f"{tokens / t:,.0f}", f"{raw / t:.2f}x")
     console = Console()
     console.print(table)
-    console.print(f"held after parsing: {held:.1f} B/token (6k+4 = {6 * K + 4}); "
-                  f"on the wire: {wire:,.0f} B/token")
-    print(json.dumps({
-        "engine_ratio_vs_raw": round(t_raw_engine / t_engine, 3),
-        "server_ratio_vs_raw": round(t_raw_server / t_server, 3),
-        "bytes_per_token": round(held, 1),
-        "wire_bytes_per_token": round(wire, 1),
-        "top_k": K,
-        "tokens": tokens,
-    }))
+    console.print(
+        f"held after parsing: {held:.1f} B/token (6k+4 = {6 * K + 4}); "
+        f"on the wire: {wire:,.0f} B/token"
+    )
+    print(
+        json.dumps(
+            {
+                "engine_ratio_vs_raw": round(t_raw_engine / t_engine, 3),
+                "server_ratio_vs_raw": round(t_raw_server / t_server, 3),
+                "bytes_per_token": round(held, 1),
+                "wire_bytes_per_token": round(wire, 1),
+                "top_k": K,
+                "tokens": tokens,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

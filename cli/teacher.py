@@ -1,8 +1,8 @@
 """`distill teacher serve|check`, and `make_teacher`, the one place a backend is chosen.
 
-    distill teacher serve --teacher 32B --port 8000            # starts vLLM, prints the URL
-    distill teacher serve --teacher ./my-teacher --print-only  # shows the command only
-    distill teacher check --teacher ./teacher --student ./student --teacher-backend vllm
+distill teacher serve --teacher 32B --port 8000            # starts vLLM, prints the URL
+distill teacher serve --teacher ./my-teacher --print-only  # shows the command only
+distill teacher check --teacher ./teacher --student ./student --teacher-backend vllm
 """
 
 from __future__ import annotations
@@ -91,8 +91,14 @@ def serve(
     preset = launch.resolve_preset(teacher)
     cpu = launch.on_cpu()
     port = port or launch.free_port(host)
-    cmd = launch.serve_command(preset, host=host, port=port, cpu=cpu, max_logprobs=max_logprobs,
-                               max_model_len=max_model_len)
+    cmd = launch.serve_command(
+        preset,
+        host=host,
+        port=port,
+        cpu=cpu,
+        max_logprobs=max_logprobs,
+        max_model_len=max_model_len,
+    )
     if print_only:
         print(launch.printable(cmd, cpu))
         return
@@ -133,7 +139,10 @@ def check(
     reference = HFTeacher.from_pretrained(teacher)
     report = logprob_parity(backend, reference, reference.model, tok_t, convs, top_k)
     diff_lp, diff_top, same_ids, kl = (
-        report.max_actual_diff, report.max_topk_diff, report.same_ids, report.self_kl
+        report.max_actual_diff,
+        report.max_topk_diff,
+        report.same_ids,
+        report.self_kl,
     )
 
     table = Table(title=f"teacher check: {backend.name} vs {reference.name}")
@@ -141,8 +150,11 @@ def check(
         table.add_column(col)
     ok_lp = max(diff_lp, diff_top) <= atol
     table.add_row("template parity", f"{len(convs)} conversations x 2 modes", "yes")
-    table.add_row("max |logprob diff| (actual, top-k)", f"{diff_lp:.2e}, {diff_top:.2e}",
-                  "yes" if ok_lp else f"no (> {atol:g})")
+    table.add_row(
+        "max |logprob diff| (actual, top-k)",
+        f"{diff_lp:.2e}, {diff_top:.2e}",
+        "yes" if ok_lp else f"no (> {atol:g})",
+    )
     table.add_row("top-k ids equal", f"{same_ids:.1%}", "yes" if same_ids == 1.0 else "check")
     table.add_row("KL(teacher || teacher as student)", f"{kl:.2e}", "yes" if kl < 1e-4 else "no")
     console.print(table)

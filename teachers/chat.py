@@ -134,8 +134,11 @@ def generate_with_budget(
             i, ins = todo[j], inserts[j]
             ids = np.concatenate([first[i].token_ids, ins, g.token_ids]).astype(np.int32)
             forced = np.concatenate(
-                [np.zeros(len(first[i].token_ids), bool), np.ones(len(ins), bool),
-                 np.zeros(len(g.token_ids), bool)]
+                [
+                    np.zeros(len(first[i].token_ids), bool),
+                    np.ones(len(ins), bool),
+                    np.zeros(len(g.token_ids), bool),
+                ]
             )
             out[i] = Generation(token_ids=ids, finish_reason=g.finish_reason, forced=forced)
     return out

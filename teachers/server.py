@@ -99,8 +99,15 @@ class ServerTeacher:
                 raise TeacherError(f"server {url} serves {ids}, not {model!r}: pass one of them")
             served = model if model in ids else ids[0]
         shape = model_shape(model)
-        return cls(urls, served, vocab_size=shape.vocab_size, logits_width=shape.logits_width,
-                   eos_id=shape.eos_id, max_top_k=max_top_k, config=config)
+        return cls(
+            urls,
+            served,
+            vocab_size=shape.vocab_size,
+            logits_width=shape.logits_width,
+            eos_id=shape.eos_id,
+            max_top_k=max_top_k,
+            config=config,
+        )
 
     @property
     def name(self) -> str:
@@ -121,20 +128,32 @@ class ServerTeacher:
     def score(
         self, sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int], top_k: int
     ) -> list[TopK]:
-        check_request(sequences, prompt_lengths, top_k, self._max_top_k, self.name,
-                      fix="the server's --max-logprobs (and pass the same max_top_k here)")
+        check_request(
+            sequences,
+            prompt_lengths,
+            top_k,
+            self._max_top_k,
+            self.name,
+            fix="the server's --max-logprobs (and pass the same max_top_k here)",
+        )
         groups = pack(sequences, self.config.batch_tokens)
         requests = [
-            {"model": self.model, "prompt": [list(map(int, sequences[i])) for i in group],
-             "max_tokens": 1, "temperature": 1.0, "prompt_logprobs": top_k}
+            {
+                "model": self.model,
+                "prompt": [list(map(int, sequences[i])) for i in group],
+                "max_tokens": 1,
+                "temperature": 1.0,
+                "prompt_logprobs": top_k,
+            }
             for group in groups
         ]
         out: list[TopK | None] = [None] * len(sequences)
         for group, body in zip(groups, self._post_all(requests), strict=True):
             choices = sorted(body["choices"], key=lambda c: c["index"])  # pyright: ignore
             for i, choice in zip(group, choices, strict=True):
-                out[i] = topk_from_json(choice["prompt_logprobs"], sequences[i],
-                                        int(prompt_lengths[i]), top_k)
+                out[i] = topk_from_json(
+                    choice["prompt_logprobs"], sequences[i], int(prompt_lengths[i]), top_k
+                )
         scores = [s for s in out if s is not None]
         assert len(scores) == len(sequences)
         check_scores(scores, self.name)
@@ -146,10 +165,19 @@ class ServerTeacher:
         # Padded head rows (ids >= vocab_size) are never sampled: a -100 bias removes them.
         bias = {str(i): -100.0 for i in range(self._vocab_size, self._width)}
         requests = [
-            {"model": self.model, "prompt": list(map(int, p)), "max_tokens": params.max_tokens,
-             "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
-             "presence_penalty": params.presence_penalty, "seed": params.seed + i,
-             "stop_token_ids": [self.eos_id], "return_token_ids": True, "logit_bias": bias}
+            {
+                "model": self.model,
+                "prompt": list(map(int, p)),
+                "max_tokens": params.max_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "top_k": params.top_k,
+                "presence_penalty": params.presence_penalty,
+                "seed": params.seed + i,
+                "stop_token_ids": [self.eos_id],
+                "return_token_ids": True,
+                "logit_bias": bias,
+            }
             for i, p in enumerate(prompts)
         ]
         gens = []
@@ -159,8 +187,12 @@ class ServerTeacher:
             stopped = choice["finish_reason"] == "stop"
             if stopped and (not ids or ids[-1] != self.eos_id):
                 ids.append(self.eos_id)  # Generation keeps eos as the last id
-            gens.append(Generation(token_ids=np.asarray(ids, dtype=np.int32),
-                                   finish_reason="stop" if stopped else "length"))
+            gens.append(
+                Generation(
+                    token_ids=np.asarray(ids, dtype=np.int32),
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
         return gens
 
     def _post_all(self, bodies: list[JSON]) -> list[JSON]:
@@ -296,11 +328,15 @@ def _client_error(e: urllib.error.HTTPError, url: str, config: ServerConfig) -> 
     except (json.JSONDecodeError, OSError, AttributeError):
         message = ""
     if e.code == 401:
-        return TeacherError(f"server {url} refused the API key: set {config.api_key_env} to the "
-                            "key the server was started with")
+        return TeacherError(
+            f"server {url} refused the API key: set {config.api_key_env} to the "
+            "key the server was started with"
+        )
     if "logprobs" in message and "max" in message:
-        return TeacherError(f"server {url}: {message}; restart it with a larger --max-logprobs "
-                            "(distill teacher serve --max-logprobs K) or lower top_k")
+        return TeacherError(
+            f"server {url}: {message}; restart it with a larger --max-logprobs "
+            "(distill teacher serve --max-logprobs K) or lower top_k"
+        )
     return TeacherError(f"server {url} rejected the request (HTTP {e.code}): {message[:300]}")
 
 

@@ -66,8 +66,11 @@ class VLLMTeacher:
         path = Path(path)
         if not (path / "config.json").exists():
             raise TeacherError(f"teacher model not found at {path}: pass a folder with config.json")
-        refuse_remote_code(path, trust=trust_remote_code,
-                           fix="read that code, then pass --trust-remote-code to run it")
+        refuse_remote_code(
+            path,
+            trust=trust_remote_code,
+            fix="read that code, then pass --trust-remote-code to run it",
+        )
         try:
             import torch
             from vllm import LLM
@@ -87,12 +90,22 @@ class VLLMTeacher:
         if dtype is not None:
             kwargs["dtype"] = dtype
         max_model_len = max_model_len or local_max_model_len(path)
-        llm = LLM(model=str(path), max_logprobs=max_top_k, max_model_len=max_model_len,
-                  seed=seed, trust_remote_code=trust_remote_code,
-                  **kwargs)  # pyright: ignore[reportArgumentType]
+        llm = LLM(
+            model=str(path),
+            max_logprobs=max_top_k,
+            max_model_len=max_model_len,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            **kwargs,
+        )  # pyright: ignore[reportArgumentType]
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        return cls(llm, name=f"vllm:{path.name}", vocab_size=len(tokenizer),
-                   eos_id=int(tokenizer.eos_token_id), max_top_k=max_top_k)
+        return cls(
+            llm,
+            name=f"vllm:{path.name}",
+            vocab_size=len(tokenizer),
+            eos_id=int(tokenizer.eos_token_id),
+            max_top_k=max_top_k,
+        )
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -145,10 +158,21 @@ class VLLMTeacher:
     ) -> list[TopK]:
         import vllm
 
-        check_request(sequences, prompt_lengths, top_k, self._max_top_k, self._name,
-                      fix="VLLMTeacher.from_pretrained(..., max_top_k=K)")
-        sp = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=top_k,
-                                 detokenize=False, flat_logprobs=True)
+        check_request(
+            sequences,
+            prompt_lengths,
+            top_k,
+            self._max_top_k,
+            self._name,
+            fix="VLLMTeacher.from_pretrained(..., max_top_k=K)",
+        )
+        sp = vllm.SamplingParams(
+            max_tokens=1,
+            temperature=1.0,
+            prompt_logprobs=top_k,
+            detokenize=False,
+            flat_logprobs=True,
+        )
         outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
         scores = [
             topk_from_flat(out.prompt_logprobs, int(P), len(seq), top_k)
@@ -177,10 +201,15 @@ def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
     starts = np.asarray(flat.start_indices[P:n])  # (L,)
     ends = np.asarray(flat.end_indices[P:n])  # (L,)
     if L and not (ends - starts == width).all():
-        raise TeacherError(f"vLLM returned {set((ends - starts).tolist())} entries per position, "
-                           f"expected {width}: this vLLM's prompt-logprob layout is unsupported")
+        raise TeacherError(
+            f"vLLM returned {set((ends - starts).tolist())} entries per position, "
+            f"expected {width}: this vLLM's prompt-logprob layout is unsupported"
+        )
     lo, hi = (int(starts[0]), int(ends[-1])) if L else (0, 0)
     ids = np.asarray(flat.token_ids[lo:hi], dtype=np.int32).reshape(L, width)  # (L, K+1)
     lps = np.asarray(flat.logprobs[lo:hi], dtype=np.float32).reshape(L, width)  # (L, K+1)
-    return TopK(ids=np.ascontiguousarray(ids[:, 1:]), logprobs=np.ascontiguousarray(lps[:, 1:]),
-                actual_logprobs=np.ascontiguousarray(lps[:, 0]))
+    return TopK(
+        ids=np.ascontiguousarray(ids[:, 1:]),
+        logprobs=np.ascontiguousarray(lps[:, 1:]),
+        actual_logprobs=np.ascontiguousarray(lps[:, 0]),
+    )

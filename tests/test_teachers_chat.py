@@ -63,8 +63,11 @@ class ScriptedGenerate:
         for p in prompts:
             ids = self.script[len(self.calls) - 1][: params.max_tokens]
             stop = bool(ids) and ids[-1] == self.eos
-            out.append(Generation(token_ids=np.asarray(ids, np.int32),
-                                  finish_reason="stop" if stop else "length"))
+            out.append(
+                Generation(
+                    token_ids=np.asarray(ids, np.int32), finish_reason="stop" if stop else "length"
+                )
+            )
             del p
         return out
 
@@ -77,8 +80,9 @@ def test_budget_inserts_the_sentence_once_and_masks_it(
     sentence = tokenizer.encode(BUDGET_SENTENCE, add_special_tokens=False)
     gen = ScriptedGenerate([[10] * 50, [20, 21, eos]], eos)
     params = SamplingParams(temperature=0.6, max_tokens=40)
-    (g,) = generate_with_budget(gen, [[1, 2]], params, budget=budget, think_end_id=end,
-                                sentence_ids=sentence)
+    (g,) = generate_with_budget(
+        gen, [[1, 2]], params, budget=budget, think_end_id=end, sentence_ids=sentence
+    )
     ids = g.token_ids.tolist()
     assert ids == [10] * budget + sentence + [20, 21, eos]
     assert g.forced.tolist() == [False] * budget + [True] * len(sentence) + [False] * 3
@@ -93,12 +97,14 @@ def test_budget_inserts_nothing_when_thinking_ended(tokenizer: PreTrainedTokeniz
     params = SamplingParams(temperature=0.6, max_tokens=40)
     for script in ([[10, end, 11, eos]], [[10, 11, eos]]):  # closed in budget; eos in budget
         gen = ScriptedGenerate(script, eos)
-        (g,) = generate_with_budget(gen, [[1]], params, budget=8, think_end_id=end,
-                                    sentence_ids=sentence)
+        (g,) = generate_with_budget(
+            gen, [[1]], params, budget=8, think_end_id=end, sentence_ids=sentence
+        )
         assert not g.forced.any() and len(gen.calls) == 1
     gen = ScriptedGenerate([[10, end, 11, 12], [13, eos]], eos)  # closed, answer cut at budget
-    (g,) = generate_with_budget(gen, [[1]], params, budget=4, think_end_id=end,
-                                sentence_ids=sentence)
+    (g,) = generate_with_budget(
+        gen, [[1]], params, budget=4, think_end_id=end, sentence_ids=sentence
+    )
     assert g.token_ids.tolist() == [10, end, 11, 12, 13, eos] and not g.forced.any()
 
 
@@ -107,18 +113,23 @@ def test_template_and_vocab_parity(tokenizer: PreTrainedTokenizerFast) -> None:
     assert vocab_mismatch(tokenizer, tokenizer) is None
     template = tokenizer.chat_template
     assert isinstance(template, str)
-    drifted = template.replace("{%- if add_generation_prompt -%}",
-                               "{%- if add_generation_prompt -%}{{- ' ' -}}")
-    other = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer,
-                                    eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                    chat_template=drifted)
+    drifted = template.replace(
+        "{%- if add_generation_prompt -%}", "{%- if add_generation_prompt -%}{{- ' ' -}}"
+    )
+    other = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=drifted,
+    )
     diff = template_mismatch(tokenizer, other, MSGS)
     assert diff is not None and "first difference at token" in diff
 
 
 def test_no_think_refuses_a_template_without_the_switch(tokenizer: PreTrainedTokenizerFast) -> None:
     plain = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer.backend_tokenizer, eos_token="<|im_end|>",
+        tokenizer_object=tokenizer.backend_tokenizer,
+        eos_token="<|im_end|>",
         chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
     )
     with pytest.raises(TeacherError, match="enable_thinking"):

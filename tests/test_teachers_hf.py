@@ -66,9 +66,15 @@ def test_shape_and_generation(teacher: HFTeacher, tiny_pair: TinyPair) -> None:
 def test_bad_input_names_the_problem(teacher: HFTeacher) -> None:
     with pytest.raises(TeacherError, match="top_k"):
         teacher.score([[1, 2, 3]], [1], top_k=teacher.max_top_k + 1)
-    bad = TopK(ids=np.zeros((2, 1), np.int32), logprobs=np.array([[0.0], [np.nan]], np.float32),
-               actual_logprobs=np.zeros(2, np.float32))
-    good = TopK(ids=np.zeros((2, 1), np.int32), logprobs=np.zeros((2, 1), np.float32),
-                actual_logprobs=np.zeros(2, np.float32))
+    bad = TopK(
+        ids=np.zeros((2, 1), np.int32),
+        logprobs=np.array([[0.0], [np.nan]], np.float32),
+        actual_logprobs=np.zeros(2, np.float32),
+    )
+    good = TopK(
+        ids=np.zeros((2, 1), np.int32),
+        logprobs=np.zeros((2, 1), np.float32),
+        actual_logprobs=np.zeros(2, np.float32),
+    )
     with pytest.raises(TeacherError, match="sequence 1"):
         check_scores([good, bad], "t")

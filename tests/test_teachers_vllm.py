@@ -36,9 +36,9 @@ FAST_RETRY = ServerConfig(retries=6, backoff_s=0.01, batch_tokens=64, concurrenc
 
 
 @pytest.fixture(scope="module")
-def server_proc(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-    tuple[Popen[bytes], str]
-]:
+def server_proc(
+    tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Popen[bytes], str]]:
     port = launch.free_port()
     preset = launch.resolve_preset(str(tiny_pair.teacher_dir))
     cmd = launch.serve_command(preset, port=port, cpu=True, max_logprobs=MAX_LOGPROBS)
@@ -74,8 +74,10 @@ def reference(tiny_pair: TinyPair) -> HFTeacher:
 def scored(tiny_pair: TinyPair, reference: HFTeacher) -> tuple[list[list[int]], list[int]]:
     """Chat prompts in both modes with greedy completions, plus a random-id sequence."""
     tok = tiny_pair.tokenizer
-    prompts = [render_prompt(tok, [{"role": "user", "content": p.prompt}], MODES[i % 2])
-               for i, p in enumerate(problems(4, seed=0, split="vllm"))]
+    prompts = [
+        render_prompt(tok, [{"role": "user", "content": p.prompt}], MODES[i % 2])
+        for i, p in enumerate(problems(4, seed=0, split="vllm"))
+    ]
     gens = reference.generate(prompts, SamplingParams(temperature=0.0, max_tokens=20))
     seqs = [[*p, *g.token_ids.tolist()] for p, g in zip(prompts, gens, strict=True)]
     rng = np.random.default_rng(0)
@@ -106,8 +108,10 @@ def test_engine_generation_matches_hf_greedy_and_budget(
     engine: VLLMTeacher, reference: HFTeacher, tiny_pair: TinyPair
 ) -> None:
     tok = tiny_pair.tokenizer
-    prompts = [render_prompt(tok, [{"role": "user", "content": p.prompt}], "think")
-               for p in problems(3, seed=1, split="vllm")]
+    prompts = [
+        render_prompt(tok, [{"role": "user", "content": p.prompt}], "think")
+        for p in problems(3, seed=1, split="vllm")
+    ]
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
     got, ref = engine.generate(prompts, greedy), reference.generate(prompts, greedy)
     assert [g.token_ids.tolist() for g in got] == [g.token_ids.tolist() for g in ref]
@@ -121,8 +125,9 @@ def check_budget(teacher: Teacher, prompts: list[list[int]], tiny_pair: TinyPair
     assert isinstance(end, int)
     sentence = tok.encode(BUDGET_SENTENCE, add_special_tokens=False)
     params = SamplingParams(temperature=0.6, top_p=0.95, top_k=20, max_tokens=60, seed=3)
-    gens = generate_with_budget(teacher.generate, prompts, params, budget=5, think_end_id=end,
-                                sentence_ids=sentence)
+    gens = generate_with_budget(
+        teacher.generate, prompts, params, budget=5, think_end_id=end, sentence_ids=sentence
+    )
     inserted = 0
     for g in gens:
         ids, forced = g.token_ids.tolist(), g.forced
@@ -136,11 +141,16 @@ def check_budget(teacher: Teacher, prompts: list[list[int]], tiny_pair: TinyPair
 
 
 @pytest.mark.vllm
-def test_server_scores_equal_hf(server_url: str, tiny_pair: TinyPair, reference: HFTeacher,
-                                scored) -> None:
+def test_server_scores_equal_hf(
+    server_url: str, tiny_pair: TinyPair, reference: HFTeacher, scored
+) -> None:
     seqs, plens = scored
-    server = ServerTeacher.connect([server_url, server_url], str(tiny_pair.teacher_dir),
-                                   max_top_k=MAX_LOGPROBS, config=FAST_RETRY)
+    server = ServerTeacher.connect(
+        [server_url, server_url],
+        str(tiny_pair.teacher_dir),
+        max_top_k=MAX_LOGPROBS,
+        config=FAST_RETRY,
+    )
     assert isinstance(server, Teacher) and server.logits_width == 512
     assert_same_scores(server.score(seqs, plens, MAX_LOGPROBS), reference.score(seqs, plens, 8))
     prompts = [s[:P] for s, P in zip(seqs, plens, strict=True)][:3]
@@ -171,8 +181,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _forward(self, body: bytes | None) -> bytes | None:
         """The upstream body; a 4xx/5xx answer is relayed as is and gives None."""
-        req = urllib.request.Request(self.proxy.upstream + self.path, data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.proxy.upstream + self.path, data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.read()
@@ -226,21 +237,30 @@ def with_proxy(upstream: str, plan: list[str]) -> FaultyProxy:
 
 
 @pytest.mark.vllm
-def test_retries_survive_a_failing_server(server_url: str, tiny_pair: TinyPair,
-                                          reference: HFTeacher, scored) -> None:
+def test_retries_survive_a_failing_server(
+    server_url: str, tiny_pair: TinyPair, reference: HFTeacher, scored
+) -> None:
     seqs, plens = scored
     proxy = with_proxy(server_url, ["500", "ok", "drop", "truncate", "ok", "500", "ok"])
     try:
-        server = ServerTeacher.connect([proxy.url], str(tiny_pair.teacher_dir),
-                                       max_top_k=MAX_LOGPROBS, config=FAST_RETRY)
+        server = ServerTeacher.connect(
+            [proxy.url], str(tiny_pair.teacher_dir), max_top_k=MAX_LOGPROBS, config=FAST_RETRY
+        )
         assert_same_scores(server.score(seqs, plens, 5), reference.score(seqs, plens, 5))
         assert {"500", "drop", "truncate"} <= set(proxy.seen)
     finally:
         proxy.shutdown()
     dead = with_proxy(server_url, ["500"])
     try:
-        server = ServerTeacher(urls=[dead.url], model="m", vocab_size=500, logits_width=512,
-                               eos_id=0, max_top_k=8, config=FAST_RETRY)
+        server = ServerTeacher(
+            urls=[dead.url],
+            model="m",
+            vocab_size=500,
+            logits_width=512,
+            eos_id=0,
+            max_top_k=8,
+            config=FAST_RETRY,
+        )
         with pytest.raises(TeacherError, match="failed 7 times"):
             server.score(seqs[:1], plens[:1], 5)
     finally:
@@ -248,13 +268,18 @@ def test_retries_survive_a_failing_server(server_url: str, tiny_pair: TinyPair,
 
 
 @pytest.mark.vllm
-def test_bad_answers_and_requests_name_the_fix(server_url: str, tiny_pair: TinyPair,
-                                               scored) -> None:
+def test_bad_answers_and_requests_name_the_fix(
+    server_url: str, tiny_pair: TinyPair, scored
+) -> None:
     seqs, plens = scored
     proxy = with_proxy(server_url, ["nan"])
     try:
-        server = ServerTeacher.connect([proxy.url], str(tiny_pair.teacher_dir),
-                                       max_top_k=64, config=ServerConfig(batch_tokens=10**6))
+        server = ServerTeacher.connect(
+            [proxy.url],
+            str(tiny_pair.teacher_dir),
+            max_top_k=64,
+            config=ServerConfig(batch_tokens=10**6),
+        )
         with pytest.raises(TeacherError, match=f"sequence {len(seqs) - 1}"):
             server.score(seqs, plens, 4)
         with pytest.raises(TeacherError, match="--max-logprobs"):  # the server refuses
@@ -267,11 +292,22 @@ def test_bad_answers_and_requests_name_the_fix(server_url: str, tiny_pair: TinyP
 
 
 @pytest.mark.vllm
-def test_cli_check_against_the_server(server_url: str, tiny_pair: TinyPair,
-                                      tmp_path: Path) -> None:
-    args = ["check", "--teacher", str(tiny_pair.teacher_dir), "--student",
-            str(tiny_pair.teacher_dir), "--teacher-backend", "server", "--teacher-url",
-            server_url, "--max-top-k", str(MAX_LOGPROBS), "--n", "2"]
+def test_cli_check_against_the_server(server_url: str, tiny_pair: TinyPair, tmp_path: Path) -> None:
+    args = [
+        "check",
+        "--teacher",
+        str(tiny_pair.teacher_dir),
+        "--student",
+        str(tiny_pair.teacher_dir),
+        "--teacher-backend",
+        "server",
+        "--teacher-url",
+        server_url,
+        "--max-top-k",
+        str(MAX_LOGPROBS),
+        "--n",
+        "2",
+    ]
     result = CliRunner().invoke(teacher_app, args)
     assert result.exit_code == 0, result.output
     assert "max |logprob diff|" in result.output and "KL(teacher" in result.output
@@ -286,16 +322,29 @@ def test_cli_check_against_the_server(server_url: str, tiny_pair: TinyPair,
 
 def test_cli_unreachable_server_names_url_and_command(tiny_pair: TinyPair) -> None:
     url = f"http://127.0.0.1:{launch.free_port()}"
-    result = CliRunner().invoke(teacher_app, [
-        "check", "--teacher", str(tiny_pair.teacher_dir), "--student", str(tiny_pair.student_dir),
-        "--teacher-backend", "server", "--teacher-url", url])
+    result = CliRunner().invoke(
+        teacher_app,
+        [
+            "check",
+            "--teacher",
+            str(tiny_pair.teacher_dir),
+            "--student",
+            str(tiny_pair.student_dir),
+            "--teacher-backend",
+            "server",
+            "--teacher-url",
+            url,
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert url in result.output and "distill teacher serve" in result.output
 
 
 def test_serve_print_only_and_presets(tiny_pair: TinyPair) -> None:
-    result = CliRunner().invoke(teacher_app, ["serve", "--teacher", str(tiny_pair.teacher_dir),
-                                              "--port", "8123", "--print-only"])
+    result = CliRunner().invoke(
+        teacher_app,
+        ["serve", "--teacher", str(tiny_pair.teacher_dir), "--port", "8123", "--print-only"],
+    )
     assert result.exit_code == 0, result.output
     assert "vllm.entrypoints.openai.api_server" in result.output and "8123" in result.output
     big = launch.serve_command(launch.resolve_preset("235B-A22B"), cpu=False)
