@@ -98,18 +98,29 @@ def scores(run_dir: Path, name: str, k: int) -> dict[str, dict[str, float]]:
     }
 
 
+def metrics(measured: dict[str, Any], k: int) -> dict[str, float]:
+    out = {f"pass@1_{m}": v for m, v in measured["pass1"].items()}
+    return out | {f"pass@{k}_{m}": v for m, v in measured["passk"].items()}
+
+
 def report(
-    method: str, hours: dict[str, float], measured: dict[str, Any], k: int
+    method: str, hours: dict[str, float], measured: dict[str, Any], k: int, start: dict[str, Any]
 ) -> dict[str, Any]:
-    """One row in the import schema of `distill report compare` (distill/report_schema.py)."""
-    metrics = {f"pass@1_{m}": v for m, v in measured["pass1"].items()}
-    metrics |= {f"pass@{k}_{m}": v for m, v in measured["passk"].items()}
+    """One row in the import schema of `distill report compare` (distill/report_schema.py).
+
+    Its curve runs from the shared off-policy point to this method's end, in cumulative hours.
+    """
+    base = 0.0 if start is measured else float(start["device_hours"])
+    curve = [{"device_hours": base + sum(hours.values()), **metrics(measured, k)}]
+    if start is not measured:
+        curve.insert(0, {"device_hours": base, **metrics(start, k)})
     return {
+        "curve": curve,
         "schema": "distill.report/1",
         "method": method,
         "device": "cpu",
         "device_hours": hours,
-        "eval": {"final": metrics},
+        "eval": {"final": metrics(measured, k)},
         "eval_set": {"prompts": "embedded eval split", "n": measured["n_prompts"], "seed": 1},
     }
 
@@ -187,7 +198,7 @@ def main() -> None:
     reports.mkdir(exist_ok=True)
     for name, label in labels.items():
         results[name]["device_hours"] = sum(hours[name].values())
-        row = report(label, hours[name], results[name], k)
+        row = report(label, hours[name], results[name], k, results["offpolicy"])
         (reports / f"{name}.json").write_text(json.dumps(row, indent=1))
     plot = out / "table21.png"
     distill(
