@@ -92,18 +92,17 @@ def next_token_view(
     return logits[:, :-1], batch.input_ids[:, 1:], batch.loss_mask[:, 1:], t_ids, t_lp
 
 
-def length_buckets(
-    lengths: Sequence[int], batch_size: int, generator: torch.Generator, window: int = 8
+def step_batches(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator
 ) -> list[list[int]]:
-    """Shuffle, then sort within windows of `window` batches by length, then shuffle the batches.
+    """A seeded shuffle cut into optimizer steps of `batch_size`; each step sorted by length.
 
-    Similar lengths share a batch (less padding) while the order stays random across batches.
+    Every step is a uniform sample of the data. Bucketing whole steps by length instead makes
+    steps of one mode and one length (thinking responses are longer), and on the embedded task
+    that stalled learning: 3% accuracy where uniform steps reached 92% (benchmarks/table21).
+    Sorting inside a step still lets the micro-batches, cut from it in order, share lengths, so
+    little compute goes to padding. A last partial step is dropped.
     """
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    span = batch_size * window
-    batches: list[list[int]] = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    perm = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in perm]
+    steps = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    return [sorted(step, key=lambda i: lengths[i]) for step in steps]

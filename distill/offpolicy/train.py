@@ -46,7 +46,7 @@ from transformers import (
 
 from distill import checkpoint
 from distill.accounting import GpuLedger, gathered, train_flops
-from distill.batch import Batch, Example, collate, length_buckets, next_token_view
+from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.objective import (
     LogFn,
@@ -301,8 +301,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         epoch, position = divmod(step, epoch_steps)
         if not order or position == 0:
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            batches = length_buckets([len(e) for e in examples], config.batch_size, g)
-            order = [b for b in batches if len(b) == config.batch_size]
+            order = step_batches([len(e) for e in examples], config.batch_size, g)
         chosen = [examples[i] for i in order[position]]
         mine = chosen[rank::world]
         micro = [
