@@ -47,15 +47,18 @@ def run(
     prompts: PromptsOpt = EMBEDDED,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
-    n_prompts: Annotated[int, typer.Option(help="training prompts")] = 256,
-    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = evaluate.Config.prompts,
+    n_prompts: Annotated[int, typer.Option(help="training prompts")] = 1024,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = 48,
     modes: ModesOpt = "both",
-    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 48,
     thinking_budget: Annotated[
         int | None, typer.Option(help="thinking tokens before the stop sentence")
     ] = None,
-    offpolicy_steps: int = 60,
-    onpolicy_steps: int = 30,
+    offpolicy_steps: int = 300,
+    offpolicy_batch_size: int = 64,
+    offpolicy_lr: float = 3e-3,
+    onpolicy_steps: int = 40,
+    onpolicy_lr: float = onpolicy.Config.lr,
     top_k: Annotated[
         int, typer.Option(help="teacher log-probs per position")
     ] = onpolicy.Config.top_k,
@@ -83,12 +86,19 @@ def run(
         seed=seed,
     )
     off_config = offpolicy.Config(
-        run_dir=run_dir, student=student_path, steps=offpolicy_steps, seed=seed
+        run_dir=run_dir,
+        student=student_path,
+        steps=offpolicy_steps,
+        batch_size=offpolicy_batch_size,
+        micro_batch_size=min(offpolicy_batch_size, 64),
+        lr=offpolicy_lr,
+        seed=seed,
     )
     on_config = onpolicy.Config(
         run_dir=run_dir,
         student=str(run_dir / "offpolicy" / "checkpoint"),
         steps=onpolicy_steps,
+        lr=onpolicy_lr,
         modes=mode_tuple,
         max_tokens=max_tokens,
         top_k=top_k,
