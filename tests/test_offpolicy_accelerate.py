@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,12 @@ from test_offpolicy_train import Recorder, config, write_data
 
 from distill.accounting import GpuLedger
 from distill.offpolicy import train as offpolicy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> None:
@@ -36,14 +44,26 @@ def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> N
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        # A free port, not 29500: another job's process group there would hang the rendezvous.
+        "--main_process_port", str(free_port()),
         str(distill), "offpolicy",
         "--run-dir", str(tmp_path / "two"), "--student", str(tiny_pair.student_dir),
         "--data-dir", str(tmp_path / "data"), "--steps", "1", "--batch-size", "4",
         "--micro-batch-size", "2", "--lr", "0.01", "--warmup-steps", "1", "--log-every", "1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # Own process group: a timeout kills both ranks, not only the launcher.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # only rank 0 writes
     two = json.loads(lines[0])

@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from distill import checkpoint
-from distill.accounting import GpuLedger, gathered, train_flops
+from distill.accounting import GpuLedger, train_flops
 from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.objective import (
@@ -352,9 +352,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 )
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             _save(accelerator, student, optimizer, tokenizer, out, step, epoch_steps, data_id)
-            job = gathered(ledger, accelerator)  # collective: every process's device time
             if accelerator.is_main_process:
-                job.save(config.run_dir / "ledger.json")
+                ledger.save(config.run_dir / "ledger.json")
     accelerator.end_training()
     return Summary(steps=config.steps, final_loss=loss, checkpoint=out, examples=len(examples))
 

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill import checkpoint
-from distill.accounting import GpuLedger, forward_flops, gathered, train_flops
+from distill.accounting import GpuLedger, forward_flops, train_flops
 from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.objective import (
@@ -308,11 +308,10 @@ def train(
                 )
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             accelerator.wait_for_everyone()
-            job = gathered(ledger, accelerator)  # collective: every process's device time
             if accelerator.is_main_process:
                 state = trainer_state(optimizer, step, config)
                 checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
-                job.save(config.run_dir / "ledger.json")
+                ledger.save(config.run_dir / "ledger.json")
     close = getattr(sampler, "close", None)
     if owned and close is not None:
         close()
