@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from accelerate import PartialState
 from transformers import AutoTokenizer
 
 from cli.app import app
@@ -153,7 +154,8 @@ def onpolicy_cmd(
         finally:  # retries are worth seeing most when the run failed
             if faults := teacher_metrics(the_teacher):
                 append_metrics(run_dir, {"phase": "onpolicy.teacher", **faults})
-    ledger.save(run_dir / "ledger.json")
+    # Under `accelerate launch` rank 0 writes the job's ledger, the others their shards of it.
+    ledger.save(run_dir / "ledger.json", rank=PartialState().process_index)
     m = summary.metrics
     console.print(
         f"final loss {summary.final_loss:.4f}  kl {m.get('kl', float('nan')):.4f}  "

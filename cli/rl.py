@@ -91,8 +91,7 @@ def rl_cmd(
     )
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
     with phase_progress() as bars:
-        # the loop saves the ledger with each checkpoint, merged over processes; saving the
-        # local one here would drop the other processes' tokens
+        # the loop saves the job's ledger (merged over processes) with each checkpoint
         summary = rl.train(config, train_prompts, held, eval_config, ledger, bars.log)
     console.print(f"final reward {summary.final_reward:.3f}; checkpoint {summary.checkpoint}")
     render_run(run_dir)

@@ -21,6 +21,8 @@ c positions; training costs 3x forward (forward, input gradient, weight gradient
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,8 +30,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 
 from distill.errors import DistillError
 from distill.rundir import atomic_write_json, read_json
@@ -160,6 +160,7 @@ class GpuLedger:
         self.marks: dict[str, float] = {}  # label -> total device-hours when it was marked
         self.eval_points: list[float] = []  # total device-hours at the start of each eval round
         self.loaded: dict[str, PhaseTotals] = {}  # totals read from disk (see gather_ranks)
+        self.session = "new"  # fingerprint of the ledger.json this session started from
         self._stack: list[tuple[str, int, bool]] = []  # (name, devices, is_teacher)
         self._last: str | None = None  # the phase that finished last
         self._mark = time.perf_counter()
@@ -261,10 +262,46 @@ class GpuLedger:
             "eval_points": list(self.eval_points),
         }
 
-    def save(self, path: Path) -> None:
-        """Charge the time up to now, then write ledger.json atomically."""
+    def save(self, path: Path, *, rank: int = 0) -> None:
+        """Charge the time up to now, then write atomically: the job's ledger from rank 0, a shard
+        from any other process.
+
+        Processes of an accelerate job never exchange ledgers over the process group (a gather at
+        checkpoint time left a rank hanging at exit in about 1 launch in 4). Instead rank r > 0
+        writes `ledger.rank<r>.json` next to `path`, and rank 0 merges the shards of this session
+        (see `gather_ranks`) into `path`. The loops write the shards before the checkpoint's
+        barrier and rank 0 merges after it, so the merge sees every process's latest totals;
+        shards left by an earlier session (another fingerprint) are ignored.
+        """
         self._charge(time.perf_counter())
-        atomic_write_json(path, self.to_json())
+        if rank:
+            shard = {"session": self.session, "ledger": self.to_json()}
+            shard["loaded"] = {n: asdict(t) for n, t in self.loaded.items()}
+            atomic_write_json(shard_path(path, rank), shard)
+            return
+        ledgers = [self, *read_shards(path, self.session)]
+        job = gather_ranks(ledgers) if len(ledgers) > 1 else self
+        atomic_write_json(path, job.to_json())
+
+    @classmethod
+    def from_json(cls, data: dict[str, object], source: Path) -> GpuLedger:
+        """The ledger `to_json` wrote; `source` names the file in the error."""
+        phases = data.get("phases")
+        if not isinstance(phases, dict):
+            raise DistillError(
+                f"{source} is not a distill ledger (no 'phases'); delete or restore it"
+            )
+        ledger = cls(
+            device=str(data["device"]),
+            devices=int(data.get("devices", 1)),  # type: ignore[arg-type]
+            teacher_devices=int(data.get("teacher_devices", 0)),  # type: ignore[arg-type]
+        )
+        known = {f.name for f in fields(PhaseTotals)}
+        for name, t in phases.items():
+            ledger.phases[name] = PhaseTotals(**{k: v for k, v in t.items() if k in known})
+        ledger.marks = {str(k): float(v) for k, v in data.get("marks", {}).items()}  # type: ignore[union-attr]
+        ledger.eval_points = [float(v) for v in data.get("eval_points", [])]  # type: ignore[union-attr]
+        return ledger
 
     @classmethod
     def load(cls, path: Path, *, teacher_devices: int | None = None) -> GpuLedger:
@@ -273,23 +310,15 @@ class GpuLedger:
         `teacher_devices` overrides the saved declaration for the new session.
         """
         data = read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("phases"), dict):
+        if not isinstance(data, dict):
             raise DistillError(
                 f"{path} is not a distill ledger (no 'phases'); delete or restore it"
             )
-        ledger = cls(
-            device=str(data["device"]),
-            devices=int(data.get("devices", 1)),
-            teacher_devices=(
-                int(data.get("teacher_devices", 0)) if teacher_devices is None else teacher_devices
-            ),
-        )
-        known = {f.name for f in fields(PhaseTotals)}
-        for name, t in data["phases"].items():
-            ledger.phases[name] = PhaseTotals(**{k: v for k, v in t.items() if k in known})
-        ledger.marks = {str(k): float(v) for k, v in data.get("marks", {}).items()}
-        ledger.eval_points = [float(v) for v in data.get("eval_points", [])]
+        ledger = cls.from_json(data, path)
+        if teacher_devices is not None:
+            ledger.teacher_devices = teacher_devices
         ledger.loaded = {name: replace(t) for name, t in ledger.phases.items()}
+        ledger.session = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         return ledger
 
     @classmethod
@@ -331,23 +360,24 @@ def gather_ranks(ledgers: Sequence[GpuLedger]) -> GpuLedger:
     return out
 
 
-def gathered(ledger: GpuLedger, accelerator: Accelerator) -> GpuLedger:
-    """All processes call this together; every one gets the job's ledger (see gather_ranks).
+def shard_path(path: Path, rank: int) -> Path:
+    """ledger.json -> ledger.rank1.json: where process `rank` keeps its own totals."""
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
-    With one process the ledger itself returns.
-    """
-    if accelerator.num_processes == 1:
-        return ledger
-    ledger._charge(time.perf_counter())
-    mine = {"json": ledger.to_json(), "loaded": {n: asdict(t) for n, t in ledger.loaded.items()}}
-    ledgers = []
-    for item in gather_object([mine]):
-        other = GpuLedger(str(item["json"]["device"]))
-        other.devices = int(item["json"]["devices"])
-        other.teacher_devices = int(item["json"]["teacher_devices"])
-        other.phases = {n: PhaseTotals(**t) for n, t in item["json"]["phases"].items()}
-        other.loaded = {n: PhaseTotals(**t) for n, t in item["loaded"].items()}
-        other.marks = dict(item["json"]["marks"])
-        other.eval_points = list(item["json"]["eval_points"])
-        ledgers.append(other)
-    return gather_ranks(ledgers)
+
+def read_shards(path: Path, session: str) -> list[GpuLedger]:
+    """The other processes' ledgers of this session, in rank order (see `GpuLedger.save`)."""
+    pattern = re.compile(rf"{re.escape(path.stem)}\.rank(\d+){re.escape(path.suffix)}")
+    ranked = {}
+    for candidate in path.parent.iterdir():
+        if match := pattern.fullmatch(candidate.name):
+            ranked[int(match.group(1))] = candidate
+    shards = []
+    for _, shard in sorted(ranked.items()):
+        data = read_json(shard)
+        if not isinstance(data, dict) or data.get("session") != session:
+            continue  # an earlier session's: its work is already in ledger.json, or was lost
+        ledger = GpuLedger.from_json(data["ledger"], shard)  # type: ignore[arg-type]
+        ledger.loaded = {n: PhaseTotals(**t) for n, t in data["loaded"].items()}  # type: ignore[union-attr]
+        shards.append(ledger)
+    return shards

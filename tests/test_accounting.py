@@ -153,6 +153,50 @@ def test_gather_ranks_sums_work_and_takes_time_once() -> None:
     assert (t.seconds, t.device_seconds, t.tokens, t.flops, t.calls) == (112, 224, 1016, 26, 5)
 
 
+def _work(ledger: GpuLedger, clock: Clock, seconds: float, tokens: int) -> None:
+    with ledger.phase("student.train", devices=2) as m:
+        clock.now += seconds
+        m.add(tokens, 6.0 * tokens)
+
+
+def test_processes_merge_through_shards_and_resume_counts_the_base_once(
+    clock: Clock, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.json"
+    rank0, rank1 = GpuLedger("cpu", devices=2), GpuLedger("cpu", devices=2)
+    _work(rank0, clock, 10.0, 7)
+    _work(rank1, clock, 12.0, 9)
+    rank1.save(path, rank=1)
+    assert not path.exists() and accounting.shard_path(path, 1).exists()
+    rank0.save(path)
+    t = GpuLedger.load(path).phases["student.train"]
+    assert (t.tokens, t.flops, t.calls) == (16, 96.0, 1)
+    assert t.seconds == pytest.approx(12.0)  # the slowest process, not the sum
+
+    # Resume: both processes start from the merged file; its totals count once.
+    rank0, rank1 = GpuLedger.load(path), GpuLedger.load(path)
+    _work(rank0, clock, 1.0, 3)
+    _work(rank1, clock, 1.0, 4)
+    rank1.save(path, rank=1)
+    rank0.save(path)
+    t = GpuLedger.load(path).phases["student.train"]
+    assert (t.tokens, t.calls) == (23, 2)
+
+
+def test_a_shard_from_an_earlier_session_is_not_merged(clock: Clock, tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    first = GpuLedger("cpu", devices=2)
+    _work(first, clock, 5.0, 5)
+    first.save(path)
+    stale = GpuLedger("cpu", devices=2)  # a rank of a session that began before ledger.json
+    _work(stale, clock, 5.0, 1000)
+    stale.save(path, rank=1)
+    resumed = GpuLedger.load(path)  # a one-process resume of the run
+    _work(resumed, clock, 1.0, 2)
+    resumed.save(path)
+    assert GpuLedger.load(path).phases["student.train"].tokens == 7
+
+
 def test_mfu_against_the_peak_table_and_cpu_has_none(clock: Clock) -> None:
     ledger = GpuLedger("cuda:NVIDIA H200", devices=1)
     with ledger.phase("student.train") as m:

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> None:
     write_data(tmp_path / "data", tiny_pair.tokenizer, 4)
-    one = Recorder()
+    one, one_ledger = Recorder(), GpuLedger()
     cfg = config(tmp_path / "one", tiny_pair.student_dir, tmp_path / "data", steps=1)
-    offpolicy.train(cfg, GpuLedger(), one)
+    offpolicy.train(cfg, one_ledger, one)
     distill = Path(sys.executable).parent / "distill"
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -72,6 +72,13 @@ def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> N
     assert two["loss"] == pytest.approx(one.metrics[1]["loss"], rel=1e-5)
     assert two["grad_norm"] == pytest.approx(one.metrics[1]["grad_norm"], rel=1e-4)
     assert (tmp_path / "two" / "offpolicy" / "checkpoint" / "model.safetensors").exists()
+    # Each process trained on half the batch; the job's ledger counts both halves (rank 1's
+    # through its shard), so it counts what one process holding the whole batch counted.
+    job = GpuLedger.load(tmp_path / "two" / "ledger.json")
+    assert (tmp_path / "two" / "ledger.rank1.json").exists()
+    assert job.devices == 2
+    assert job.phases["student.train"].tokens == one_ledger.phases["student.train"].tokens
+    assert job.phases["student.train"].flops == one_ledger.phases["student.train"].flops
 
 
 def test_shipped_accelerate_configs_parse() -> None:

@@ -351,6 +351,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                     config.run_dir, {**record, "device_hours": ledger.total_device_hours()}
                 )
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
+            if not accelerator.is_main_process:  # before _save's barrier: rank 0 merges it after
+                ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
             _save(accelerator, student, optimizer, tokenizer, out, step, epoch_steps, data_id)
             if accelerator.is_main_process:
                 ledger.save(config.run_dir / "ledger.json")

@@ -307,6 +307,8 @@ def train(
                     config.run_dir, {**record, "device_hours": ledger.total_device_hours()}
                 )
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
+            if not accelerator.is_main_process:  # before the barrier: rank 0 merges it after
+                ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = trainer_state(optimizer, step, config)

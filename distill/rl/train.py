@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill import checkpoint, evaluate
-from distill.accounting import GpuLedger, forward_flops, gathered, matmul_params, train_flops
+from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
 from distill.batch import Example, collate, next_token_view
 from distill.errors import DistillError
 from distill.objective import LogFn, cross_entropy, lr_at, no_log, resolve_dtype, set_lr
@@ -280,10 +280,11 @@ def train(
                     },
                 )
         if (step + 1) % config.save_every == 0 or last:
+            if not accelerator.is_main_process:  # before the barrier: rank 0 merges it after
+                ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
             accelerator.wait_for_everyone()
-            job = gathered(ledger, accelerator)  # collective: every process takes part
             if accelerator.is_main_process:
                 state = {"optimizer": optimizer.state_dict(), "step": step}
                 checkpoint.save(out, model, tokenizer, state)
-                job.save(config.run_dir / "ledger.json")
+                ledger.save(config.run_dir / "ledger.json")
     return Summary(steps=config.steps, final_reward=mean_reward, checkpoint=out, evals=evals)
