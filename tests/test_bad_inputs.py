@@ -213,7 +213,9 @@ def test_non_finite_teacher_logprobs(
 
     def poisoned(self: HFTeacher, *args: object, **kwargs: object) -> list[TopK]:
         out = real(self, *args, **kwargs)  # type: ignore[arg-type]
-        out[-1].logprobs[-1, -1] = np.float32(poison)
+        lp = out[-1].logprobs  # a decoded copy (TopK is held packed): poison it, then rebuild
+        lp[-1, -1] = np.float32(poison)
+        out[-1] = TopK(ids=out[-1].ids, logprobs=lp, actual_logprobs=out[-1].actual_logprobs)
         return out
 
     monkeypatch.setattr(HFTeacher, "_score_batch", poisoned)
