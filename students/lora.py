@@ -47,6 +47,11 @@ def _peft():  # noqa: ANN202  (the module; imported lazily: peft is an optional 
     return peft
 
 
+def require_peft() -> None:
+    """Raise the install hint now, before a run records anything, if peft is missing."""
+    _peft()
+
+
 def wrap(model: PreTrainedModel, config: Config) -> PreTrainedModel:
     """The model with trainable LoRA adapters on `config.targets`; everything else frozen."""
     peft = _peft()
@@ -96,21 +101,66 @@ def merged_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Write a plain `from_pretrained` folder of the merged student (no peft needed to load)."""
+def is_wrapped(model: torch.nn.Module) -> bool:
+    """True for a `wrap`ped student; False for a plain one, and wherever peft is not installed."""
+    try:
+        import peft
+    except ImportError:
+        return False
+    return isinstance(model, peft.PeftModel)
+
+
+def plain_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The weights under the base model's own names: merged when LoRA-wrapped, else as they are.
+
+    What a consumer that knows no peft (vLLM's `load_weights`, `from_pretrained`) must receive.
+    """
+    return merged_state_dict(model) if is_wrapped(model) else model.state_dict()
+
+
+@torch.no_grad()
+def merged_model(model: PreTrainedModel) -> PreTrainedModel:
+    """A plain model (the base's class and config, no peft) holding the merged weights.
+
+    Built on the meta device and given the merged tensors: weights outside the adapters are
+    shared with the training model, not copied, and the training model is never modified
+    (peft's own `merge_and_unload` would fold the adapters into it in place).
+    """
     from transformers import AutoModelForCausalLM
 
     peft = _peft()
-    assert isinstance(model, peft.PeftModel)
+    if not isinstance(model, peft.PeftModel):
+        raise StudentError("merged_model needs a LoRA-wrapped student (lora.wrap)")
     state = merged_state_dict(model)
     base_config = model.get_base_model().config
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(base_config)
     plain.load_state_dict(state, strict=True, assign=True)
     plain.tie_weights()
+    return plain
+
+
+def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Write a plain `from_pretrained` folder of the merged student (no peft needed to load)."""
     path.mkdir(parents=True, exist_ok=True)
-    plain.save_pretrained(path, safe_serialization=True)
+    merged_model(model).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+
+
+def base_probe(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """A fingerprint of the frozen base: the first 16 values of every weight, by its plain name.
+
+    Resuming adds the saved adapters to a base loaded afresh; a base that changed on disk since
+    (a retrained previous stage) would silently give another model. Comparing probes catches it
+    without hashing every weight.
+    """
+    peft = _peft()
+    base = model.get_base_model() if isinstance(model, peft.PeftModel) else model
+    return {
+        key.replace(".base_layer.", "."): tensor.detach().flatten()[:16].float().cpu().clone()
+        for key, tensor in base.state_dict().items()
+        if ".lora_" not in key
+    }
 
 
 def adapter_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
@@ -120,10 +170,15 @@ def adapter_state(model: PreTrainedModel) -> dict[str, torch.Tensor]:
 
 def load_adapter_state(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> None:
     """Put saved adapters back into a freshly wrapped base (same Config)."""
-    result = _peft().set_peft_model_state_dict(model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
+    own = adapter_state(model)
+    differ = sorted(
+        k
+        for k in own.keys() | state.keys()
+        if k not in own or k not in state or own[k].shape != state[k].shape
+    )
+    if differ:
         raise StudentError(
-            f"saved adapters do not fit this student ({unexpected[:3]}...): resume with the "
+            f"saved adapters do not fit this student ({differ[:3]}...): resume with the "
             "same --lora-rank and targets as the run that wrote them"
         )
+    _peft().set_peft_model_state_dict(model, state)

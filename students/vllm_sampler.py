@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from students import lora
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -158,11 +159,13 @@ class VLLMSampler:
         """Copy `model`'s current weights into the running engine (same process tree, no restart).
 
         Tensors go in the engine's dtype; a tied lm_head is skipped because vLLM ties it itself.
+        A LoRA-wrapped `model` sends its merged weights under the base's names (the engine
+        knows no adapters); the training model itself is left as it is.
         """
         dtype = self.llm.llm_engine.model_config.dtype
         tied = bool(getattr(model.config, "tie_word_embeddings", False))
         packed = []
-        for name, tensor in model.state_dict().items():
+        for name, tensor in lora.plain_state_dict(model).items():
             if tied and name == "lm_head.weight":
                 continue
             t = tensor.detach().to("cpu", dtype).contiguous()
