@@ -85,9 +85,14 @@ def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -
     configs = read_json(path) if path.exists() else {}
     new = config_dict(config)
     old = configs.get(phase)
+    # A field added to the config after `old` was recorded, left at its default, is no change:
+    # runs recorded by an older version resume.
+    added = {k for k, v in _defaults(config).items() if k not in (old or {}) and new.get(k) == v}
     # The run dir itself is no part of a run's identity: a moved or copied run resumes.
     changed = sorted(
-        k for k in set(old or {}) | set(new) if k != "run_dir" and (old or {}).get(k) != new.get(k)
+        k
+        for k in set(old or {}) | set(new)
+        if k != "run_dir" and k not in added and (old or {}).get(k) != new.get(k)
     )
     if old is not None and changed and not force:
         raise DistillError(
@@ -96,6 +101,22 @@ def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -
         )
     configs[phase] = new
     atomic_write_json(path, configs)
+
+
+def _defaults(config: Any) -> dict[str, Any]:
+    """The JSON form of each field's default (as `config_dict` writes it), where it has one."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
+        out[f.name] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 def append_metrics(run_dir: Path, record: Mapping[str, Any]) -> None:

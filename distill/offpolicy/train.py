@@ -38,13 +38,12 @@ from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, gather_object
 from transformers import (
-    AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from distill import checkpoint
+from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, train_flops
 from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
@@ -61,6 +60,7 @@ from distill.objective import (
 from distill.offpolicy.generate import read_rows
 from distill.rundir import append_metrics, config_dict
 from losses import Divergence
+from students import lora
 from teachers.chat import render_prompt
 from teachers.protocol import TopK
 
@@ -89,6 +89,8 @@ class Config:
     save_every: int = 50
     report_to: str = "none"  # accelerate trackers: none, all, tensorboard, wandb
     seed: int = 0
+    lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
+    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -237,17 +239,21 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         )
     if config.think_block not in ("prompt", "target"):
         raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed, sharded)
     config.run_dir.mkdir(parents=True, exist_ok=True)
     out = config.run_dir / config.output / "checkpoint"
     data_dir = config.data_dir or config.run_dir / "teacher_data"
     resume = checkpoint.latest(out)
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
-    student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
+    # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
+    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
     vocab_size = len(tokenizer)
     n_params = sum(p.numel() for p in student.parameters())
+    params = adapters.trainable(student)  # every weight, or only the LoRA adapters
     optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
+        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
     check_head(student, vocab_size, source)
     examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
@@ -280,6 +286,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 f"{accelerator.distributed_type.value}: start a new --run-dir with "
                 f"--student {resume}"
             )
+        adapters.restore(student, state, resume)  # LoRA: the saved adapters onto the base
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"]) + 1
         rng_states = list(state["rng"])
@@ -372,7 +379,9 @@ def _save(
 ) -> None:
     """Every process joins (FSDP/ZeRO-3 gather weights, RNG states are gathered); rank 0 writes."""
     accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(student)
+    model = accelerator.unwrap_model(student)
+    # LoRA checkpoints are merged from the unwrapped model (sharded runs are refused for LoRA).
+    weights = None if lora.is_wrapped(model) else accelerator.get_state_dict(student)
     rng = gather_object([torch.get_rng_state()])  # one per process, in rank order
     if accelerator.is_main_process:
         epoch, position = divmod(step + 1, epoch_steps)
@@ -381,7 +390,7 @@ def _save(
             "step": step,
             "rng": rng,
             "data": {"epoch": epoch, "position": position, "fingerprint": data_id},
+            **adapters.state(model),
         }
-        model = accelerator.unwrap_model(student)
-        checkpoint.save(out, model, tokenizer, state, state_dict=weights)
+        checkpoint.save(out, adapters.export(model), tokenizer, state, state_dict=weights)
     accelerator.wait_for_everyone()

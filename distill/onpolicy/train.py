@@ -26,9 +26,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedModel
 
-from distill import checkpoint
+from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, forward_flops, train_flops
 from distill.batch import Example, collate
 from distill.errors import DistillError
@@ -94,6 +94,8 @@ class Config:
     log_every: int = 1
     save_every: int = 25
     seed: int = 0
+    lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
+    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
@@ -142,9 +144,17 @@ def trainer_state(optimizer: torch.optim.Optimizer, step: int, config: Config) -
     }
 
 
-def restore(resume: Path, optimizer: torch.optim.Optimizer, config: Config) -> int:
-    """Load the optimizer and RNG state from checkpoint `resume`; returns the step to run next."""
+def restore(
+    resume: Path,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    student: PreTrainedModel | None = None,
+) -> int:
+    """Load the optimizer and RNG state (and `student`'s LoRA adapters, if any) from checkpoint
+    `resume`; returns the step to run next."""
     state = checkpoint.load_state(resume)
+    if student is not None:
+        adapters.restore(student, state, resume)
     optimizer.load_state_dict(state["optimizer"])
     start = int(state["step"]) + 1
     if "torch_rng" in state:  # absent in checkpoints written before this loop recorded it
@@ -177,6 +187,7 @@ def train(
     the first step and left open); by default one is built from `config.sampler` and closed.
     """
     check_request(config, teacher, prompts)
+    lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed)
     rows: list[OffPolicyRow] = []
     if config.lmbda > 0:
         rows = load_rows(config.data_dir or config.run_dir / "teacher_data", config.modes)
@@ -192,14 +203,14 @@ def train(
             f"the student's tokenizer has {len(tokenizer)} ids, the teacher {teacher.name} "
             f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
         )
-    student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
+    # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
+    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
     vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
     check_head(student, vocab_size, source)
     n_params = sum(p.numel() for p in student.parameters())
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95)
-    )
-    start = restore(resume, optimizer, config) if resume else 0
+    params = adapters.trainable(student)  # every weight, or only the LoRA adapters
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    start = restore(resume, optimizer, config, student) if resume else 0
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     if start >= config.steps:  # finished before: nothing to sample, no engine to start
@@ -311,8 +322,9 @@ def train(
                 ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                state = trainer_state(optimizer, step, config)
-                checkpoint.save(out, accelerator.unwrap_model(student), tokenizer, state)
+                model = accelerator.unwrap_model(student)
+                state = {**trainer_state(optimizer, step, config), **adapters.state(model)}
+                checkpoint.save(out, adapters.export(model), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     close = getattr(sampler, "close", None)
     if owned and close is not None:
