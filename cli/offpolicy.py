@@ -3,6 +3,7 @@
 distill generate --run-dir runs/x --prompts data.jsonl --modes both --samples-per-prompt 2
 distill generate --run-dir runs/x --prompts data.jsonl --think-ratio 0.75 --store-topk 20
 distill offpolicy --run-dir runs/x --student S
+distill offpolicy --run-dir runs/x --student S --lora-rank 16   # adapters only, merged checkpoint
 accelerate launch --config_file configs/accelerate/ddp.yaml "$(which distill)" offpolicy \\
     --run-dir runs/x --student S
 """
@@ -33,6 +34,7 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_metrics
+from distill import adapters
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.offpolicy import generate as gen
@@ -42,6 +44,13 @@ from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
+
+LoraRankOpt = Annotated[
+    int, typer.Option(help="train rank-r LoRA adapters on a frozen student (0: every weight)")
+]
+LoraAlphaOpt = Annotated[
+    int | None, typer.Option(help="LoRA scale = alpha / rank (default: alpha = 2 x rank)")
+]
 
 
 def filter_table(summary: gen.Summary) -> Table:
@@ -226,6 +235,8 @@ def offpolicy_cmd(
         str, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
     ] = offpolicy.Config.report_to,
     seed: int = offpolicy.Config.seed,
+    lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
+    lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     force: bool = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
@@ -254,7 +265,10 @@ def offpolicy_cmd(
         save_every=save_every,
         report_to=report_to,
         seed=seed,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
+    adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     if main:
         console.print(config_table("offpolicy", config))
         record_config(run_dir, "offpolicy", config, force=force)

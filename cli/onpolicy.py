@@ -3,6 +3,7 @@
 distill onpolicy --run-dir runs/x        # embedded teacher; student: RUN_DIR/offpolicy/checkpoint
 distill onpolicy --run-dir runs/x --student S --divergence jsd --beta 0.5 --lmbda 0.25
 distill onpolicy --run-dir runs/x --sampler vllm --sync-every 4   # student sampled by vLLM
+distill onpolicy --run-dir runs/x --lora-rank 16   # adapters only; vLLM gets merged weights
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer
 
 from cli.app import app
+from cli.offpolicy import LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
@@ -29,7 +31,7 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_metrics
-from distill import pipeline
+from distill import adapters, pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
@@ -90,6 +92,8 @@ def onpolicy_cmd(
         int, typer.Option(help="vllm/server teachers: their max_logprobs")
     ] = 20,
     seed: int = 0,
+    lora_rank: LoraRankOpt = C.lora_rank,
+    lora_alpha: LoraAlphaOpt = C.lora_alpha,
     force: bool = False,
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
@@ -121,7 +125,10 @@ def onpolicy_cmd(
         lr=lr,
         save_every=save_every,
         seed=seed,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
+    adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     console.print(config_table("onpolicy", config))
     train_prompts, _ = prompt_sets(
         prompts, n_prompts, 0 if prompts == EMBEDDED else 1, seed, prompt_column, "answer"

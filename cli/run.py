@@ -2,6 +2,7 @@
 
 distill run                                   # embedded default, CPU, a few minutes
 distill run --teacher T --student S --prompts data.jsonl --teacher-backend vllm
+distill run --student 8B --lora-rank 16      # both stages train LoRA adapters, checkpoints merged
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typer
 from transformers import AutoTokenizer
 
 from cli.app import app
+from cli.offpolicy import LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
@@ -30,7 +32,7 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend
-from distill import evaluate, pipeline
+from distill import adapters, evaluate, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
@@ -69,6 +71,8 @@ def run(
     teacher_url: UrlOpt = None,
     teacher_gpus: TeacherGpusOpt = 0,
     seed: int = 0,
+    lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
+    lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
@@ -93,6 +97,8 @@ def run(
         micro_batch_size=min(offpolicy_batch_size, 64),
         lr=offpolicy_lr,
         seed=seed,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
     )
     on_config = onpolicy.Config(
         run_dir=run_dir,
@@ -104,7 +110,10 @@ def run(
         top_k=top_k,
         divergence=divergence,  # type: ignore[arg-type]
         seed=seed,
+        lora_rank=lora_rank,  # fresh adapters on the merged off-policy checkpoint
+        lora_alpha=lora_alpha,
     )
+    adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     eval_config = evaluate.Config(
         prompts=eval_prompts, top_k=top_k, max_tokens=max_tokens, seed=seed + 1
     )
