@@ -119,8 +119,13 @@ def serve_command(
     cpu: bool = False,
     max_logprobs: int | None = None,
     max_model_len: int | None = None,
+    enable_scale_out: bool = False,
 ) -> list[str]:
-    """argv of a vLLM OpenAI-compatible server for `preset`."""
+    """argv of a vLLM OpenAI-compatible server for `preset`.
+
+    `enable_scale_out` serves `/inference/v1/generate`, where (on Model Runner V2, i.e. GPUs)
+    `ServerTeacher` scores with `prompt_logprob_token_ids` (teachers/scoring_route.py).
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -155,6 +160,8 @@ def serve_command(
             "--dtype",
             "bfloat16",
         ]
+    if enable_scale_out:
+        cmd.append("--enable-scale-out")
     # No --api-key flag: it would show the secret in `ps`; vLLM reads VLLM_API_KEY (server_env).
     return cmd
 

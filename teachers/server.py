@@ -3,9 +3,11 @@
 Token ids in, token ids out: prompts are sent as id lists, scores come back as `prompt_logprobs`
 (JSON keys are stringified ids). Sequences are packed into requests of at most `batch_tokens`
 tokens, at most `concurrency` requests are in flight, each to the server with the fewest in
-flight. 5xx answers, dropped connections, timeouts and truncated bodies are retried with
-exponential backoff (on another server when there are several); 4xx answers are the caller's
-mistake and raise at once, naming the fix. Standard library only (urllib + threads).
+flight. Where every server has the newest vLLM's `prompt_logprob_token_ids`, scoring goes to
+`/inference/v1/generate` instead, one sequence per request (teachers/scoring_route.py: what it
+buys, how it is detected). 5xx answers, dropped connections, timeouts and truncated bodies are
+retried with exponential backoff (on another server when there are several); 4xx answers are
+the caller's mistake and raise at once, naming the fix. Standard library only (urllib, threads).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,8 +27,18 @@ import numpy as np
 
 from teachers.launch import API_KEY_ENV, model_shape
 from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+from teachers.scoring_route import (
+    COMPLETIONS,
+    GENERATE,
+    ProbeFailed,
+    detect_route,
+    generate_request,
+    token_id_logprobs,
+    topk_from_json,
+)
 
 JSON = dict[str, object]
+MAX_SINGLE_REQUESTS = 128  # threads, one blocking request each, on the one-sequence route
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,8 +72,11 @@ class ServerTeacher:
         eos_id: int,
         max_top_k: int,
         config: ServerConfig = ServerConfig(),
+        scoring_path: str = COMPLETIONS,
     ) -> None:
         assert urls, "at least one server URL"
+        assert scoring_path in (COMPLETIONS, GENERATE), scoring_path
+        self.scoring_path = scoring_path  # `connect` detects it
         self.urls = [u.rstrip("/") for u in urls]
         self.model, self.config = model, config
         self._vocab_size, self._width, self.eos_id = vocab_size, logits_width, eos_id
@@ -98,6 +113,9 @@ class ServerTeacher:
             if model not in ids and len(ids) != 1:
                 raise TeacherError(f"server {url} serves {ids}, not {model!r}: pass one of them")
             served = model if model in ids else ids[0]
+        # Once per base URL: the newest route only if every server has it (requests go to any).
+        routes = [detect_route(u.rstrip("/"), served, _probe(config)) for u in urls]
+        scoring_path = GENERATE if all(r.path == GENERATE for r in routes) else COMPLETIONS
         shape = model_shape(model)
         return cls(
             urls,
@@ -107,6 +125,7 @@ class ServerTeacher:
             eos_id=shape.eos_id,
             max_top_k=max_top_k,
             config=config,
+            scoring_path=scoring_path,
         )
 
     @property
@@ -137,6 +156,10 @@ class ServerTeacher:
             fix="the server's --max-logprobs (and pass the same max_top_k here)",
         )
         groups = pack(sequences, self.config.batch_tokens)
+        if self.scoring_path == GENERATE:
+            scores = self._score_one_by_one(sequences, prompt_lengths, top_k, len(groups))
+            check_scores(scores, self.name)
+            return scores
         requests = [
             {
                 "model": self.model,
@@ -148,7 +171,7 @@ class ServerTeacher:
             for group in groups
         ]
         out: list[TopK | None] = [None] * len(sequences)
-        for group, body in zip(groups, self._post_all(requests), strict=True):
+        for group, body in zip(groups, self._post_all(requests, COMPLETIONS), strict=True):
             choices = sorted(body["choices"], key=lambda c: c["index"])  # pyright: ignore
             for i, choice in zip(group, choices, strict=True):
                 out[i] = topk_from_json(
@@ -157,6 +180,29 @@ class ServerTeacher:
         scores = [s for s in out if s is not None]
         assert len(scores) == len(sequences)
         check_scores(scores, self.name)
+        return scores
+
+    def _score_one_by_one(
+        self,
+        sequences: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        top_k: int,
+        n_batches: int,
+    ) -> list[TopK]:
+        """/inference/v1/generate, one sequence per request, as many in flight as in batches."""
+        bodies = [
+            generate_request(self.model, seq, int(P), top_k)
+            for seq, P in zip(sequences, prompt_lengths, strict=True)
+        ]
+        per_batch = max(1, len(sequences) // max(1, n_batches))
+        workers = min(MAX_SINGLE_REQUESTS, self.config.concurrency * per_batch)
+        scores = []
+        answers = self._post_all(bodies, GENERATE, workers)
+        for seq, P, body in zip(sequences, prompt_lengths, answers, strict=True):
+            actual = token_id_logprobs(body, len(seq) - int(P))  # (L,)
+            rows = body["prompt_logprobs"]
+            assert isinstance(rows, list), "vLLM answers prompt_logprobs as a list of rows"
+            scores.append(topk_from_json(rows, seq, int(P), top_k, actual))
         return scores
 
     def generate(
@@ -181,7 +227,7 @@ class ServerTeacher:
             for i, p in enumerate(prompts)
         ]
         gens = []
-        for body in self._post_all(requests):
+        for body in self._post_all(requests, COMPLETIONS):
             choice = body["choices"][0]  # pyright: ignore
             ids = [int(t) for t in choice["token_ids"]]
             stopped = choice["finish_reason"] == "stop"
@@ -195,19 +241,19 @@ class ServerTeacher:
             )
         return gens
 
-    def _post_all(self, bodies: list[JSON]) -> list[JSON]:
-        """POST each body to /v1/completions, `concurrency` at a time; answers in input order."""
-        workers = max(1, min(self.config.concurrency, len(bodies)))
+    def _post_all(self, bodies: list[JSON], path: str, workers: int | None = None) -> list[JSON]:
+        """POST each body to `path`, `concurrency` (or `workers`) at a time; answers in order."""
+        workers = max(1, min(workers or self.config.concurrency, len(bodies)))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(self._post, bodies))
+            return list(pool.map(lambda body: self._post(body, path), bodies))
 
-    def _post(self, body: JSON) -> JSON:
+    def _post(self, body: JSON, path: str) -> JSON:
         payload = json.dumps(body).encode()
         last = ""
         for attempt in range(self.config.retries + 1):
             url = self._acquire()
             try:
-                return _request(f"{url}/v1/completions", payload, self.config, counter=self)
+                return _request(f"{url}{path}", payload, self.config, counter=self)
             except urllib.error.HTTPError as e:
                 if e.code < 500:
                     raise _client_error(e, url, self.config) from None
@@ -267,31 +313,6 @@ def pack(sequences: Sequence[Sequence[int]], batch_tokens: int) -> list[list[int
     return [g for g in groups if g]
 
 
-def topk_from_json(
-    rows: list[dict[str, JSON] | None], seq: Sequence[int], P: int, top_k: int
-) -> TopK:
-    """Rows P..n-1 of the server's prompt_logprobs (see TopK: entry P + t scores token t).
-
-    Each row maps str(id) -> {logprob, rank}: the top K by rank, plus the actual token when it is
-    not among them (then K + 1 entries). The server writes -inf as -9999.0.
-    """
-    L = len(seq) - P
-    ids = np.empty((L, top_k), dtype=np.int32)  # (L, K)
-    lps = np.empty((L, top_k), dtype=np.float32)  # (L, K)
-    actual = np.empty(L, dtype=np.float32)  # (L,)
-    for t in range(L):
-        row = rows[P + t]
-        assert row is not None, f"no prompt logprobs at position {P + t}"
-        ranked = sorted(
-            (int(v["rank"]), -float(v["logprob"]), int(k))  # pyright: ignore[reportArgumentType]
-            for k, v in row.items()
-        )[:top_k]
-        ids[t] = [r[2] for r in ranked]
-        lps[t] = [-r[1] for r in ranked]
-        actual[t] = float(row[str(int(seq[P + t]))]["logprob"])  # pyright: ignore
-    return TopK(ids=ids, logprobs=lps, actual_logprobs=actual)
-
-
 def _request(
     url: str,
     payload: bytes | None,
@@ -321,12 +342,32 @@ def _request(
     return body
 
 
+def _probe(config: ServerConfig) -> Callable[[str, JSON | None], JSON]:
+    """One detection request (GET when no body), no retries; a failure is ProbeFailed."""
+
+    def fetch(url: str, body: JSON | None) -> JSON:
+        payload = None if body is None else json.dumps(body).encode()
+        try:
+            return _request(url, payload, config, timeout_s=30.0)
+        except urllib.error.HTTPError as e:
+            raise ProbeFailed(f"HTTP {e.code} {_error_message(e)}"[:300]) from None
+        except (_Retryable, urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise ProbeFailed(_reason(e)) from None
+
+    return fetch
+
+
+def _error_message(e: urllib.error.HTTPError) -> str:
+    """The `error.message` of a vLLM error body, or "" when there is none."""
+    try:
+        return str(json.loads(e.read()).get("error", {}).get("message", ""))
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return ""
+
+
 def _client_error(e: urllib.error.HTTPError, url: str, config: ServerConfig) -> TeacherError:
     """4xx: the request is wrong for this server; name the fix."""
-    try:
-        message = str(json.loads(e.read()).get("error", {}).get("message", ""))
-    except (json.JSONDecodeError, OSError, AttributeError):
-        message = ""
+    message = _error_message(e)
     if e.code == 401:
         return TeacherError(
             f"server {url} refused the API key: set {config.api_key_env} to the "

