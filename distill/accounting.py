@@ -91,25 +91,43 @@ def forward_flops(
 
 
 def train_flops(
-    n_params: int, tokens: int, *, layers: int = 0, attn_width: int = 0, context: float = 0.0
+    n_params: int,
+    tokens: int,
+    *,
+    layers: int = 0,
+    attn_width: int = 0,
+    context: float = 0.0,
+    trainable: int | None = None,
 ) -> float:
-    """Forward + backward: the backward costs twice the forward (input and weight gradients)."""
-    return 3.0 * forward_flops(
-        n_params, tokens, layers=layers, attn_width=attn_width, context=context
-    )
+    """Forward + backward. The backward costs a forward for the input gradients (2·N per token:
+    every layer passes its gradient down) and one for the weight gradients, but the latter only
+    for the `trainable` matrix parameters (default all N: 6·N per token in all). With LoRA the
+    base weights are frozen, so training costs ≈ 4·N + 2·N_adapters per token, not 6·N.
+    Attention has no weights: its backward is twice its forward either way.
+    """
+    trainable = n_params if trainable is None else trainable
+    forward = forward_flops(n_params, tokens, layers=layers, attn_width=attn_width, context=context)
+    attention = forward - 2.0 * n_params * tokens
+    return forward + 2.0 * n_params * tokens + 2.0 * trainable * tokens + 2.0 * attention
 
 
-def matmul_params(model: torch.nn.Module) -> int:
+def matmul_params(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Parameters of a transformers model that take part in matrix products (see forward_flops):
-    the matrices, less an untied input embedding (a lookup); norm scales and biases are not."""
-    total = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+    the matrices, less an untied input embedding (a lookup); norm scales and biases are not.
+    `trainable_only`: those that also get a weight gradient (all of them, or LoRA's adapters)."""
+    total = sum(
+        p.numel()
+        for p in model.parameters()
+        if p.dim() >= 2 and (p.requires_grad or not trainable_only)
+    )
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
     if get_in is None or get_out is None:
         return total
     emb, head = get_in(), get_out()
     tied = head is not None and head.weight is emb.weight
-    return total if tied else total - emb.weight.numel()
+    counted = emb.weight.requires_grad or not trainable_only
+    return total if tied or not counted else total - emb.weight.numel()
 
 
 @dataclass

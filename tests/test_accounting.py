@@ -244,3 +244,26 @@ def test_flop_formulas_match_the_tiny_model(tokenizer) -> None:  # noqa: ANN001
     expected = train_flops(matmul_params(model), 2 * T, layers=shape.layers,
                            attn_width=width, context=T)  # fmt: skip
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+
+
+def test_lora_training_flops_leave_out_the_frozen_weight_gradients(tokenizer) -> None:  # noqa: ANN001
+    from students import lora
+
+    shape = TINY_SHAPES["tiny-student"]
+    model = lora.wrap(tiny_qwen3(shape, tokenizer, seed=0), lora.Config(rank=4, dropout=0.0))
+    model.config._attn_implementation = "eager"
+    n, trainable = matmul_params(model), matmul_params(model, trainable_only=True)
+    assert 0 < trainable < n / 10  # the adapters only
+    T = 48
+    ids = torch.randint(0, len(tokenizer), (2, T))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.sum().backward()
+    kw = {"layers": shape.layers, "attn_width": shape.heads * shape.head_dim, "context": T}
+    lora_formula = train_flops(n, 2 * T, trainable=trainable, **kw)
+    full_formula = train_flops(n, 2 * T, **kw)
+    # Exact but for the first layer's q/k/v (base and LoRA A) input gradients, which autograd
+    # skips: nothing below them needs a gradient. 6N per token would overcount by a third.
+    qkv_in = shape.hidden * (shape.heads * shape.head_dim + 2 * shape.kv_heads * shape.head_dim)
+    skipped = 2.0 * (2 * T) * (qkv_in + 3 * shape.hidden * 4)
+    assert counter.get_total_flops() == pytest.approx(lora_formula - skipped, rel=1e-9)
+    assert counter.get_total_flops() < 0.8 * full_formula

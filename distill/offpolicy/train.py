@@ -44,7 +44,7 @@ from transformers import (
 )
 
 from distill import adapters, checkpoint
-from distill.accounting import GpuLedger, train_flops
+from distill.accounting import GpuLedger, matmul_params, train_flops
 from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.objective import (
@@ -250,7 +250,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
     student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
     vocab_size = len(tokenizer)
-    n_params = sum(p.numel() for p in student.parameters())
+    n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
+    n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
     params = adapters.trainable(student)  # every weight, or only the LoRA adapters
     optimizer = torch.optim.AdamW(
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
@@ -325,7 +326,10 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                     total, ce = micro_batch_loss(student, mb, config, vocab_size)
                     accelerator.backward(total / n_tokens)
                 loss_sum += torch.stack([total.detach(), ce])
-                meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
+                meter.add(
+                    mb.n_targets,
+                    train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
+                )
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
             lr = lr_at(
                 step,

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, PreTrainedModel
 
 from distill import adapters, checkpoint
-from distill.accounting import GpuLedger, forward_flops, train_flops
+from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
 from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.objective import (
@@ -207,7 +207,8 @@ def train(
     student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
     vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
     check_head(student, vocab_size, source)
-    n_params = sum(p.numel() for p in student.parameters())
+    n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
+    n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
     params = adapters.trainable(student)  # every weight, or only the LoRA adapters
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     start = restore(resume, optimizer, config, student) if resume else 0
@@ -286,7 +287,10 @@ def train(
                     total += per_token.detach().sum().cpu()
                     accumulate(diag, logits, mb, measured, vocab_size)
                 n_trained += int(mb.attention_mask.sum())
-                meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
+                meter.add(
+                    mb.n_targets,
+                    train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
+                )
             grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
             c = config
             lr = lr_at(
