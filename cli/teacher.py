@@ -84,6 +84,13 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     print_only: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /health")] = 900.0,
+    scale_out: Annotated[
+        bool,
+        typer.Option(
+            help="also serve /inference/v1/generate: clients then score with "
+            "prompt_logprob_token_ids where the model runner supports it (GPUs), else fall back"
+        ),
+    ] = False,
 ) -> None:
     """Start a vLLM server for a teacher, wait until healthy, print its URL, keep it running."""
     from teachers import launch
@@ -98,6 +105,7 @@ def serve(
         cpu=cpu,
         max_logprobs=max_logprobs,
         max_model_len=max_model_len,
+        enable_scale_out=scale_out,
     )
     if print_only:
         print(launch.printable(cmd, cpu))

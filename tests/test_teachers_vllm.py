@@ -493,3 +493,7 @@ def test_serve_print_only_and_presets(tiny_pair: TinyPair) -> None:
     assert "--enforce-eager" in mid and mid[mid.index("--dtype") + 1] == "float32"
     result = CliRunner().invoke(teacher_app, ["serve", "--teacher", "7B", "--print-only"])
     assert result.exit_code == 2 and "32B" in result.output
+    for flag, served in (("--scale-out", True), ("--no-scale-out", False)):
+        args = ["serve", "--teacher", "32B", "--print-only", flag]
+        result = CliRunner().invoke(teacher_app, args)
+        assert result.exit_code == 0 and ("--enable-scale-out" in result.output) == served
