@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -17,7 +18,9 @@ from distill.errors import DistillError
 from students.presets import StudentError
 from teachers.protocol import TeacherError
 
-console = Console()
+# Under `accelerate launch` (torchrun sets RANK) every process runs the same command: only rank
+# 0 prints tables, progress and results; errors are printed by whichever process hits them.
+console = Console(quiet=os.environ.get("RANK", "0") != "0")
 err_console = Console(stderr=True)
 
 # Errors a user can fix: one line naming the problem and the fix, exit code 2, no traceback.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,3 +146,14 @@ def test_unwritable_run_dir_under_a_file_is_one_line_exit_2(tmp_path: Path) -> N
     assert result.exit_code == 2
     assert "--run-dir" in _error_line(result)
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("rank, prints", [("0", True), ("1", False)])
+def test_only_rank_0_prints_under_a_launcher(rank: str, prints: bool) -> None:
+    # accelerate launch (torchrun) sets RANK in every process; a fresh interpreter reads it.
+    distill = Path(sys.executable).parent / "distill"
+    env = {**os.environ, "RANK": rank, "COLUMNS": "200"}
+    out = subprocess.run(
+        [str(distill), "students"], capture_output=True, text=True, env=env, check=True
+    )
+    assert ("0.6B" in out.stdout) == prints
