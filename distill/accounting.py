@@ -138,10 +138,6 @@ class PhaseTotals:
     flops: float = 0.0
     calls: int = 0
 
-    def add(self, other: PhaseTotals) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
 
 @dataclass
 class Meter:
@@ -258,11 +254,6 @@ class GpuLedger:
             else None
             for name, t in self.phases.items()
         }
-
-    def merge(self, other: GpuLedger) -> None:
-        """Add another ledger's totals (a later session of the same run)."""
-        for name, t in other.phases.items():
-            self.phases.setdefault(name, PhaseTotals()).add(t)
 
     def to_json(self) -> dict[str, object]:
         return {

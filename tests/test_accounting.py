@@ -20,8 +20,8 @@ from distill.accounting import (
     peak_flops,
     train_flops,
 )
+from distill.architectures import Architecture
 from distill.errors import DistillError
-from distill.plan import Architecture
 from students.tiny import TINY_SHAPES, tiny_qwen3
 
 

@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from distill.plan import MODELS, PAPER_SCALE, Assumptions, describe, estimate, ratio_decomposition
+from distill.architectures import MODELS
+from distill.plan import PAPER_SCALE, Assumptions, describe, estimate, ratio_decomposition
 
 runner = CliRunner()
 
