@@ -25,17 +25,16 @@ from losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
-from losses.fused import (
+from losses.fused import fused_linear_divergence, fused_linear_divergence_sum, matmul_out_dtype
+from losses.sampled import ESTIMATORS, Estimator, estimator, k1, k2, k3, sampled_logprobs
+from losses.support import dense_support, topk_support
+from losses.teacher_data import (
     TeacherData,
     TeacherHidden,
     TeacherLogits,
     TeacherSampled,
     TeacherTopK,
-    fused_linear_divergence,
-    fused_linear_divergence_sum,
 )
-from losses.sampled import ESTIMATORS, Estimator, estimator, k1, k2, k3, sampled_logprobs
-from losses.support import dense_support, topk_support
 from losses.vocab import check_heads, shared_vocab_size
 
 __all__ = [
@@ -59,6 +58,7 @@ __all__ = [
     "k1",
     "k2",
     "k3",
+    "matmul_out_dtype",
     "reverse_kl",
     "sampled_logprobs",
     "shared_vocab_size",

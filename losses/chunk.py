@@ -1,9 +1,12 @@
 """One chunk of rows of the fused path: per-token values and ∂(Σ w·D)/∂z on the student logits.
 
-Each kernel takes the student's logits for C rows (C, V), already cut to the real vocabulary and
-in the matmul dtype, plus that chunk's teacher data, and returns (values (C,) fp32, dz (C, V) in
-the logits' dtype, or None when no gradient is wanted). Softmax, divergence and gradient run in
-fp32; only dz is rounded back, because it feeds the bf16 gradient matmuls.
+Each kernel takes the student's logits for C rows (C, V), already cut to the real vocabulary,
+plus those rows' teacher data, and returns the values (C,) fp32. Given a token weight (C,), it
+also writes dz (C, V) into `out`, a slice of a buffer the caller allocates once in the gradient
+matmuls' dtype: a fresh (C, V) tensor per call would cost page faults on every chunk, and writing
+through `out` lets `torch.compile` store the rounded gradient straight from its last pass.
+Softmax, divergence and gradient run in fp32; only dz is rounded, because it feeds the bf16
+gradient matmuls.
 
 The gradient is closed form (`losses.gradients`), not autograd: autograd over a (C, V) graph
 would keep several fp32 (C, V) intermediates alive and run twice the elementwise passes. These
@@ -22,18 +25,19 @@ def dense_chunk(
     zs: torch.Tensor,
     zt: torch.Tensor,
     weight: torch.Tensor | None,
+    out: torch.Tensor | None,
     kind: Divergence,
     beta: float,
     alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Dense teacher: zs (C, V) student logits, zt (C, V) teacher logits, weight (C,)."""
     log_s = torch.log_softmax(zs.float(), dim=-1)  # (C, V)
     log_t = torch.log_softmax(zt.float(), dim=-1)  # (C, V)
-    if weight is None:
-        return divergence(kind, log_s, log_t, beta=beta, alpha=alpha), None
+    if weight is None or out is None:
+        return divergence(kind, log_s, log_t, beta=beta, alpha=alpha)
     value, g = value_and_grad(kind, log_s, log_t, beta=beta, alpha=alpha)  # (C,), (C, V)
-    dz = logits_grad(g, log_s) * weight[:, None]  # (C, V)
-    return value, dz.to(zs.dtype)
+    out.copy_(logits_grad(g, log_s) * weight[:, None])  # (C, V), rounded to out's dtype
+    return value
 
 
 def topk_chunk(
@@ -42,18 +46,19 @@ def topk_chunk(
     valid: torch.Tensor,
     log_t: torch.Tensor,
     weight: torch.Tensor | None,
+    out: torch.Tensor | None,
     kind: Divergence,
     beta: float,
     alpha: float,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Top-k teacher: ids (C, K) clamped, valid (C, K), log_t (C, K+1) the teacher's support."""
     z = zs.float()  # (C, V)
     lse, z_k, lse_tail = student_topk_parts(z, ids, valid)  # (C, 1), (C, K), (C, 1)
     log_s_k = torch.where(valid, z_k - lse, float("-inf"))  # (C, K)
     raw_tail = lse_tail - lse  # (C, 1)
     log_s = torch.cat([log_s_k, raw_tail.clamp(min=LOG_TAIL_FLOOR)], dim=-1)  # (C, K+1)
-    if weight is None:
-        return divergence(kind, log_s, log_t, beta=beta, alpha=alpha), None
+    if weight is None or out is None:
+        return divergence(kind, log_s, log_t, beta=beta, alpha=alpha)
     value, g = value_and_grad(kind, log_s, log_t, beta=beta, alpha=alpha)  # (C,), (C, K+1)
     k = ids.shape[-1]
     # Chain rule back to z. log_s_i = z_id - lse for the K ids; log_s_tail = lse_tail - lse, whose
@@ -67,8 +72,8 @@ def topk_chunk(
     dz = (z - lse).exp() * (per_tail - total)  # (C, V), right for every non-id column
     # The K id columns carry no tail term: add g_i - p_id * per_tail there (0 for dropped ids).
     fix = torch.where(valid, g_k - (z_k - lse).exp() * per_tail, 0.0)  # (C, K)
-    dz = dz.scatter_add(-1, ids, fix) * weight[:, None]
-    return value, dz.to(zs.dtype)
+    out.copy_(dz.scatter_add(-1, ids, fix) * weight[:, None])
+    return value
 
 
 def sampled_chunk(
@@ -77,18 +82,19 @@ def sampled_chunk(
     present: torch.Tensor,
     teacher_logprob: torch.Tensor,
     weight: torch.Tensor | None,
+    out: torch.Tensor | None,
     kind: Estimator,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> torch.Tensor:
     """Sampled token: tokens (C,) clamped ids, present (C,) bool, teacher_logprob (C,)."""
     z = zs.float()  # (C, V)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (C, 1)
     log_s_x = (z.gather(-1, tokens[:, None]) - lse).squeeze(-1)  # (C,)
     value, g = estimator_value_and_grad(kind, log_s_x, teacher_logprob)  # (C,), (C,)
     value = torch.where(present, value, 0.0)
-    if weight is None:
-        return value, None
+    if weight is None or out is None:
+        return value
     g = torch.where(present, g, 0.0) * weight  # (C,)
     # log p_s(x) = z_x - lse: dz = g (onehot(x) - p)
     dz = -(z - lse).exp() * g[:, None]  # (C, V)
-    dz = dz.scatter_add(-1, tokens[:, None], g[:, None])
-    return value, dz.to(zs.dtype)
+    out.copy_(dz.scatter_add(-1, tokens[:, None], g[:, None]))
+    return value

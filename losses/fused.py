@@ -1,11 +1,12 @@
 """Chunked fused-linear divergences: from hidden states and lm_head to per-token values and grads.
 
-The student's (N, V) fp32 logits never exist. Rows go through in chunks of C: one matmul in the
-inputs' dtype (bf16 in training: fp32 accumulation inside, bf16 out) gives (C, V) logits cut to
-the real vocabulary; the divergence and its closed-form logit gradient run in fp32
-(`losses.chunk`); two more matmuls turn that into the chunk's hidden-state gradient and its
-share of the lm_head gradient. Peak memory is one chunk's buffers plus the (V, H) weight
-gradient, whatever N is.
+The student's (N, V) fp32 logits never exist. Rows go through in chunks of C: one matmul gives
+(C, V) logits cut to the real vocabulary (bf16 inputs: fp32 accumulation inside; the logits come
+out in fp32 where a bf16-in/fp32-out matmul exists, CUDA, and in bf16 on CPU, see
+`matmul_out_dtype`); the divergence and its closed-form logit gradient run in fp32
+(`losses.chunk`, on CPU in blocks of rows that stay in cache); two more matmuls turn that into
+the chunk's hidden-state gradient and its share of the lm_head gradient. Peak memory is three
+(C, V) buffers, made once, plus the (V, H) weight gradient, whatever N is.
 
 Two entry points, because a per-token output cannot know its upstream gradient in advance:
 - `fused_linear_divergence` returns (...,) per-token values like every other loss here; its
@@ -15,10 +16,7 @@ Two entry points, because a per-token output cannot know its upstream gradient i
   whole optimizer step) and returns (Σ w·D, per-token values): gradients are computed during the
   forward pass, 3 student matmuls per chunk instead of 4. Use it in training loops.
 
-Teacher data comes in one of four forms (it gets no gradient): `TeacherHidden` (final hidden
-states and lm_head: the teacher's logits are never materialised either), `TeacherLogits`,
-`TeacherTopK` (ids and log-probs per position, as vLLM returns them; top-k + tail support), and
-`TeacherSampled` (the teacher's log-prob of the token the student sampled, for k1/k2/k3).
+Teacher data: `losses.teacher_data` (hidden + lm_head, logits, top-k, sampled token).
 
 The lm_head gradient accumulates in the weight's dtype: fp32 weights accumulate in fp32; bf16
 weights take one bf16 rounding per chunk (the matmul itself accumulates in fp32), which keeps
@@ -35,40 +33,14 @@ from losses.chunk import dense_chunk, sampled_chunk, topk_chunk
 from losses.divergences import DIVERGENCES, Divergence
 from losses.sampled import ESTIMATORS, Estimator
 from losses.support import check_head, topk_teacher_logprobs, valid_ids
-
-
-@dataclass(frozen=True)
-class TeacherHidden:
-    """In-process teacher: final hidden states (..., H_t) and lm_head weight (V_t, H_t)."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TeacherLogits:
-    """In-process teacher logits (..., V_t)."""
-
-    logits: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TeacherTopK:
-    """Served teacher: top-k ids (..., K) and their log-probs (..., K) per position."""
-
-    ids: torch.Tensor
-    logprobs: torch.Tensor
-
-
-@dataclass(frozen=True)
-class TeacherSampled:
-    """On-policy: the student's sampled token ids (...) and the teacher's log-prob of each (...)."""
-
-    token_ids: torch.Tensor
-    logprobs: torch.Tensor
-
-
-TeacherData = TeacherHidden | TeacherLogits | TeacherTopK | TeacherSampled
+from losses.teacher_data import (
+    TeacherData,
+    TeacherHidden,
+    TeacherLogits,
+    TeacherSampled,
+    TeacherTopK,
+    flat_teacher,
+)
 
 
 @dataclass(frozen=True)
@@ -81,11 +53,24 @@ class _Spec:
     compile: bool
 
 
+# (student logits (R, V), teacher logits (R, V) or None, first row, end row, token weight (R,) or
+# None, dz out (R, V) or None) -> values (R,): one form's kernel over a block of rows.
 ChunkFn = Callable[
-    [torch.Tensor, int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
+    [torch.Tensor, torch.Tensor | None, int, int, torch.Tensor | None, torch.Tensor | None],
+    torch.Tensor,
 ]
 F = TypeVar("F", bound=Callable[..., object])
 _COMPILED: dict[Callable[..., object], Callable[..., object]] = {}
+
+# Rows per elementwise call on CPU. A chunk's (C, V) logits come from one matmul (a big C keeps it
+# efficient), but its fp32 math makes ~6 passes over each row (max and sum-exp per side, value,
+# dz): as one (256, V) call every pass streams 2 x 78 MB from memory, while a block of rows
+# (16: 2 x 4.9 MB of bf16 logits plus fp32 temporaries) stays in cache between passes. Measured on
+# one core, JSD at V = 151,936: 218 ms per 256 rows as one call; 117 in blocks of 8, 120 of 16,
+# 135 of 32. Each call is a few OpenMP barriers, which cost a scheduler slice each when other
+# processes hold the cores: 16 rather than 8 halves their number for 3% more time. GPUs get
+# the whole chunk in one call (a kernel launch per block would dominate there).
+CPU_BLOCK_ROWS = 16
 
 
 def _maybe_compiled(fn: F, compile: bool) -> F:
@@ -93,8 +78,29 @@ def _maybe_compiled(fn: F, compile: bool) -> F:
     if not compile:
         return fn
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn)
+        # Static shapes: a chunk sees at most three block shapes (full, chunk tail, last tail),
+        # and dynamic-shape kernels lose the vectorised fixed-length inner loops.
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return cast(F, _COMPILED[fn])
+
+
+def matmul_out_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype of the logits the fused path's matmuls produce from `hidden`'s dtype.
+
+    fp32 where a bf16/fp16-in, fp32-out matmul exists (CUDA: `torch.mm(..., out_dtype=)`, fp32
+    accumulation written without rounding); elsewhere the inputs' dtype. PyTorch's CPU matmul has
+    no such variant (2.13: `aten::mm.dtype` is not implemented for CPU), so on CPU bf16 logits
+    carry one bf16 rounding (relative 2^-9) before the fp32 softmax.
+    """
+    low = hidden.dtype in (torch.bfloat16, torch.float16)
+    return torch.float32 if low and hidden.device.type == "cuda" else hidden.dtype
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """h (C, H) @ w (V, H).T into out (C, V); an fp32 out with bf16 inputs skips the rounding."""
+    if out.dtype != h.dtype:
+        return torch.mm(h, w.T, out_dtype=out.dtype, out=out)
+    return torch.mm(h, w.T, out=out)
 
 
 def _as_divergence(kind: str) -> Divergence:
@@ -109,26 +115,6 @@ def _as_estimator(kind: str) -> Estimator:
         if kind == name:
             return name
     raise ValueError(f"sampled-token teacher data takes {ESTIMATORS}, not {kind!r}")
-
-
-def _flat_teacher(teacher: TeacherData, n: int) -> TeacherData:
-    """Teacher tensors with leading dims flattened to N rows, checked against the student's N."""
-    if isinstance(teacher, TeacherHidden):
-        flat = TeacherHidden(teacher.hidden.reshape(-1, teacher.hidden.shape[-1]), teacher.weight)
-        rows = flat.hidden.shape[0]
-    elif isinstance(teacher, TeacherLogits):
-        flat = TeacherLogits(teacher.logits.reshape(-1, teacher.logits.shape[-1]))
-        rows = flat.logits.shape[0]
-    elif isinstance(teacher, TeacherTopK):
-        k = teacher.ids.shape[-1]
-        flat = TeacherTopK(teacher.ids.reshape(-1, k), teacher.logprobs.reshape(-1, k))
-        rows = flat.ids.shape[0]
-    else:
-        flat = TeacherSampled(teacher.token_ids.reshape(-1), teacher.logprobs.reshape(-1))
-        rows = flat.token_ids.shape[0]
-    if rows != n:
-        raise ValueError(f"teacher data has {rows} positions, the student {n}")
-    return flat
 
 
 def _check(teacher: TeacherData, spec: _Spec, student_rows: int) -> None:
@@ -151,7 +137,7 @@ def _check(teacher: TeacherData, spec: _Spec, student_rows: int) -> None:
 
 
 def _chunk_fn(teacher: TeacherData, spec: _Spec) -> ChunkFn:
-    """(student logits (C, V), start, stop, weight (C,) or None) -> (values, dz) for one form."""
+    """The kernel of one teacher form, with that form's rows [i, j) of teacher data bound."""
     vocab, beta, alpha = spec.vocab_size, spec.beta, spec.alpha
     if isinstance(teacher, TeacherSampled):
         estimator = _as_estimator(spec.kind)
@@ -159,22 +145,44 @@ def _chunk_fn(teacher: TeacherData, spec: _Spec) -> ChunkFn:
         tokens = teacher.token_ids.long().clamp(min=0)  # (N,)
         logprobs = teacher.logprobs.float()  # (N,)
         sampled = _maybe_compiled(sampled_chunk, spec.compile)
-        return lambda zs, i, j, w: sampled(
-            zs, tokens[i:j], present[i:j], logprobs[i:j], w, estimator
+        return lambda zs, _, i, j, w, out: sampled(
+            zs, tokens[i:j], present[i:j], logprobs[i:j], w, out, estimator
         )
     kind = _as_divergence(spec.kind)
     if isinstance(teacher, TeacherTopK):
         valid, ids = valid_ids(teacher.ids, vocab)  # (N, K) each
         log_t = topk_teacher_logprobs(teacher.logprobs, valid)  # (N, K+1)
         topk = _maybe_compiled(topk_chunk, spec.compile)
-        return lambda zs, i, j, w: topk(zs, ids[i:j], valid[i:j], log_t[i:j], w, kind, beta, alpha)
+        return lambda zs, _, i, j, w, out: topk(
+            zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha
+        )
     dense = _maybe_compiled(dense_chunk, spec.compile)
+
+    def dense_rows(
+        zs: torch.Tensor,
+        zt: torch.Tensor | None,
+        i: int,
+        j: int,
+        w: torch.Tensor | None,
+        out: torch.Tensor | None,
+    ) -> torch.Tensor:
+        assert zt is not None, "dense teacher forms pass their logits"
+        return dense(zs, zt, w, out, kind, beta, alpha)
+
+    return dense_rows
+
+
+def _teacher_logits(
+    teacher: TeacherData, vocab: int, start: int, stop: int, buf: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The teacher's (C, V) logits for rows [start, stop) of a dense form, else None."""
     if isinstance(teacher, TeacherLogits):
-        logits = teacher.logits
-        return lambda zs, i, j, w: dense(zs, logits[i:j, :vocab], w, kind, beta, alpha)
-    hidden, w_teacher = teacher.hidden, teacher.weight[:vocab]  # (N, H_t), (V, H_t)
-    # The teacher's (C, V) logits live only inside its chunk, like the student's.
-    return lambda zs, i, j, w: dense(zs, hidden[i:j] @ w_teacher.T, w, kind, beta, alpha)
+        return teacher.logits[start:stop, :vocab]
+    if isinstance(teacher, TeacherHidden):
+        assert buf is not None
+        # The teacher's (C, V) logits live only inside its chunk, like the student's.
+        return _logits(teacher.hidden[start:stop], teacher.weight[:vocab], buf[: stop - start])
+    return None
 
 
 def _chunks(
@@ -192,23 +200,43 @@ def _chunks(
     w_real = weight[:vocab]  # (V, H): padded rows never enter a softmax
     values = torch.empty(n, dtype=torch.float32, device=hidden.device)  # (N,)
     grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None  # (N, H)
-    grad_weight = torch.zeros_like(weight) if need_weight_grad else None  # (V_s, H)
+    grad_weight = torch.empty_like(weight) if need_weight_grad else None  # (V_s, H)
+    if grad_weight is not None:
+        grad_weight[vocab:].zero_()  # padded rows get no gradient; the real rows are written
     if not (need_hidden_grad or need_weight_grad):
         token_weight = None  # values only: skip the gradient math in the kernels
     chunk = _chunk_fn(teacher, spec)
+    # (C, V) buffers made once and reused by every chunk: a fresh 78 MB tensor per chunk
+    # (C = 256, V = 151,936, bf16) costs ~19k page faults each time.
+    rows = min(spec.chunk_size, n)
+    zs_buf = hidden.new_empty(rows, vocab, dtype=matmul_out_dtype(hidden))  # (C, V)
+    zt_buf = None
+    if isinstance(teacher, TeacherHidden):
+        zt_buf = hidden.new_empty(rows, vocab, dtype=matmul_out_dtype(teacher.hidden))  # (C, V)
+    dz_buf = hidden.new_empty(rows, vocab) if token_weight is not None else None  # (C, V)
+    block_rows = CPU_BLOCK_ROWS if hidden.device.type == "cpu" else spec.chunk_size
     for start in range(0, n, spec.chunk_size):
         stop = min(start + spec.chunk_size, n)
         h = hidden[start:stop]  # (C, H)
-        zs = h @ w_real.T  # (C, V) in the matmul dtype
-        w = token_weight[start:stop] if token_weight is not None else None  # (C,)
-        value, dz = chunk(zs, start, stop, w)  # (C,), (C, V) or None
-        values[start:stop] = value
+        zs = _logits(h, w_real, zs_buf[: stop - start])  # (C, V)
+        zt = _teacher_logits(teacher, vocab, start, stop, zt_buf)  # (C, V) or None
+        dz = dz_buf[: stop - start] if dz_buf is not None else None  # (C, V) or None
+        for r in range(0, stop - start, block_rows):
+            block = slice(r, min(r + block_rows, stop - start))
+            i, j = start + block.start, start + block.stop
+            w = token_weight[i:j] if token_weight is not None else None  # (R,)
+            zt_block = zt[block] if zt is not None else None
+            dz_block = dz[block] if dz is not None else None
+            values[i:j] = chunk(zs[block], zt_block, i, j, w, dz_block)  # (R,)
         if dz is None:
             continue
         if grad_hidden is not None:
             torch.mm(dz, w_real, out=grad_hidden[start:stop])  # (C, H)
         if grad_weight is not None:
-            grad_weight[:vocab].addmm_(dz.T, h)  # (V, H) += (V, C) @ (C, H)
+            if start == 0:  # the first chunk writes, so the (V, H) buffer is never zero-filled
+                torch.mm(dz.T, h, out=grad_weight[:vocab])  # (V, H)
+            else:
+                grad_weight[:vocab].addmm_(dz.T, h)  # (V, H) += (V, C) @ (C, H)
     return values, grad_hidden, grad_weight
 
 
@@ -315,7 +343,7 @@ def fused_linear_divergence(
     spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile)
     _check(teacher, spec, weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    values = _PerToken.apply(flat, weight, _flat_teacher(teacher, flat.shape[0]), spec)
+    values = _PerToken.apply(flat, weight, flat_teacher(teacher, flat.shape[0]), spec)
     assert isinstance(values, torch.Tensor)
     return values.reshape(hidden.shape[:-1])
 
@@ -345,7 +373,7 @@ def fused_linear_divergence_sum(
     n = flat.shape[0]
     if token_weight.numel() != n:
         raise ValueError(f"token_weight has {token_weight.numel()} entries for {n} positions")
-    out = _Summed.apply(flat, weight, token_weight.reshape(n), _flat_teacher(teacher, n), spec)
+    out = _Summed.apply(flat, weight, token_weight.reshape(n), flat_teacher(teacher, n), spec)
     assert isinstance(out, tuple)
     loss, values = out
     return loss, values.reshape(hidden.shape[:-1])

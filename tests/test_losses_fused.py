@@ -15,6 +15,7 @@ from losses import (
     dense_support,
     divergence,
     estimator,
+    fused,
     fused_linear_divergence,
     fused_linear_divergence_sum,
     sampled_logprobs,
@@ -179,3 +180,64 @@ def test_batched_shapes_and_errors():
                                 vocab_size=V)  # fmt: skip
     with pytest.raises(ValueError, match="positions"):
         fused_linear_divergence(x["h"], x["w"], topk, "jsd", vocab_size=V)
+
+
+@pytest.fixture(scope="module")
+def inductor() -> None:
+    """Skip (with the reason) where torch.compile's CPU backend cannot build its C++ kernels."""
+    try:
+        torch.compile(lambda t: t.exp() + 1, dynamic=False)(torch.ones(3))
+    except Exception as error:  # noqa: BLE001 - any build failure means "cannot test here"
+        pytest.skip(f"inductor cannot compile on this machine: {type(error).__name__}: {error}")
+
+
+@pytest.mark.parametrize(
+    ("form", "kind"), [("hidden", "jsd"), ("topk", "skew_rkl"), ("sampled", "k3")]
+)
+def test_compiled_chunks_equal_eager(inductor, form, kind):
+    """compile=True runs the same kernels through torch.compile: same values and gradients."""
+    x = setup(torch.float32, seed=3)  # fp32: a difference is a bug, not a bf16 rounding flip
+    upstream = torch.linspace(-0.5, 1.5, N)
+    results = []
+    for compile in (False, True):
+        h, w = x["h"].clone().requires_grad_(), x["w"].clone().requires_grad_()
+        opts = {"vocab_size": V, "chunk_size": 16, "compile": compile}
+        loss, values = fused_linear_divergence_sum(
+            h, w, teacher_data(form, x), kind, upstream, **opts
+        )
+        per_token = fused_linear_divergence(h.detach(), w.detach(), teacher_data(form, x), kind,
+                                            **opts)  # fmt: skip
+        results.append((loss.detach(), values, per_token, *grads_of(loss, h, w)))
+    for eager, compiled in zip(*results, strict=True):
+        # fp32 math in both; inductor may reorder a sum or fuse a multiply-add
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", [*FORMS, "sampled"])
+def test_row_blocks_inside_a_chunk_match_unchunked(monkeypatch, form):
+    """CPU runs each chunk's math in blocks of rows; blocks that split a chunk unevenly agree."""
+    monkeypatch.setattr(fused, "CPU_BLOCK_ROWS", 3)  # chunk 7 -> blocks of 3, 3, 1; tail 6 -> 3, 3
+    kind = "k3" if form == "sampled" else "jsd"
+    x = setup(torch.float32, seed=4)
+    h, w = x["h"].requires_grad_(), x["w"].requires_grad_()
+    ref = unchunked(form, kind, x, h, w, 0.5, 0.1)
+    ref_gh, ref_gw = grads_of(ref.sum(), h, w)
+    loss, values = fused_linear_divergence_sum(
+        h, w, teacher_data(form, x), kind, torch.ones(N), vocab_size=V, chunk_size=7
+    )
+    gh, gw = grads_of(loss, h, w)
+    torch.testing.assert_close(values, ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-6)
+
+
+def test_matmul_out_dtype_and_fp32_output_call():
+    """bf16 logits on CPU (no bf16-in/fp32-out matmul there); fp32 on CUDA, via mm's out_dtype."""
+    assert fused.matmul_out_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16
+    assert fused.matmul_out_dtype(torch.zeros(2, 2)) == torch.float32
+    # The CUDA call, checked for signature and shapes on the meta device (no kernel runs).
+    h = torch.empty(5, 8, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(11, 8, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(5, 11, dtype=torch.float32, device="meta")
+    logits = fused._logits(h, w, out)
+    assert logits.dtype == torch.float32 and logits.shape == (5, 11)
