@@ -59,6 +59,9 @@ ChunkFn = Callable[
     [torch.Tensor, torch.Tensor | None, int, int, torch.Tensor | None, torch.Tensor | None],
     torch.Tensor,
 ]
+# (student logits (C, V) of rows [start, stop), start, stop) -> None: sees each chunk's logits
+# before the buffer is reused, e.g. for diagnostics (no grad; must not keep or modify them).
+Observer = Callable[[torch.Tensor, int, int], None]
 F = TypeVar("F", bound=Callable[..., object])
 _COMPILED: dict[Callable[..., object], Callable[..., object]] = {}
 
@@ -193,6 +196,7 @@ def _chunks(
     token_weight: torch.Tensor | None,
     need_hidden_grad: bool,
     need_weight_grad: bool,
+    observe: Observer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(values (N,) fp32, ∂(Σ w·D)/∂hidden (N, H) or None, ∂/∂weight (V_s, H) or None)."""
     vocab = spec.vocab_size
@@ -203,6 +207,8 @@ def _chunks(
     grad_weight = torch.empty_like(weight) if need_weight_grad else None  # (V_s, H)
     if grad_weight is not None:
         grad_weight[vocab:].zero_()  # padded rows get no gradient; the real rows are written
+        if n == 0:  # no chunk will write the real rows either
+            grad_weight.zero_()
     if not (need_hidden_grad or need_weight_grad):
         token_weight = None  # values only: skip the gradient math in the kernels
     chunk = _chunk_fn(teacher, spec)
@@ -219,6 +225,8 @@ def _chunks(
         stop = min(start + spec.chunk_size, n)
         h = hidden[start:stop]  # (C, H)
         zs = _logits(h, w_real, zs_buf[: stop - start])  # (C, V)
+        if observe is not None:
+            observe(zs, start, stop)
         zt = _teacher_logits(teacher, vocab, start, stop, zt_buf)  # (C, V) or None
         dz = dz_buf[: stop - start] if dz_buf is not None else None  # (C, V) or None
         for r in range(0, stop - start, block_rows):
@@ -283,10 +291,11 @@ class _Summed(torch.autograd.Function):
         token_weight: torch.Tensor,
         teacher: TeacherData,
         spec: _Spec,
+        observe: Observer | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         values, grad_h, grad_w = _chunks(
-            hidden, weight, teacher, spec, token_weight.float(), need_h, need_w
+            hidden, weight, teacher, spec, token_weight.float(), need_h, need_w, observe
         )
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.spec = spec
@@ -297,7 +306,7 @@ class _Summed(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: _Ctx, *grad_outputs: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         grad_loss = grad_outputs[0]  # scalar; the per-token values are non-differentiable
         saved = iter(ctx.saved_tensors)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -307,7 +316,7 @@ class _Summed(torch.autograd.Function):
         if not bool(grad_loss == 1.0):
             grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
             grad_w = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def _spec(
@@ -360,12 +369,15 @@ def fused_linear_divergence_sum(
     alpha: float = 0.1,
     chunk_size: int = 256,
     compile: bool = False,
+    observe: Observer | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token_weight · D scalar, per-token D (...) detached), gradients computed in forward.
 
     token_weight (...) is what the loop would multiply the per-token values by: loss_mask divided
     by the target tokens of the whole optimizer step. Summing these losses over micro-batches
-    gives the full-batch gradient.
+    gives the full-batch gradient. `observe(logits (C, V), start, stop)` is called once per chunk
+    with the student's logits over the real vocabulary of flattened rows [start, stop): a loop's
+    diagnostics read them there instead of materialising (N, V) logits of their own.
     """
     spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile)
     _check(teacher, spec, weight.shape[0])
@@ -373,7 +385,8 @@ def fused_linear_divergence_sum(
     n = flat.shape[0]
     if token_weight.numel() != n:
         raise ValueError(f"token_weight has {token_weight.numel()} entries for {n} positions")
-    out = _Summed.apply(flat, weight, token_weight.reshape(n), flat_teacher(teacher, n), spec)
+    teacher_rows = flat_teacher(teacher, n)
+    out = _Summed.apply(flat, weight, token_weight.reshape(n), teacher_rows, spec, observe)
     assert isinstance(out, tuple)
     loss, values = out
     return loss, values.reshape(hidden.shape[:-1])
