@@ -51,6 +51,13 @@ LoraRankOpt = Annotated[
 LoraAlphaOpt = Annotated[
     int | None, typer.Option(help="LoRA scale = alpha / rank (default: alpha = 2 x rank)")
 ]
+FusedLossOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fused-loss/--no-fused-loss",
+        help="loss from hidden states in chunks, no (B, T, V) logits; falls back where inexact",
+    ),
+]
 
 
 def filter_table(summary: gen.Summary) -> Table:
@@ -237,6 +244,7 @@ def offpolicy_cmd(
     seed: int = offpolicy.Config.seed,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
+    fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: bool = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
@@ -267,6 +275,7 @@ def offpolicy_cmd(
         seed=seed,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
+        fused_loss=fused_loss,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     if main:

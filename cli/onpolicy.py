@@ -16,7 +16,7 @@ from accelerate import PartialState
 from transformers import AutoTokenizer
 
 from cli.app import app
-from cli.offpolicy import LoraAlphaOpt, LoraRankOpt
+from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
@@ -94,6 +94,7 @@ def onpolicy_cmd(
     seed: int = 0,
     lora_rank: LoraRankOpt = C.lora_rank,
     lora_alpha: LoraAlphaOpt = C.lora_alpha,
+    fused_loss: FusedLossOpt = C.fused_loss,
     force: bool = False,
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
@@ -127,6 +128,7 @@ def onpolicy_cmd(
         seed=seed,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
+        fused_loss=fused_loss,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     console.print(config_table("onpolicy", config))

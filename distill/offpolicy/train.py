@@ -47,6 +47,7 @@ from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, matmul_params, train_flops
 from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
+from distill.fused_step import ce_topk_loss, choose_head
 from distill.objective import (
     LogFn,
     cross_entropy,
@@ -91,6 +92,7 @@ class Config:
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
     lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    fused_loss: bool = True  # CE (+ KD) from hidden states in chunks, no (B, T, V) logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,6 +296,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
+    head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
     # The global RNG drives only dropout; seeded per process, restored exactly on resume.
     if rng_states:
         torch.set_rng_state(rng_states[rank % len(rng_states)])
@@ -323,9 +326,17 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 mb = mb.to(accelerator.device)
                 # Only the last micro-batch all-reduces gradients; the others accumulate locally.
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
-                    total, ce = micro_batch_loss(student, mb, config, vocab_size)
-                    accelerator.backward(total / n_tokens)
-                loss_sum += torch.stack([total.detach(), ce])
+                    if head.fused:  # the same loss and gradients (distill/fused_step.py)
+                        weight = accelerator.unwrap_model(student).get_output_embeddings().weight
+                        share, total, ce = ce_topk_loss(
+                            student, weight, mb, n_tokens, vocab_size,
+                            kd_weight=config.kd_weight, kd_kind=config.kd_divergence,
+                        )  # fmt: skip
+                    else:
+                        total, ce = micro_batch_loss(student, mb, config, vocab_size)
+                        share = total / n_tokens
+                    accelerator.backward(share)
+                loss_sum += torch.stack([total.detach(), ce.detach()])
                 meter.add(
                     mb.n_targets,
                     train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
@@ -353,6 +364,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 "tokens": n_tokens * world,
                 "epoch": epoch,
                 "processes": world,
+                "fused_loss": float(head.fused),
             }
             log(config.output, step + 1, config.steps, metrics)
             accelerator.log(metrics, step=step)

@@ -1,4 +1,5 @@
-"""Per-step diagnostics of on-policy distillation, from logits the training step already has.
+"""Per-step diagnostics of on-policy distillation, from logits the training step already has
+(the fused path hands them over chunk by chunk: `accumulate_rows`).
 
 Sums over measured tokens (the caller divides by their count): the reverse KL(p_s‖p_t) on the
 teacher's top-k + tail support whatever divergence is trained, the teacher's mass on its own
@@ -59,14 +60,30 @@ def accumulate(
     logits, _, _, t_ids, t_lp = next_token_view(logits.detach(), batch)  # (B, T-1, V_s)
     assert t_ids is not None and t_lp is not None
     mask = measured[:, 1:].to(logits.device)  # (B, T-1)
-    log_s, log_t = topk_support(logits, t_ids, t_lp, vocab_size)  # (B, T-1, K+1)
-    kl = reverse_kl(log_s, log_t)  # (B, T-1)
-    valid = (t_ids >= 0) & (t_ids < vocab_size)  # (B, T-1, K)
-    mass = torch.where(valid, t_lp.float().exp(), 0.0).sum(-1)  # (B, T-1)
+    accumulate_rows(diag, logits, t_ids, t_lp, mask, vocab_size)
+
+
+@torch.no_grad()
+def accumulate_rows(
+    diag: Diagnostics,
+    logits: torch.Tensor,
+    t_ids: torch.Tensor,
+    t_lp: torch.Tensor,
+    mask: torch.Tensor,
+    vocab_size: int,
+) -> None:
+    """Add rows already aligned: logits (..., V_s) predict the token t_ids/t_lp (..., K) score.
+
+    The fused path calls this once per chunk of its selected rows, (C, V), with mask (C,).
+    """
+    log_s, log_t = topk_support(logits, t_ids, t_lp, vocab_size)  # (..., K+1)
+    kl = reverse_kl(log_s, log_t)  # (...)
+    valid = (t_ids >= 0) & (t_ids < vocab_size)  # (..., K)
+    mass = torch.where(valid, t_lp.float().exp(), 0.0).sum(-1)  # (...)
     K = t_ids.shape[-1]
-    student_ids = torch.topk(logits[..., :vocab_size].float(), K, dim=-1).indices  # (B, T-1, K)
+    student_ids = torch.topk(logits[..., :vocab_size].float(), K, dim=-1).indices  # (..., K)
     hits = (student_ids[..., :, None] == t_ids[..., None, :]) & valid[..., None, :]
-    overlap = hits.any(-1).float().mean(-1)  # (B, T-1)
+    overlap = hits.any(-1).float().mean(-1)  # (...)
     diag.tokens += float(mask.sum())
     diag.kl += float((kl * mask).sum())
     diag.teacher_mass += float((mass * mask).sum())

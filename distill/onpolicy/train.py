@@ -32,6 +32,7 @@ from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
 from distill.batch import Example, collate
 from distill.errors import DistillError
+from distill.fused_step import choose_head, topk_loss
 from distill.objective import (
     LogFn,
     global_target_tokens,
@@ -96,6 +97,7 @@ class Config:
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
     lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
@@ -214,6 +216,7 @@ def train(
     start = restore(resume, optimizer, config, student) if resume else 0
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
+    head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
     if start >= config.steps:  # finished before: nothing to sample, no engine to start
         return Summary(steps=config.steps, final_loss=float("nan"), checkpoint=out, metrics={})
     owned = sampler is None
@@ -274,18 +277,34 @@ def train(
                     [examples[j] for j in g], [forced[j] for j in g], mb.input_ids.shape[1]
                 )
                 mb = mb.to(accelerator.device)
+                kind, beta, alpha = config.divergence, config.beta, config.alpha
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
-                    logits = student(
-                        input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                    ).logits  # (B, T, V)
-                    kind, beta, alpha = config.divergence, config.beta, config.alpha
-                    per_token, _ = topk_divergence(
-                        logits, mb, kind, vocab_size, beta=beta, alpha=alpha
-                    )  # (B, T-1), zero off the loss mask
+                    if head.fused:  # same loss and gradients; the diagnostics read its chunks
+                        weight = accelerator.unwrap_model(student).get_output_embeddings().weight
+                        share, summed = topk_loss(
+                            student,
+                            weight,
+                            mb,
+                            n_tokens,
+                            kind,
+                            vocab_size,
+                            beta=beta,
+                            alpha=alpha,
+                            measured=measured,
+                            diag=diag,
+                        )  # share = sum / n_tokens, summed = sum over the loss mask
+                    else:
+                        logits = student(
+                            input_ids=mb.input_ids, attention_mask=mb.attention_mask
+                        ).logits  # (B, T, V)
+                        per_token, _ = topk_divergence(
+                            logits, mb, kind, vocab_size, beta=beta, alpha=alpha
+                        )  # (B, T-1), zero off the loss mask
+                        share, summed = per_token.sum() / n_tokens, per_token.detach().sum()
+                        accumulate(diag, logits, mb, measured, vocab_size)
                     # Each backward adds its share of sum / (target tokens of the whole step).
-                    accelerator.backward(per_token.sum() / n_tokens)
-                    total += per_token.detach().sum().cpu()
-                    accumulate(diag, logits, mb, measured, vocab_size)
+                    accelerator.backward(share)
+                    total += summed.cpu()
                 n_trained += int(mb.attention_mask.sum())
                 meter.add(
                     mb.n_targets,
@@ -308,6 +327,7 @@ def train(
             "offpolicy_fraction": sum(s.prompt is None for s in slots) / len(slots),
             "loss_tokens": float(sum(mb.n_targets for mb in micro)),  # this process's
             "lr": lr,
+            "fused_loss": float(head.fused),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "sample_tokens_per_s": n_sampled / max(t_sample, 1e-9),
             "score_tokens_per_s": n_scored / max(t_score, 1e-9),
