@@ -276,3 +276,20 @@ def test_offpolicy_kd_step_fused_equals_logits_path(tiny_pair: TinyPair, tmp_pat
         assert abs(logs[True][name] - logs[False][name]) <= 1e-5 * logs[False][name], name
     before = load_file(tiny_pair.student_dir / "model.safetensors")
     _assert_same_update(before, weights[True], weights[False])
+
+
+def test_cli_no_fused_loss_reaches_the_loop(tiny_pair: TinyPair, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["onpolicy", "--run-dir", str(tmp_path), "--teacher", str(tiny_pair.teacher_dir),
+            "--student", str(tiny_pair.student_dir), "--steps", "1", "--prompts-per-step", "2",
+            "--max-tokens", "8", "--n-prompts", "8", "--no-fused-loss"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "config.json").read_text())["onpolicy"]["fused_loss"] is False
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["fused_loss"] for r in rows if r.get("phase") == "onpolicy"] == [0.0]
