@@ -14,7 +14,7 @@ import typer
 from transformers import AutoTokenizer
 
 from cli.app import app
-from cli.offpolicy import LoraAlphaOpt, LoraRankOpt
+from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
@@ -73,6 +73,7 @@ def run(
     seed: int = 0,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
+    fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
@@ -99,6 +100,7 @@ def run(
         seed=seed,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
+        fused_loss=fused_loss,
     )
     on_config = onpolicy.Config(
         run_dir=run_dir,
@@ -112,6 +114,7 @@ def run(
         seed=seed,
         lora_rank=lora_rank,  # fresh adapters on the merged off-policy checkpoint
         lora_alpha=lora_alpha,
+        fused_loss=fused_loss,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     eval_config = evaluate.Config(

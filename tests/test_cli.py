@@ -157,3 +157,23 @@ def test_only_rank_0_prints_under_a_launcher(rank: str, prints: bool) -> None:
         [str(distill), "students"], capture_output=True, text=True, env=env, check=True
     )
     assert ("0.6B" in out.stdout) == prints
+
+
+def test_run_records_the_loss_path_of_both_stages(
+    finished_run: Path, trained_pair: tuple[Path, Path], prompt_file: Path, tmp_path: Path
+) -> None:
+    def paths(run_dir: Path) -> tuple[bool, bool, set[float]]:
+        recorded = json.loads((run_dir / "config.json").read_text())
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        used = {row["fused_loss"] for row in map(json.loads, lines) if "fused_loss" in row}
+        return recorded["offpolicy"]["fused_loss"], recorded["onpolicy"]["fused_loss"], used
+
+    assert paths(finished_run) == (True, True, {1.0})  # the default: fused, and it ran fused
+    teacher, student = trained_pair
+    short = ["--n-prompts", "16", "--eval-prompts", "4", "--max-tokens", "64",
+             "--offpolicy-steps", "2", "--offpolicy-batch-size", "8", "--onpolicy-steps", "1",
+             "--top-k", "8"]  # fmt: skip
+    args = ["run", "--run-dir", str(tmp_path), "--teacher", str(teacher), "--student", str(student)]
+    result = runner.invoke(app, [*args, "--prompts", str(prompt_file), *short, "--no-fused-loss"])
+    assert result.exit_code == 0, result.output
+    assert paths(tmp_path) == (False, False, {0.0})
