@@ -27,12 +27,10 @@ run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
@@ -45,7 +43,7 @@ from transformers import (
 
 from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, matmul_params, train_flops
-from distill.batch import Batch, Example, collate, next_token_view, step_batches
+from distill.batch import Batch, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.fused_step import ce_topk_loss, choose_head
 from distill.objective import (
@@ -58,12 +56,10 @@ from distill.objective import (
     set_lr,
     topk_divergence,
 )
-from distill.offpolicy.generate import read_rows
+from distill.offpolicy.examples import fingerprint, load_examples
 from distill.rundir import append_metrics, config_dict
 from losses import Divergence
 from students import lora
-from teachers.chat import render_prompt
-from teachers.protocol import TopK
 
 TRACKERS = ("none", "all", "tensorboard", "wandb")
 
@@ -103,69 +99,6 @@ class Summary:
     examples: int
 
 
-def load_examples(
-    data_dir: Path,
-    with_topk: bool,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    think_block: str = "prompt",
-) -> list[Example]:
-    """The kept rows as training examples; `think_block="target"` needs the tokenizer."""
-    rows = read_rows(data_dir)
-    kept = [r for r in rows if r["verdict"] == "kept"]
-    if not kept:
-        by: dict[str, int] = {}
-        for r in rows:
-            by[str(r["verdict"])] = by.get(str(r["verdict"]), 0) + 1
-        raise DistillError(
-            f"no usable teacher responses in {data_dir}: all {len(rows)} were filtered out "
-            f"({', '.join(f'{k}: {v}' for k, v in sorted(by.items()))}); raise --max-tokens, "
-            "use a stronger teacher, or relax the filters"
-        )
-    if with_topk and "topk_ids" not in kept[0]:
-        raise DistillError(
-            "--kd-weight > 0 needs the teacher's top-k in the data: regenerate with --store-topk K"
-        )
-    examples = []
-    for r in kept:
-        prompt = list(r["prompt_ids"])  # type: ignore[arg-type]
-        response = list(r["response_ids"])  # type: ignore[arg-type]
-        train = ~np.asarray(r["forced"], dtype=bool)  # (R,) forced tokens are context
-        topk = None
-        if with_topk:
-            ids = np.asarray(r["topk_ids"], dtype=np.int32)  # (R, K)
-            lp = np.asarray(r["topk_logprobs"], dtype=np.float32)  # (R, K)
-            topk = TopK(ids=ids, logprobs=lp, actual_logprobs=np.zeros(len(response), np.float32))
-        if think_block == "target" and r["mode"] == "no_think":
-            assert tokenizer is not None, "think_block='target' re-renders prompts: pass tokenizer"
-            prompt, block = _soft_switch(r, prompt, tokenizer)
-            response = block + response
-            train = np.concatenate([np.ones(len(block), bool), train])
-            if topk is not None:  # the teacher never scored the block: no KD rows there (-1)
-                K = topk.ids.shape[1]
-                topk = TopK(
-                    ids=np.concatenate([np.full((len(block), K), -1, np.int32), topk.ids]),
-                    logprobs=np.concatenate(
-                        [np.full((len(block), K), -np.inf, np.float32), topk.logprobs]
-                    ),
-                    actual_logprobs=np.zeros(len(response), np.float32),
-                )
-        examples.append(Example(prompt_ids=prompt, response_ids=response, train=train, topk=topk))
-    return examples
-
-
-def _soft_switch(
-    row: dict[str, object], prompt: list[int], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    """(prompt with /no_think, the empty think block) from a hard-switch no_think prompt."""
-    think_start = tokenizer.convert_tokens_to_ids("<think>")
-    if think_start not in prompt[-8:]:
-        return prompt, []  # soft-switch data: the block is in the response already
-    cut = len(prompt) - prompt[::-1].index(think_start) - 1
-    messages = list(row["messages"])  # type: ignore[call-overload]
-    soft = render_prompt(tokenizer, messages, "no_think", soft_switch=True)
-    return soft, prompt[cut:]
-
-
 def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
     """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
     head = model.get_output_embeddings()
@@ -176,14 +109,6 @@ def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
             "weights and tokenizer belong to different models; use a folder whose config "
             "vocab_size covers its tokenizer"
         )
-
-
-def fingerprint(data_dir: Path) -> str:
-    """Identity of the training data: a resumed run must read the same kept rows."""
-    keys = [
-        str(r["key"]) for r in read_rows(data_dir, ["key", "verdict"]) if r["verdict"] == "kept"
-    ]
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
 def micro_batch_loss(
