@@ -62,7 +62,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     attn = torch.zeros((B, T), dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
     with_topk = all(e.topk is not None for e in examples)
-    K = max((e.topk.ids.shape[1] for e in examples if e.topk is not None), default=0)
+    K = max((e.topk.k for e in examples if e.topk is not None), default=0)
     t_ids = torch.full((B, T, K), -1, dtype=torch.long) if with_topk else None
     t_lp = torch.full((B, T, K), float("-inf"), dtype=torch.float32) if with_topk else None
     for b, e in enumerate(examples):
@@ -71,7 +71,7 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         attn[b, : P + R] = 1
         mask[b, P : P + R] = torch.from_numpy(np.asarray(e.train, dtype=bool))
         if t_ids is not None and t_lp is not None and e.topk is not None:
-            k = e.topk.ids.shape[1]
+            k = e.topk.k
             t_ids[b, P : P + R, :k] = torch.from_numpy(e.topk.ids.astype(np.int64))
             t_lp[b, P : P + R, :k] = torch.from_numpy(e.topk.logprobs.astype(np.float32))
     mask &= attn.bool()

@@ -104,6 +104,11 @@ class TopK:
         object.__setattr__(self, "actual_logprobs", actual)
 
     @property
+    def k(self) -> int:
+        """K, read from the stored shape: no decoding."""
+        return int(self.low_ids.shape[1])
+
+    @property
     def ids(self) -> np.ndarray:
         """(L, K) int32, most probable first."""
         return unpack_ids(self.low_ids, self.tagged_logprobs, self.tag_bits)

@@ -40,7 +40,7 @@ def test_round_trip_and_bytes(width: int, tag_bits: int) -> None:
     ids, lps = random_scores(width)
     actual = lps[:, 3].copy()
     topk = TopK(ids=ids, logprobs=lps, actual_logprobs=actual)
-    assert topk.tag_bits == tag_bits
+    assert topk.tag_bits == tag_bits and topk.k == K
     assert topk.ids.dtype == np.int32 and topk.logprobs.dtype == np.float32
     np.testing.assert_array_equal(topk.ids, ids)
     np.testing.assert_allclose(topk.logprobs, lps, rtol=2.0 ** -(23 - tag_bits), atol=0)

@@ -58,7 +58,7 @@ def load_examples(
             response = block + response
             train = np.concatenate([np.ones(len(block), bool), train])
             if topk is not None:  # the teacher never scored the block: no KD rows there (-1)
-                K = topk.ids.shape[1]
+                K = topk.k
                 topk = TopK(
                     ids=np.concatenate([np.full((len(block), K), -1, np.int32), topk.ids]),
                     logprobs=np.concatenate(
