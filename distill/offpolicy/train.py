@@ -222,6 +222,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
+    head_weight = accelerator.unwrap_model(student).get_output_embeddings().weight  # (V, H)
     # The global RNG drives only dropout; seeded per process, restored exactly on resume.
     if rng_states:
         torch.set_rng_state(rng_states[rank % len(rng_states)])
@@ -252,9 +253,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                 # Only the last micro-batch all-reduces gradients; the others accumulate locally.
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
                     if head.fused:  # the same loss and gradients (distill/fused_step.py)
-                        weight = accelerator.unwrap_model(student).get_output_embeddings().weight
                         share, total, ce = ce_topk_loss(
-                            student, weight, mb, n_tokens, vocab_size,
+                            student, head_weight, mb, n_tokens, vocab_size,
                             kd_weight=config.kd_weight, kd_kind=config.kd_divergence,
                         )  # fmt: skip
                     else:

@@ -217,6 +217,7 @@ def train(
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
+    head_weight = accelerator.unwrap_model(student).get_output_embeddings().weight  # (V, H)
     if start >= config.steps:  # finished before: nothing to sample, no engine to start
         return Summary(steps=config.steps, final_loss=float("nan"), checkpoint=out, metrics={})
     owned = sampler is None
@@ -280,10 +281,9 @@ def train(
                 kind, beta, alpha = config.divergence, config.beta, config.alpha
                 with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
                     if head.fused:  # same loss and gradients; the diagnostics read its chunks
-                        weight = accelerator.unwrap_model(student).get_output_embeddings().weight
                         share, summed = topk_loss(
                             student,
-                            weight,
+                            head_weight,
                             mb,
                             n_tokens,
                             kind,
