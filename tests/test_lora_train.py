@@ -27,7 +27,7 @@ from students import lora
 from students.presets import StudentError
 from teachers.hf import HFTeacher
 from tests.conftest import TinyPair
-from tests.test_offpolicy_train import Recorder, write_data
+from tests.test_offpolicy_train import Recorder, config, write_data
 
 pytest.importorskip("peft")
 
@@ -51,20 +51,8 @@ def data(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def off_config(run_dir: Path, student: Path, data: Path, **kw: Any) -> offpolicy.Config:
-    base = offpolicy.Config(
-        run_dir=run_dir,
-        student=str(student),
-        data_dir=data,
-        steps=3,
-        batch_size=4,
-        micro_batch_size=2,
-        lr=1e-2,
-        warmup_steps=1,
-        log_every=1,
-        save_every=100,
-        lora_rank=RANK,
-    )
-    return replace(base, **kw)
+    """test_offpolicy_train's tiny settings with LoRA on (rank RANK); `kw` overrides any field."""
+    return config(run_dir, student, data, **{"lora_rank": RANK, **kw})
 
 
 def wrapped_from_checkpoint(student: Path, ckpt: Path) -> PreTrainedModel:
