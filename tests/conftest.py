@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
 
 from distill.tasks import corpus
 from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matmuls on a shared 2-core machine run ~10x faster without intra-op threads.
+
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

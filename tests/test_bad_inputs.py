@@ -12,14 +12,13 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 from typer.testing import CliRunner
 
@@ -34,12 +33,7 @@ from tests.test_reliability_kills import write_teacher_rows
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

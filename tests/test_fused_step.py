@@ -5,7 +5,7 @@ fallbacks with their logged reason, and exact resume on the fused path."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +33,7 @@ from tests.conftest import TinyPair
 FAST = {"max_tokens": 16, "prompts_per_step": 4, "samples_per_prompt": 2, "warmup_steps": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _batch(K: int = 8, seed: int = 0) -> tuple[Batch, torch.Tensor]:

@@ -4,11 +4,9 @@ recorded in the run directory."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
@@ -20,13 +18,7 @@ from tests.conftest import TinyPair
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core machine run ~10x faster without intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 SMALL = ["--steps", "2", "--prompts-per-step", "2", "--max-tokens", "8", "--n-prompts", "8"]

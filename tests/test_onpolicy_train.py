@@ -3,7 +3,7 @@ truncation, exact resume, and the refusals of bad input."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,13 +31,7 @@ from tests.conftest import TinyPair
 FAST = {"max_tokens": 16, "prompts_per_step": 4, "samples_per_prompt": 2, "warmup_steps": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matmuls on a shared 2-core machine run ~10x faster without intra-op threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
