@@ -19,7 +19,7 @@ the logits, or a probe forward whose `lm_head(hidden)` differs from its own logi
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -27,7 +27,13 @@ from accelerate.utils import DistributedType
 
 from distill.batch import Batch, next_token_view
 from distill.onpolicy.metrics import Diagnostics, accumulate_rows
-from losses import Divergence, TeacherSampled, TeacherTopK, fused_linear_divergence_sum
+from losses import (
+    Divergence,
+    TeacherSampled,
+    TeacherTopK,
+    Workspace,
+    fused_linear_divergence_sum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +44,15 @@ SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 @dataclass(frozen=True)
 class Head:
-    """Which loss path a run takes, and why (logged once, recorded as the `fused_loss` metric)."""
+    """Which loss path a run takes, and why (logged once, recorded as the `fused_loss` metric).
+
+    `workspace` keeps the fused path's chunk buffers for the whole run: made once, not faulted
+    in again by every micro-batch.
+    """
 
     fused: bool
     reason: str
+    workspace: Workspace = field(default_factory=Workspace, compare=False, repr=False)
 
 
 def _refusal(accelerator: Accelerator, model: torch.nn.Module) -> str | None:
@@ -126,6 +137,7 @@ def topk_loss(
     alpha: float = 0.1,
     measured: torch.Tensor | None = None,
     diag: Diagnostics | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ mask·D / n_tokens to backward, Σ mask·D detached) against the batch's teacher top-k.
 
@@ -156,6 +168,7 @@ def topk_loss(
         beta=beta,
         alpha=alpha,
         observe=observe if diag is not None else None,
+        workspace=workspace,
     )  # scalar, (N,)
     return loss, (values * mask[rows]).sum()
 
@@ -169,6 +182,7 @@ def ce_topk_loss(
     *,
     kd_weight: float = 0.0,
     kd_kind: Divergence = "forward_kl",
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σ mask·(CE + kd_weight·KD) / n_tokens to backward, Σ mask·(CE + kd·KD), Σ mask·CE).
 
@@ -182,7 +196,7 @@ def ce_topk_loss(
     sampled = TeacherSampled(x, torch.zeros(x.shape, device=x.device))  # log p_t(x) := 0
     minus_w = torch.full(x.shape, -1.0 / n_tokens, device=x.device)  # (N,)
     loss, k1 = fused_linear_divergence_sum(
-        rows, weight, sampled, "k1", minus_w, vocab_size=vocab_size
+        rows, weight, sampled, "k1", minus_w, vocab_size=vocab_size, workspace=workspace
     )
     ce = -k1.sum()
     total = ce
@@ -191,7 +205,7 @@ def ce_topk_loss(
         kd_w = torch.full(x.shape, kd_weight / n_tokens, device=x.device)  # (N,)
         kd_teacher = TeacherTopK(t_ids[mask], t_lp[mask])  # (N, K)
         kd_loss, kd = fused_linear_divergence_sum(
-            rows, weight, kd_teacher, kd_kind, kd_w, vocab_size=vocab_size
+            rows, weight, kd_teacher, kd_kind, kd_w, vocab_size=vocab_size, workspace=workspace
         )
         loss = loss + kd_loss
         total = ce + kd_weight * kd.sum()

@@ -11,7 +11,8 @@ to the training loop, which divides by the target tokens of the whole optimizer 
 Three forms of teacher data: dense (`dense_support`, or `TeacherHidden`/`TeacherLogits` on the
 fused path), top-k with a tail bucket (`topk_support`, `TeacherTopK`) and the sampled token's
 log-prob (`losses.sampled`, `TeacherSampled`). `fused_linear_divergence[_sum]` computes any of
-them chunk by chunk from hidden states and the lm_head, never holding (N, V) logits.
+them chunk by chunk from hidden states and the lm_head, never holding (N, V) logits; a
+`Workspace` keeps its chunk buffers between calls.
 """
 
 from losses.divergences import (
@@ -25,7 +26,8 @@ from losses.divergences import (
     skew_reverse_kl,
     tvd,
 )
-from losses.fused import fused_linear_divergence, fused_linear_divergence_sum, matmul_out_dtype
+from losses.fused import fused_linear_divergence, fused_linear_divergence_sum
+from losses.logits import matmul_out_dtype
 from losses.sampled import ESTIMATORS, Estimator, estimator, k1, k2, k3, sampled_logprobs
 from losses.support import dense_support, topk_support
 from losses.teacher_data import (
@@ -36,6 +38,7 @@ from losses.teacher_data import (
     TeacherTopK,
 )
 from losses.vocab import check_heads, shared_vocab_size
+from losses.workspace import Workspace
 
 __all__ = [
     "DIVERGENCES",
@@ -47,6 +50,7 @@ __all__ = [
     "TeacherLogits",
     "TeacherSampled",
     "TeacherTopK",
+    "Workspace",
     "check_heads",
     "dense_support",
     "divergence",

@@ -2,11 +2,12 @@
 
 The student's (N, V) fp32 logits never exist. Rows go through in chunks of C: one matmul gives
 (C, V) logits cut to the real vocabulary (bf16 inputs: fp32 accumulation inside; the logits come
-out in fp32 where a bf16-in/fp32-out matmul exists, CUDA, and in bf16 on CPU, see
-`matmul_out_dtype`); the divergence and its closed-form logit gradient run in fp32
-(`losses.chunk`, on CPU in blocks of rows that stay in cache); two more matmuls turn that into
-the chunk's hidden-state gradient and its share of the lm_head gradient. Peak memory is three
-(C, V) buffers, made once, plus the (V, H) weight gradient, whatever N is.
+out in fp32 where a bf16-in/fp32-out matmul exists, CUDA, and in bf16 on CPU unless
+`exact_logits` asks for a second, residual matmul: `losses.logits`); the divergence and its
+closed-form logit gradient run in fp32 (`losses.chunk`, on CPU in blocks of rows that stay in
+cache); two more matmuls turn that into the chunk's hidden-state gradient and its share of the
+lm_head gradient. Peak memory is three (C, V) buffers, made once per call or kept in a
+`losses.workspace.Workspace`, plus the (V, H) weight gradient, whatever N is.
 
 Two entry points, because a per-token output cannot know its upstream gradient in advance:
 - `fused_linear_divergence` returns (...,) per-token values like every other loss here; its
@@ -29,8 +30,15 @@ from typing import TypeVar, cast, get_args
 
 import torch
 
-from losses.chunk import dense_chunk, sampled_chunk, topk_chunk
+from losses.chunk import (
+    dense_chunk,
+    dense_chunk_from_exps,
+    dense_exps,
+    sampled_chunk,
+    topk_chunk,
+)
 from losses.divergences import DIVERGENCES, Divergence
+from losses.logits import logits_into, matmul_out_dtype
 from losses.sampled import ESTIMATORS, Estimator
 from losses.support import check_head, topk_teacher_logprobs, valid_ids
 from losses.teacher_data import (
@@ -41,6 +49,7 @@ from losses.teacher_data import (
     TeacherTopK,
     flat_teacher,
 )
+from losses.workspace import Workspace, buffer
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class _Spec:
     alpha: float
     chunk_size: int
     compile: bool
+    exact_logits: bool
 
 
 # (student logits (R, V), teacher logits (R, V) or None, first row, end row, token weight (R,) or
@@ -66,14 +76,20 @@ F = TypeVar("F", bound=Callable[..., object])
 _COMPILED: dict[Callable[..., object], Callable[..., object]] = {}
 
 # Rows per elementwise call on CPU. A chunk's (C, V) logits come from one matmul (a big C keeps it
-# efficient), but its fp32 math makes ~6 passes over each row (max and sum-exp per side, value,
-# dz): as one (256, V) call every pass streams 2 x 78 MB from memory, while a block of rows
-# (16: 2 x 4.9 MB of bf16 logits plus fp32 temporaries) stays in cache between passes. Measured on
-# one core, JSD at V = 151,936: 218 ms per 256 rows as one call; 117 in blocks of 8, 120 of 16,
-# 135 of 32. Each call is a few OpenMP barriers, which cost a scheduler slice each when other
-# processes hold the cores: 16 rather than 8 halves their number for 3% more time. GPUs get
-# the whole chunk in one call (a kernel launch per block would dominate there).
+# efficient), but its fp32 math makes several passes over each row (max, sum-exp, value, dz): as
+# one (256, V) call every pass streams the chunk from memory, while a block of rows stays in
+# cache between passes. Measured on one core, JSD at V = 151,936: 218 ms per 256 rows as one
+# call; 117 in blocks of 8, 120 of 16, 135 of 32. GPUs get the whole chunk in one call (a launch
+# per block would dominate).
 CPU_BLOCK_ROWS = 16
+# The compiled CPU dense kernel (`dense_exps` + `dense_chunk_from_exps`) wants blocks big enough
+# that inductor parallelises its row reductions across rows, not within each row: it splits a
+# row between threads when rows x 300 < the row's vector steps (V / 16 = 9,496 here), and then
+# every row of every pass ends in an OpenMP barrier. With 32 rows there is one barrier per pass,
+# and a descheduled thread delays one pass rather than each row of it. Measured on 2 shared
+# cores, 256 rows of JSD: 8-row blocks 43 ms at best but 62 ms median over 9 runs; 32-row
+# blocks 45 ms at best, 47 median. Its scratch is then 2 x 19 MB of fp32 exponentials.
+CPU_DENSE_BLOCK_ROWS = 32
 
 
 def _maybe_compiled(fn: F, compile: bool) -> F:
@@ -85,25 +101,6 @@ def _maybe_compiled(fn: F, compile: bool) -> F:
         # and dynamic-shape kernels lose the vectorised fixed-length inner loops.
         _COMPILED[fn] = torch.compile(fn, dynamic=False)
     return cast(F, _COMPILED[fn])
-
-
-def matmul_out_dtype(hidden: torch.Tensor) -> torch.dtype:
-    """The dtype of the logits the fused path's matmuls produce from `hidden`'s dtype.
-
-    fp32 where a bf16/fp16-in, fp32-out matmul exists (CUDA: `torch.mm(..., out_dtype=)`, fp32
-    accumulation written without rounding); elsewhere the inputs' dtype. PyTorch's CPU matmul has
-    no such variant (2.13: `aten::mm.dtype` is not implemented for CPU), so on CPU bf16 logits
-    carry one bf16 rounding (relative 2^-9) before the fp32 softmax.
-    """
-    low = hidden.dtype in (torch.bfloat16, torch.float16)
-    return torch.float32 if low and hidden.device.type == "cuda" else hidden.dtype
-
-
-def _logits(h: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """h (C, H) @ w (V, H).T into out (C, V); an fp32 out with bf16 inputs skips the rounding."""
-    if out.dtype != h.dtype:
-        return torch.mm(h, w.T, out_dtype=out.dtype, out=out)
-    return torch.mm(h, w.T, out=out)
 
 
 def _as_divergence(kind: str) -> Divergence:
@@ -139,29 +136,76 @@ def _check(teacher: TeacherData, spec: _Spec, student_rows: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
 
 
-def _chunk_fn(teacher: TeacherData, spec: _Spec) -> ChunkFn:
-    """The kernel of one teacher form, with that form's rows [i, j) of teacher data bound."""
+def _chunk_fn(
+    teacher: TeacherData, spec: _Spec, rows: int, like: torch.Tensor, workspace: Workspace | None
+) -> tuple[ChunkFn, int]:
+    """(the kernel of one teacher form, rows per block) for chunks of at most `rows` rows.
+
+    The kernel has that form's rows [i, j) of teacher data bound. On CPU with compile, the dense
+    forms run `dense_exps` then `dense_chunk_from_exps` on fp32 scratch of one block's
+    exponentials; elsewhere (GPU, or eager, where every op is its own pass anyway) they run
+    `dense_chunk`.
+    """
     vocab, beta, alpha = spec.vocab_size, spec.beta, spec.alpha
+    cpu = like.device.type == "cpu"
+    block_rows = max(1, min(CPU_BLOCK_ROWS if cpu else rows, rows))
     if isinstance(teacher, TeacherSampled):
         estimator = _as_estimator(spec.kind)
         present = teacher.token_ids >= 0  # (N,)
         tokens = teacher.token_ids.long().clamp(min=0)  # (N,)
         logprobs = teacher.logprobs.float()  # (N,)
         sampled = _maybe_compiled(sampled_chunk, spec.compile)
-        return lambda zs, _, i, j, w, out: sampled(
-            zs, tokens[i:j], present[i:j], logprobs[i:j], w, out, estimator
-        )
+
+        def sampled_rows(
+            zs: torch.Tensor,
+            _: torch.Tensor | None,
+            i: int,
+            j: int,
+            w: torch.Tensor | None,
+            out: torch.Tensor | None,
+        ) -> torch.Tensor:
+            return sampled(zs, tokens[i:j], present[i:j], logprobs[i:j], w, out, estimator)
+
+        return sampled_rows, block_rows
     kind = _as_divergence(spec.kind)
     if isinstance(teacher, TeacherTopK):
         valid, ids = valid_ids(teacher.ids, vocab)  # (N, K) each
         log_t = topk_teacher_logprobs(teacher.logprobs, valid)  # (N, K+1)
         topk = _maybe_compiled(topk_chunk, spec.compile)
-        return lambda zs, _, i, j, w, out: topk(
-            zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha
-        )
-    dense = _maybe_compiled(dense_chunk, spec.compile)
 
-    def dense_rows(
+        def topk_rows(
+            zs: torch.Tensor,
+            _: torch.Tensor | None,
+            i: int,
+            j: int,
+            w: torch.Tensor | None,
+            out: torch.Tensor | None,
+        ) -> torch.Tensor:
+            return topk(zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha)
+
+        return topk_rows, block_rows
+    if not (cpu and spec.compile):
+        dense = _maybe_compiled(dense_chunk, spec.compile)
+
+        def dense_rows(
+            zs: torch.Tensor,
+            zt: torch.Tensor | None,
+            i: int,
+            j: int,
+            w: torch.Tensor | None,
+            out: torch.Tensor | None,
+        ) -> torch.Tensor:
+            assert zt is not None, "dense teacher forms pass their logits"
+            return dense(zs, zt, w, out, kind, beta, alpha)
+
+        return dense_rows, block_rows
+    block_rows = max(1, min(CPU_DENSE_BLOCK_ROWS, rows))
+    exps = _maybe_compiled(dense_exps, True)
+    from_exps = _maybe_compiled(dense_chunk_from_exps, True)
+    exp_s = buffer(workspace, "exp_s", block_rows, vocab, like, torch.float32)  # (R, V) scratch
+    exp_t = buffer(workspace, "exp_t", block_rows, vocab, like, torch.float32)  # (R, V)
+
+    def cpu_dense_rows(
         zs: torch.Tensor,
         zt: torch.Tensor | None,
         i: int,
@@ -170,13 +214,20 @@ def _chunk_fn(teacher: TeacherData, spec: _Spec) -> ChunkFn:
         out: torch.Tensor | None,
     ) -> torch.Tensor:
         assert zt is not None, "dense teacher forms pass their logits"
-        return dense(zs, zt, w, out, kind, beta, alpha)
+        e_s, e_t = exp_s[: j - i], exp_t[: j - i]  # (R, V)
+        stats = exps(zs, zt, e_s, e_t)
+        return from_exps(zs, zt, e_s, e_t, *stats, w, out, kind, beta, alpha)
 
-    return dense_rows
+    return cpu_dense_rows, block_rows
 
 
 def _teacher_logits(
-    teacher: TeacherData, vocab: int, start: int, stop: int, buf: torch.Tensor | None
+    teacher: TeacherData,
+    vocab: int,
+    start: int,
+    stop: int,
+    buf: torch.Tensor | None,
+    residual: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """The teacher's (C, V) logits for rows [start, stop) of a dense form, else None."""
     if isinstance(teacher, TeacherLogits):
@@ -184,7 +235,9 @@ def _teacher_logits(
     if isinstance(teacher, TeacherHidden):
         assert buf is not None
         # The teacher's (C, V) logits live only inside its chunk, like the student's.
-        return _logits(teacher.hidden[start:stop], teacher.weight[:vocab], buf[: stop - start])
+        rows = slice(0, stop - start)
+        lo = residual[rows] if residual is not None else None
+        return logits_into(teacher.hidden[start:stop], teacher.weight[:vocab], buf[rows], lo)
     return None
 
 
@@ -197,6 +250,7 @@ def _chunks(
     need_hidden_grad: bool,
     need_weight_grad: bool,
     observe: Observer | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(values (N,) fp32, ∂(Σ w·D)/∂hidden (N, H) or None, ∂/∂weight (V_s, H) or None)."""
     vocab = spec.vocab_size
@@ -211,23 +265,31 @@ def _chunks(
             grad_weight.zero_()
     if not (need_hidden_grad or need_weight_grad):
         token_weight = None  # values only: skip the gradient math in the kernels
-    chunk = _chunk_fn(teacher, spec)
     # (C, V) buffers made once and reused by every chunk: a fresh 78 MB tensor per chunk
     # (C = 256, V = 151,936, bf16) costs ~19k page faults each time.
     rows = min(spec.chunk_size, n)
-    zs_buf = hidden.new_empty(rows, vocab, dtype=matmul_out_dtype(hidden))  # (C, V)
+    exact = spec.exact_logits
+    zs_dtype = matmul_out_dtype(hidden, exact)
+    zs_buf = buffer(workspace, "zs", rows, vocab, hidden, zs_dtype)  # (C, V)
     zt_buf = None
     if isinstance(teacher, TeacherHidden):
-        zt_buf = hidden.new_empty(rows, vocab, dtype=matmul_out_dtype(teacher.hidden))  # (C, V)
-    dz_buf = hidden.new_empty(rows, vocab) if token_weight is not None else None  # (C, V)
-    block_rows = CPU_BLOCK_ROWS if hidden.device.type == "cpu" else spec.chunk_size
+        zt_dtype = matmul_out_dtype(teacher.hidden, exact)
+        zt_buf = buffer(workspace, "zt", rows, vocab, hidden, zt_dtype)  # (C, V)
+    residual = None  # (C, V) bf16: the second term of exact logits where no fp32-out mm exists
+    if exact and hidden.device.type != "cuda" and zs_dtype != hidden.dtype:
+        residual = buffer(workspace, "residual", rows, vocab, hidden, hidden.dtype)
+    dz_buf = None
+    if token_weight is not None:
+        dz_buf = buffer(workspace, "dz", rows, vocab, hidden, hidden.dtype)  # (C, V)
+    chunk, block_rows = _chunk_fn(teacher, spec, rows, hidden, workspace)
     for start in range(0, n, spec.chunk_size):
         stop = min(start + spec.chunk_size, n)
         h = hidden[start:stop]  # (C, H)
-        zs = _logits(h, w_real, zs_buf[: stop - start])  # (C, V)
+        lo = residual[: stop - start] if residual is not None else None
+        zs = logits_into(h, w_real, zs_buf[: stop - start], lo)  # (C, V)
         if observe is not None:
             observe(zs, start, stop)
-        zt = _teacher_logits(teacher, vocab, start, stop, zt_buf)  # (C, V) or None
+        zt = _teacher_logits(teacher, vocab, start, stop, zt_buf, residual)  # (C, V) or None
         dz = dz_buf[: stop - start] if dz_buf is not None else None  # (C, V) or None
         for r in range(0, stop - start, block_rows):
             block = slice(r, min(r + block_rows, stop - start))
@@ -253,6 +315,7 @@ class _Ctx(torch.autograd.function.FunctionCtx):
 
     teacher: TeacherData
     spec: _Spec
+    workspace: Workspace | None
     saved_tensors: tuple[torch.Tensor, ...]
     needs_input_grad: tuple[bool, ...]
 
@@ -262,22 +325,30 @@ class _PerToken(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: _Ctx, hidden: torch.Tensor, weight: torch.Tensor, teacher: TeacherData, spec: _Spec
+        ctx: _Ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        teacher: TeacherData,
+        spec: _Spec,
+        workspace: Workspace | None,
     ) -> torch.Tensor:
-        values, _, _ = _chunks(hidden, weight, teacher, spec, None, False, False)
+        values, _, _ = _chunks(hidden, weight, teacher, spec, None, False, False, None, workspace)
         ctx.save_for_backward(hidden, weight)
-        ctx.teacher, ctx.spec = teacher, spec
+        ctx.teacher, ctx.spec, ctx.workspace = teacher, spec, workspace
         return values
 
     @staticmethod
     def backward(
         ctx: _Ctx, *grad_outputs: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         (grad_values,) = grad_outputs  # (N,)
         hidden, weight = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads = _chunks(hidden, weight, ctx.teacher, ctx.spec, grad_values.float(), need_h, need_w)
-        return grads[1], grads[2], None, None
+        upstream = grad_values.float()
+        grads = _chunks(
+            hidden, weight, ctx.teacher, ctx.spec, upstream, need_h, need_w, None, ctx.workspace
+        )
+        return grads[1], grads[2], None, None, None
 
 
 class _Summed(torch.autograd.Function):
@@ -292,10 +363,12 @@ class _Summed(torch.autograd.Function):
         teacher: TeacherData,
         spec: _Spec,
         observe: Observer | None,
+        workspace: Workspace | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        weights = token_weight.float()
         values, grad_h, grad_w = _chunks(
-            hidden, weight, teacher, spec, token_weight.float(), need_h, need_w, observe
+            hidden, weight, teacher, spec, weights, need_h, need_w, observe, workspace
         )
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.spec = spec
@@ -306,7 +379,7 @@ class _Summed(torch.autograd.Function):
     @staticmethod
     def backward(
         ctx: _Ctx, *grad_outputs: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None, None]:
         grad_loss = grad_outputs[0]  # scalar; the per-token values are non-differentiable
         saved = iter(ctx.saved_tensors)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -316,7 +389,7 @@ class _Summed(torch.autograd.Function):
         if not bool(grad_loss == 1.0):
             grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
             grad_w = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _spec(
@@ -326,8 +399,9 @@ def _spec(
     alpha: float,
     chunk_size: int,
     compile: bool,
+    exact_logits: bool,
 ) -> _Spec:
-    return _Spec(kind, vocab_size, beta, alpha, chunk_size, compile)
+    return _Spec(kind, vocab_size, beta, alpha, chunk_size, compile, exact_logits)
 
 
 def fused_linear_divergence(
@@ -341,6 +415,8 @@ def fused_linear_divergence(
     alpha: float = 0.1,
     chunk_size: int = 256,
     compile: bool = False,
+    exact_logits: bool = False,
+    workspace: Workspace | None = None,
 ) -> torch.Tensor:
     """Per-token D(student, teacher) (...) from hidden (..., H) and lm_head weight (V_s, H).
 
@@ -348,11 +424,17 @@ def fused_linear_divergence(
     sampled forms), without (N, V) logits. kind: a divergence for TeacherHidden/Logits/TopK,
     "k1"/"k2"/"k3" for TeacherSampled. compile=True fuses each chunk's fp32 math with
     torch.compile (one compilation per kind and chunk shape; faster on CPU and GPU).
+    exact_logits: on CPU with bf16 inputs, rebuild fp32-accurate logits from a second, residual
+    matmul per side (`losses.logits.logits_into`): the loss then matches an fp32 computation of
+    the same bf16 inputs to ~1e-7 instead of ~1e-4, for ~40% more time. No effect on CUDA,
+    which has an fp32-out matmul, or with fp32 inputs.
+    workspace: keep the chunk buffers between calls (see `Workspace`).
     """
-    spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile)
+    spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile, exact_logits)
     _check(teacher, spec, weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
-    values = _PerToken.apply(flat, weight, flat_teacher(teacher, flat.shape[0]), spec)
+    rows = flat_teacher(teacher, flat.shape[0])
+    values = _PerToken.apply(flat, weight, rows, spec, workspace)
     assert isinstance(values, torch.Tensor)
     return values.reshape(hidden.shape[:-1])
 
@@ -369,7 +451,9 @@ def fused_linear_divergence_sum(
     alpha: float = 0.1,
     chunk_size: int = 256,
     compile: bool = False,
+    exact_logits: bool = False,
     observe: Observer | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ token_weight · D scalar, per-token D (...) detached), gradients computed in forward.
 
@@ -378,15 +462,18 @@ def fused_linear_divergence_sum(
     gives the full-batch gradient. `observe(logits (C, V), start, stop)` is called once per chunk
     with the student's logits over the real vocabulary of flattened rows [start, stop): a loop's
     diagnostics read them there instead of materialising (N, V) logits of their own.
+    exact_logits: see `fused_linear_divergence`.
+    workspace: keep the chunk buffers between calls (see `Workspace`); a loop holds one per run.
     """
-    spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile)
+    spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile, exact_logits)
     _check(teacher, spec, weight.shape[0])
     flat = hidden.reshape(-1, hidden.shape[-1])  # (N, H)
     n = flat.shape[0]
     if token_weight.numel() != n:
         raise ValueError(f"token_weight has {token_weight.numel()} entries for {n} positions")
     teacher_rows = flat_teacher(teacher, n)
-    out = _Summed.apply(flat, weight, token_weight.reshape(n), teacher_rows, spec, observe)
+    weights = token_weight.reshape(n)
+    out = _Summed.apply(flat, weight, weights, teacher_rows, spec, observe, workspace)
     assert isinstance(out, tuple)
     loss, values = out
     return loss, values.reshape(hidden.shape[:-1])

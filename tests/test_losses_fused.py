@@ -21,6 +21,9 @@ from losses import (
     sampled_logprobs,
     topk_support,
 )
+from losses.chunk import dense_chunk, dense_chunk_from_exps, dense_exps
+from losses.logits import logits_into, matmul_out_dtype
+from losses.workspace import Workspace
 from tests.test_losses import VARIANT_IDS, VARIANTS
 
 N, H, V, V_S, V_T, K = 13, 8, 11, 14, 16, 5  # odd sizes; both heads carry padded rows
@@ -213,31 +216,129 @@ def test_compiled_chunks_equal_eager(inductor, form, kind):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("form", [*FORMS, "sampled"])
-def test_row_blocks_inside_a_chunk_match_unchunked(monkeypatch, form):
-    """CPU runs each chunk's math in blocks of rows; blocks that split a chunk unevenly agree."""
+def test_row_blocks_inside_a_chunk_match_unchunked(monkeypatch, form, compile):
+    """CPU runs each chunk's math in blocks of rows; blocks that split a chunk unevenly agree.
+
+    Compiled, the dense forms take the CPU's exps-then-divergence kernel with its own blocks.
+    """
     monkeypatch.setattr(fused, "CPU_BLOCK_ROWS", 3)  # chunk 7 -> blocks of 3, 3, 1; tail 6 -> 3, 3
+    monkeypatch.setattr(fused, "CPU_DENSE_BLOCK_ROWS", 3)  # the compiled dense kernel's blocks
     kind = "k3" if form == "sampled" else "jsd"
     x = setup(torch.float32, seed=4)
     h, w = x["h"].requires_grad_(), x["w"].requires_grad_()
     ref = unchunked(form, kind, x, h, w, 0.5, 0.1)
     ref_gh, ref_gw = grads_of(ref.sum(), h, w)
     loss, values = fused_linear_divergence_sum(
-        h, w, teacher_data(form, x), kind, torch.ones(N), vocab_size=V, chunk_size=7
-    )
+        h, w, teacher_data(form, x), kind, torch.ones(N), vocab_size=V, chunk_size=7,
+        compile=compile,
+    )  # fmt: skip
     gh, gw = grads_of(loss, h, w)
     torch.testing.assert_close(values, ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize(("kind", "beta", "alpha"), VARIANTS, ids=VARIANT_IDS)
+def test_gpu_dense_kernel_matches_cpu_split_kernel(kind, beta, alpha):
+    """`dense_chunk` (one function, what GPUs run) equals CPU's exps-then-divergence pair."""
+    g = torch.Generator().manual_seed(5)
+    zs, zt = torch.randn(6, 40, generator=g) * 4, torch.randn(6, 40, generator=g) * 4
+    zt[1] = zs[1]  # a row where student == teacher: 0 and a zero gradient
+    weight = torch.linspace(0.2, 1.0, 6)
+    gpu_dz, cpu_dz = torch.empty(6, 40), torch.empty(6, 40)
+    gpu = dense_chunk(zs, zt, weight, gpu_dz, kind, beta, alpha)
+    exp_s, exp_t = torch.empty(6, 40), torch.empty(6, 40)
+    stats = dense_exps(zs, zt, exp_s, exp_t)
+    cpu = dense_chunk_from_exps(zs, zt, exp_s, exp_t, *stats, weight, cpu_dz, kind, beta, alpha)
+    values_only = dense_chunk_from_exps(zs, zt, exp_s, exp_t, *stats, None, None, kind, beta, alpha)
+    torch.testing.assert_close(cpu, gpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(values_only, gpu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_dz, gpu_dz, rtol=1e-4, atol=1e-7)
+    assert abs(cpu[1].item()) < 1e-6 and cpu_dz[1].abs().max().item() < 1e-7
+
+
 def test_matmul_out_dtype_and_fp32_output_call():
     """bf16 logits on CPU (no bf16-in/fp32-out matmul there); fp32 on CUDA, via mm's out_dtype."""
-    assert fused.matmul_out_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16
-    assert fused.matmul_out_dtype(torch.zeros(2, 2)) == torch.float32
+    assert matmul_out_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16
+    assert matmul_out_dtype(torch.zeros(2, 2)) == torch.float32
     # The CUDA call, checked for signature and shapes on the meta device (no kernel runs).
     h = torch.empty(5, 8, dtype=torch.bfloat16, device="meta")
     w = torch.empty(11, 8, dtype=torch.bfloat16, device="meta")
     out = torch.empty(5, 11, dtype=torch.float32, device="meta")
-    logits = fused._logits(h, w, out)
+    logits = logits_into(h, w, out)
     assert logits.dtype == torch.float32 and logits.shape == (5, 11)
+
+
+def test_workspace_reuses_buffers_and_changes_nothing():
+    """A kept Workspace gives the same loss and gradients, holding its buffers between calls."""
+    x = setup(torch.float32, seed=6)
+    workspace = Workspace()
+
+    def step(ws: Workspace | None) -> tuple[torch.Tensor, ...]:
+        h, w = x["h"].clone().requires_grad_(), x["w"].clone().requires_grad_()
+        loss, values = fused_linear_divergence_sum(
+            h, w, teacher_data("hidden", x), "jsd", torch.ones(N), vocab_size=V, chunk_size=5,
+            compile=True, workspace=ws,
+        )  # fmt: skip
+        return (loss.detach(), values, *grads_of(loss, h, w))
+
+    fresh = step(None)
+    first = step(workspace)
+    held = {name: b.data_ptr() for name, b in workspace._buffers.items()}
+    second = step(workspace)
+    for again in (first, second):
+        for a, b in zip(fresh, again, strict=True):
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert {name: b.data_ptr() for name, b in workspace._buffers.items()} == held
+    assert set(held) == {"zs", "zt", "dz", "exp_s", "exp_t"}
+    assert workspace.nbytes == 3 * 5 * V * 4 + 2 * 5 * V * 4  # fp32 chunk buffers + scratch
+
+
+def test_workspace_buffer_is_remade_when_it_does_not_fit():
+    workspace = Workspace()
+    like = torch.zeros(1)
+    small = workspace.get("zs", 4, 10, like, torch.float32)
+    assert workspace.get("zs", 3, 10, like, torch.float32).data_ptr() == small.data_ptr()
+    bigger = workspace.get("zs", 6, 10, like, torch.float32)  # more rows: remade
+    assert bigger.shape == (6, 10) and workspace.nbytes == 6 * 10 * 4
+    assert workspace.get("zs", 6, 10, like, torch.bfloat16).dtype == torch.bfloat16
+    assert workspace.get("zs", 6, 12, like, torch.bfloat16).shape == (6, 12)  # another vocab
+    assert workspace.nbytes == 6 * 12 * 2  # one buffer per name, the old one released
+
+
+def test_exact_logits_from_two_bf16_matmuls():
+    """hi + lo from two bf16 matmuls is as close to the exact logits as an fp32 matmul is."""
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(16, 256, generator=g).bfloat16()
+    w = (torch.randn(300, 256, generator=g) * 0.2).bfloat16()
+    exact = h.double() @ w.double().T  # (16, 300)
+    assert matmul_out_dtype(h, exact_logits=True) == torch.float32
+    out, residual = torch.empty(16, 300), torch.empty(16, 300, dtype=torch.bfloat16)
+    two_term = logits_into(h, w, out, residual)
+    one_term = logits_into(h, w, torch.empty(16, 300, dtype=torch.bfloat16))
+    scale = exact.abs().max()
+    assert (two_term.double() - exact).abs().max() / scale < 2e-5
+    assert (one_term.double() - exact).abs().max() / scale > 5e-4  # one bf16 rounding
+
+
+def test_exact_logits_loss_matches_fp32_reference():
+    """bf16 inputs: exact_logits brings the loss from bf16-logit error to fp32-level error."""
+    g = torch.Generator().manual_seed(8)
+    n, hidden, vocab = 24, 128, 3000
+    hs = torch.randn(n, hidden, generator=g).bfloat16()
+    ws = (torch.randn(vocab, hidden, generator=g) * 3 / hidden**0.5).bfloat16()
+    ht = (hs.float() + 0.5 * torch.randn(n, hidden, generator=g)).bfloat16()
+    wt = (ws.float() + 1.5 / hidden**0.5 * torch.randn(vocab, hidden, generator=g)).bfloat16()
+    log_s = torch.log_softmax(hs.double() @ ws.double().T, -1)
+    log_t = torch.log_softmax(ht.double() @ wt.double().T, -1)
+    reference = divergence("jsd", log_s, log_t).mean()  # fp64 from the same bf16 inputs
+    errors = {}
+    for exact in (False, True):
+        loss, _ = fused_linear_divergence_sum(
+            hs, ws, TeacherHidden(ht, wt), "jsd", torch.full((n,), 1 / n), vocab_size=vocab,
+            chunk_size=10, exact_logits=exact,
+        )  # fmt: skip
+        errors[exact] = abs(loss.item() - reference.item()) / reference.item()
+    assert errors[True] < 1e-5 < errors[False]

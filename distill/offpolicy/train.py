@@ -256,6 +256,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                         share, total, ce = ce_topk_loss(
                             student, head_weight, mb, n_tokens, vocab_size,
                             kd_weight=config.kd_weight, kd_kind=config.kd_divergence,
+                            workspace=head.workspace,
                         )  # fmt: skip
                     else:
                         total, ce = micro_batch_loss(student, mb, config, vocab_size)

@@ -292,6 +292,7 @@ def train(
                             alpha=alpha,
                             measured=measured,
                             diag=diag,
+                            workspace=head.workspace,
                         )  # share = sum / n_tokens, summed = sum over the loss mask
                     else:
                         logits = student(
