@@ -7,16 +7,17 @@
 Every contestant runs generalized JSD(β=0.5) (TRL's and Liger's convention) over V = 151,936
 with H = 1,024 and bf16 matmuls, forward + backward, each configuration in its own process so
 its peak RSS (ru_maxrss) is clean. Groups compare like with like:
-- hidden: student and teacher hidden states + lm_heads: naive, Liger chunked JSD, distill;
+- hidden: student and teacher hidden states + lm_heads: naive, Liger chunked JSD, distill, and
+  distill with `exact_logits` (N = 2048 only);
 - logits: student hidden + lm_head, teacher (N, V) bf16 logits: naive, TRL, distill;
 - topk: student hidden + lm_head, teacher top-64 ids/log-probs: naive, distill (TRL and
   Liger take no top-k data).
-Every process runs with the same `torch.set_num_threads(--threads)`. Peak RSS comes from the
-one-process-per-configuration runs; their step times go into the naive/TRL ratios. The Liger ratio
-comes from a paired run instead: Liger, distill (compile=True) and distill eager (compile=False)
-alternate step by step in one process, so a load spike on the shared machine hits all of them;
-`speed_ratio_vs_liger` is the median over rounds of Liger's time / the faster distill
-configuration's (`distill_config` names it).
+Every process runs with the same `torch.set_num_threads(--threads)`. distill runs compiled
+(compile=True) and keeps a `losses.Workspace` across steps, as the training loops do. Peak RSS
+comes from the one-process-per-configuration runs; their step times go into the naive/TRL
+ratios. The Liger ratios come from a paired run instead: Liger, distill and distill with exact
+logits alternate step by step in one process, so a load spike on the shared machine hits all of
+them; `speed_ratio_vs_liger[_exact_logits]` is the median over rounds of Liger's time / distill's.
 
 Precision: both references are the same loss in fp64 arithmetic, computed chunk by chunk here
 from the same bf16 hidden states and lm_heads:
@@ -26,7 +27,9 @@ from the same bf16 hidden states and lm_heads:
   the error of everything after the matmul (softmax, divergence, reductions).
 Their gap is the rounding of the logits to bf16 (2^-9 relative). `matmul_out` says which logits
 distill's matmuls produced here ("fp32" where a bf16-in/fp32-out matmul exists: CUDA; "bf16" on
-CPU, where PyTorch has none).
+CPU, where PyTorch has none). `rel_err_vs_fp32_exact_logits` is the first error again with
+`exact_logits=True`, which on CPU rebuilds fp32-accurate logits from a second, residual bf16
+matmul per side (`losses.logits.logits_into`); its cost is in the exact-logits Liger ratio.
 The last stdout line is JSON.
 """
 
@@ -50,7 +53,7 @@ V, H, K, BETA = 151_936, 1_024, 64, 0.5
 NAIVE_COPIES = 12  # measured: naive peaks near 12 fp32 copies of the (N, V) logits here
 NAIVE_LIMIT_GB = 16.0  # shared 24 GiB machine: skip naive above this estimate
 CONTESTANTS = {
-    "hidden": ["naive", "liger", "distill"],
+    "hidden": ["naive", "liger", "distill", "distill_exact"],
     "logits": ["naive", "trl", "distill"],
     "topk": ["naive", "distill"],
 }
@@ -90,6 +93,7 @@ def step_fn(
         TeacherHidden,
         TeacherLogits,
         TeacherTopK,
+        Workspace,
         dense_support,
         divergence,
         fused_linear_divergence_sum,
@@ -104,18 +108,19 @@ def step_fn(
         hs.grad, ws.grad = None, None
         return loss.item()
 
-    if name == "distill":
+    if name in ("distill", "distill_exact"):
         teacher = {
             "hidden": lambda: TeacherHidden(x["ht"], x["wt"]),
             "logits": lambda: TeacherLogits(x["zt"]),
             "topk": lambda: TeacherTopK(x["ids"], x["lp"]),
         }[group]()
         weight = torch.full((n,), 1.0 / n)  # the loop's mask / n_tokens
+        workspace = Workspace()  # chunk buffers kept between steps, as a training loop keeps them
 
         def distill() -> float:
             loss, _ = fused_linear_divergence_sum(
                 hs, ws, teacher, "jsd", weight, vocab_size=V, beta=BETA, chunk_size=chunk,
-                compile=compile,
+                compile=compile, exact_logits=name == "distill_exact", workspace=workspace,
             )  # fmt: skip
             return done(loss)
 
@@ -176,12 +181,9 @@ def reference(n: int) -> dict[str, float]:
 
 
 def paired(n: int, rounds: int, chunk: int) -> dict[str, object]:
-    """Liger, distill compiled and distill eager alternating in one process (hidden group)."""
-    steps = {
-        "liger": step_fn("liger", "hidden", inputs(n, "hidden"), chunk),
-        "distill": step_fn("distill", "hidden", inputs(n, "hidden"), chunk, compile=True),
-        "distill_eager": step_fn("distill", "hidden", inputs(n, "hidden"), chunk, compile=False),
-    }
+    """Liger, distill and distill with exact logits alternating in one process (hidden group)."""
+    names = ("liger", "distill", "distill_exact")
+    steps = {name: step_fn(name, "hidden", inputs(n, "hidden"), chunk) for name in names}
     for step in steps.values():
         step()  # warm-up: compilation, first-touch allocations
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -190,13 +192,15 @@ def paired(n: int, rounds: int, chunk: int) -> dict[str, object]:
             start = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - start)
-    best = min(("distill", "distill_eager"), key=lambda k: statistics.median(times[k]))
-    ratios = [lg / d for lg, d in zip(times["liger"], times[best], strict=True)]
+
+    def ratio(name: str) -> float:
+        return statistics.median(lg / d for lg, d in zip(times["liger"], times[name], strict=True))
+
     return {
         "median_s": {name: statistics.median(t) for name, t in times.items()},
-        "distill_config": "compile=True" if best == "distill" else "compile=False",
-        "speed_ratio_vs_liger": statistics.median(ratios),
-        "ratios": ratios,
+        "speed_ratio_vs_liger": ratio("distill"),
+        "speed_ratio_vs_liger_exact_logits": ratio("distill_exact"),
+        "times": times,
     }
 
 
@@ -242,7 +246,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2048, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
     parser.add_argument("--chunk", type=int, default=256, help="distill's chunk size (rows)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of the paired Liger run")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the paired Liger run")
     parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, every process"
     )
@@ -263,6 +267,8 @@ def main() -> None:
         steps = args.steps if n <= 2048 else max(1, args.steps - 1)
         for group in groups:
             for name in CONTESTANTS[group]:
+                if name == "distill_exact" and n != 2048:
+                    continue
                 naive_gb = NAIVE_COPIES * n * V * 4 / 2**30
                 if name in ("naive", "trl") and naive_gb > NAIVE_LIMIT_GB:
                     rows[(group, name, n)] = {"error": f"skipped: needs ~{naive_gb:.0f} GB"}
@@ -273,7 +279,7 @@ def main() -> None:
     ref = child("reference", "hidden", 2048, 0, args.chunk, args.threads)["reference"]
     assert isinstance(ref, dict)
     console.print(
-        f"[dim]running paired liger/distill/distill_eager N=2048, {args.rounds} rounds[/dim]"
+        f"[dim]running paired liger/distill/distill_exact N=2048, {args.rounds} rounds[/dim]"
     )
     pair = child("paired", "hidden", 2048, args.rounds, args.chunk, args.threads)
     console.print(f"[dim]  {pair}[/dim]")
@@ -289,18 +295,20 @@ def main() -> None:
         table.add_row(group, name, str(n), f"{rss:.2f}", f"{sec:.2f}", f"{loss:.6f}")
     console.print(table)
     console.print(f"reference JSD at N=2048: {ref}")
-    from losses.fused import matmul_out_dtype
+    from losses.logits import matmul_out_dtype
 
     logits_dtype = matmul_out_dtype(torch.zeros(1, dtype=torch.bfloat16))
 
-    def ratio(group: str, other: str, key: str, n: int = 2048) -> float | None:
-        a, b = rows.get((group, other, n), {}), rows.get((group, "distill", n), {})
+    def ratio(group: str, other: str, key: str, mine: str = "distill") -> float | None:
+        a, b = rows.get((group, other, 2048), {}), rows.get((group, mine, 2048), {})
         if key not in a or key not in b:
             return None
         return round(float(a[key]) / float(b[key]), 3)  # type: ignore[arg-type]
 
     distill = rows[("hidden", "distill", 2048)]
     loss = float(distill["loss"])  # type: ignore[arg-type]
+    exact = rows.get(("hidden", "distill_exact", 2048), {})
+    exact_loss = float(exact["loss"]) if "loss" in exact else None  # type: ignore[arg-type]
     flat = [float(rows[("hidden", "distill", n)]["peak_rss_gb"]) for n in sizes  # type: ignore[arg-type]
             if "peak_rss_gb" in rows[("hidden", "distill", n)]]  # fmt: skip
     summary = {
@@ -309,11 +317,15 @@ def main() -> None:
         "speed_ratio_vs_naive": ratio("hidden", "naive", "median_s"),
         "speed_ratio_vs_liger": _round(pair.get("speed_ratio_vs_liger")),
         "speed_ratio_vs_liger_separate_processes": ratio("hidden", "liger", "median_s"),
-        "distill_config": pair.get("distill_config"),
+        "speed_ratio_vs_liger_exact_logits": _round(pair.get("speed_ratio_vs_liger_exact_logits")),
         "threads": args.threads,
         "matmul_out": "fp32" if logits_dtype == torch.float32 else "bf16",
         "rel_err_vs_fp32": abs(loss - ref["fp32"]) / ref["fp32"],
         "rel_err_vs_fp32_same_bf16_logits": abs(loss - ref["bf16_logits"]) / ref["bf16_logits"],
+        "rel_err_vs_fp32_exact_logits": (
+            abs(exact_loss - ref["fp32"]) / ref["fp32"] if exact_loss is not None else None
+        ),
+        "exact_logits_mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb", "distill_exact"),
         "mem_spread_1024_8192": round(max(flat) / min(flat) - 1, 4) if len(flat) > 1 else None,
         "logits_mem_ratio_vs_naive": ratio("logits", "naive", "peak_rss_gb"),
         "logits_speed_ratio_vs_naive": ratio("logits", "naive", "median_s"),
