@@ -37,12 +37,17 @@ def value_and_grad(
     beta: float = 0.5,
     alpha: float = 0.1,
     probs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sum_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(D(p_s, p_t) (...), ∂D/∂log p_s (..., S)) for fp32 log-probabilities on one support.
 
     probs: (exp(log_s), exp(log_t)) when the caller has them already (see the module notes).
+    sum_dtype: accumulate D's sums over the support in this dtype (and return D in it).
     """
     ls, lt = finite(log_s), finite(log_t)
+
+    def total(terms: torch.Tensor) -> torch.Tensor:
+        return terms.sum(-1, dtype=sum_dtype)
 
     def student() -> torch.Tensor:
         return probs[0] if probs is not None else ls.exp()
@@ -66,34 +71,34 @@ def value_and_grad(
     )
     if forward:  # Σ p (lt - ls); ∂/∂ls = -p
         p = teacher()
-        return (p * (lt - ls)).sum(-1), -p
+        return total(p * (lt - ls)), -p
     if reverse:  # Σ q (ls - lt); ∂/∂ls = q (ls - lt) + q
         q = student()
         r = ls - lt
-        return (q * r).sum(-1), q * (r + 1)
+        return total(q * r), q * (r + 1)
     if kind == "jsd":
         # m = β p + (1-β) q; ∂D/∂q = (1-β) log(q/m), the other terms cancel because Σ ∂m = 0
         if not 0.0 < beta < 1.0:
             raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
         lm = mix_log(beta)
         q = student()
-        value = beta * (teacher() * (lt - lm)).sum(-1) + (1 - beta) * (q * (ls - lm)).sum(-1)
+        value = beta * total(teacher() * (lt - lm)) + (1 - beta) * total(q * (ls - lm))
         return value, (1 - beta) * q * (ls - lm)
     if kind == "skew_fkl":
         # D = Σ p (lt - lm), m = α p + (1-α) q; ∂D/∂ls = -(1-α) p q / m
         lm = mix_log(alpha)
-        value = (teacher() * (lt - lm)).sum(-1)
+        value = total(teacher() * (lt - lm))
         return value, -(1 - alpha) * (lt + ls - lm).exp()
     if kind == "skew_rkl":
         # D = Σ q (ls - lm), m = α q + (1-α) p; ∂D/∂ls = q (ls - lm + 1 - α q / m)
         lm = mix_log(alpha, teacher_first=False)
         q = student()
-        value = (q * (ls - lm)).sum(-1)
+        value = total(q * (ls - lm))
         return value, q * (ls - lm + 1 - alpha * (ls - lm).exp())
     if kind == "tvd":
         # ½ Σ |p - q|; sign(0) = 0 matches autograd's subgradient of abs at 0
         q, p = student(), teacher()
-        return 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
+        return 0.5 * total((p - q).abs()), 0.5 * q * torch.sign(q - p)
     raise ValueError(f"unknown divergence {kind!r}")
 
 
