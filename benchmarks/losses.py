@@ -2,7 +2,7 @@
 
     . .venv/bin/activate && pip install "trl==1.16.*" && pip install liger-kernel --no-deps
     python benchmarks/losses.py --quick     # N = 2048 only, about 10 minutes on 2 CPU cores
-    python benchmarks/losses.py             # N in 1024..8192, about 25 minutes
+    python benchmarks/losses.py             # N in 1024..8192, about 28 minutes
 
 Every contestant runs generalized JSD(β=0.5) (TRL's and Liger's convention) over V = 151,936
 with H = 1,024 and bf16 matmuls, forward + backward, each configuration in its own process so
