@@ -275,9 +275,19 @@ def _chunks(
     if isinstance(teacher, TeacherHidden):
         zt_dtype = matmul_out_dtype(teacher.hidden, exact)
         zt_buf = buffer(workspace, "zt", rows, vocab, hidden, zt_dtype)  # (C, V)
-    residual = None  # (C, V) bf16: the second term of exact logits where no fp32-out mm exists
-    if exact and hidden.device.type != "cuda" and zs_dtype != hidden.dtype:
-        residual = buffer(workspace, "residual", rows, vocab, hidden, hidden.dtype)
+
+    def residual_for(side: torch.Tensor) -> torch.Tensor | None:
+        """(C, V) in side's dtype: exact logits' second term where no fp32-out matmul exists.
+
+        One buffer per dtype: the student's term is folded into its logits before the teacher's
+        matmul reuses it.
+        """
+        if not exact or side.device.type == "cuda" or matmul_out_dtype(side, exact) == side.dtype:
+            return None
+        return buffer(workspace, f"residual_{side.dtype}", rows, vocab, hidden, side.dtype)
+
+    residual = residual_for(hidden)
+    residual_t = residual_for(teacher.hidden) if isinstance(teacher, TeacherHidden) else None
     dz_buf = None
     if token_weight is not None:
         dz_buf = buffer(workspace, "dz", rows, vocab, hidden, hidden.dtype)  # (C, V)
@@ -289,7 +299,7 @@ def _chunks(
         zs = logits_into(h, w_real, zs_buf[: stop - start], lo)  # (C, V)
         if observe is not None:
             observe(zs, start, stop)
-        zt = _teacher_logits(teacher, vocab, start, stop, zt_buf, residual)  # (C, V) or None
+        zt = _teacher_logits(teacher, vocab, start, stop, zt_buf, residual_t)  # (C, V) or None
         dz = dz_buf[: stop - start] if dz_buf is not None else None  # (C, V) or None
         for r in range(0, stop - start, block_rows):
             block = slice(r, min(r + block_rows, stop - start))

@@ -357,3 +357,16 @@ def test_compiled_cpu_dense_kernel_is_unbiased_over_a_qwen3_wide_row():
     stats = exps(zs, zt, exp_s, exp_t)
     values = from_exps(zs, zt, exp_s, exp_t, *stats, None, None, "jsd", 0.5, 0.1)
     assert abs(values.double().mean() / reference.mean() - 1) < 1.5e-6  # measured 3.2e-7
+
+
+def test_exact_logits_with_teacher_and_student_in_different_dtypes():
+    """Each side gets its own residual (or none): fp32 student, bf16 teacher, and the reverse."""
+    x = setup(torch.float32, seed=10)
+    for s_dtype, t_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)):
+        h, w = x["h"].to(s_dtype), x["w"].to(s_dtype)
+        teacher = TeacherHidden(x["ht"].to(t_dtype), x["wt"].to(t_dtype))
+        values = fused_linear_divergence(h, w, teacher, "jsd", vocab_size=V, exact_logits=True)
+        log_s = torch.log_softmax(h.double() @ w.double()[:V].T, -1)
+        log_t = torch.log_softmax(teacher.hidden.double() @ teacher.weight.double()[:V].T, -1)
+        reference = divergence("jsd", log_s, log_t)
+        torch.testing.assert_close(values.double(), reference, rtol=1e-5, atol=1e-6)
