@@ -97,13 +97,12 @@ def dense_chunk_from_exps(
     """`dense_chunk` from `dense_exps`' outputs: q = exp_s / Σ, p = exp_t / Σ, never exp'd again."""
     log_s, log_t = zs.float() - lse_s, zt.float() - lse_t  # (R, V)
     q, p = exp_s * inv_sum_s, exp_t * inv_sum_t  # (R, V)
-    opts = {"beta": beta, "alpha": alpha, "probs": (q, p), "sum_dtype": torch.float64}
-    if weight is None or out is None:
-        value, _ = value_and_grad(kind, log_s, log_t, **opts)
-        return value.float()
-    value, g = value_and_grad(kind, log_s, log_t, **opts)
-    # Σ g stays fp32: it only scales dz, which is rounded to bf16 for the gradient matmuls.
-    out.copy_((g - q * g.sum(-1, keepdim=True)) * weight[:, None])  # logits_grad, q known
+    value, g = value_and_grad(
+        kind, log_s, log_t, beta=beta, alpha=alpha, probs=(q, p), sum_dtype=torch.float64
+    )  # g is dropped by the compiler when no dz is asked for
+    if weight is not None and out is not None:
+        # Σ g stays fp32: it only scales dz, which is rounded to bf16 for the gradient matmuls.
+        out.copy_((g - q * g.sum(-1, keepdim=True)) * weight[:, None])  # logits_grad, q known
     return value.float()
 
 

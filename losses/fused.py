@@ -155,35 +155,21 @@ def _chunk_fn(
         tokens = teacher.token_ids.long().clamp(min=0)  # (N,)
         logprobs = teacher.logprobs.float()  # (N,)
         sampled = _maybe_compiled(sampled_chunk, spec.compile)
-
-        def sampled_rows(
-            zs: torch.Tensor,
-            _: torch.Tensor | None,
-            i: int,
-            j: int,
-            w: torch.Tensor | None,
-            out: torch.Tensor | None,
-        ) -> torch.Tensor:
-            return sampled(zs, tokens[i:j], present[i:j], logprobs[i:j], w, out, estimator)
-
-        return sampled_rows, block_rows
+        return (
+            lambda zs, _, i, j, w, out: sampled(
+                zs, tokens[i:j], present[i:j], logprobs[i:j], w, out, estimator
+            )
+        ), block_rows
     kind = _as_divergence(spec.kind)
     if isinstance(teacher, TeacherTopK):
         valid, ids = valid_ids(teacher.ids, vocab)  # (N, K) each
         log_t = topk_teacher_logprobs(teacher.logprobs, valid)  # (N, K+1)
         topk = _maybe_compiled(topk_chunk, spec.compile)
-
-        def topk_rows(
-            zs: torch.Tensor,
-            _: torch.Tensor | None,
-            i: int,
-            j: int,
-            w: torch.Tensor | None,
-            out: torch.Tensor | None,
-        ) -> torch.Tensor:
-            return topk(zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha)
-
-        return topk_rows, block_rows
+        return (
+            lambda zs, _, i, j, w, out: topk(
+                zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha
+            )
+        ), block_rows
     if not (cpu and spec.compile):
         dense = _maybe_compiled(dense_chunk, spec.compile)
 

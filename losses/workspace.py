@@ -21,19 +21,17 @@ class Workspace:
         self, name: str, rows: int, cols: int, like: torch.Tensor, dtype: torch.dtype
     ) -> torch.Tensor:
         """An uninitialised (rows, cols) tensor of dtype on like's device, reused when it fits."""
-        buf = self._buffers.get(name)
-        fits = (
-            buf is not None
-            and buf.dtype == dtype
-            and buf.device == like.device
-            and buf.shape[1] == cols
-            and buf.shape[0] >= rows
-        )
-        if not fits:
-            self._buffers.pop(name, None)  # free the old one before making its successor
+        buf = self._buffers.pop(name, None)
+        if buf is not None and (
+            buf.dtype != dtype
+            or buf.device != like.device
+            or buf.shape[1] != cols
+            or buf.shape[0] < rows
+        ):
+            buf = None  # freed before its successor is made
+        if buf is None:
             buf = like.new_empty(rows, cols, dtype=dtype)
-            self._buffers[name] = buf
-        assert buf is not None
+        self._buffers[name] = buf
         return buf[:rows]
 
     @property

@@ -5,7 +5,6 @@ fallbacks with their logged reason, and exact resume on the fused path."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from students.tiny import TINY_SHAPES, tiny_qwen3
 from teachers.hf import HFTeacher
 from teachers.protocol import TopK
 from tests.conftest import TinyPair
+from tests.test_onpolicy_train import Recorder
 
 FAST = {"max_tokens": 16, "prompts_per_step": 4, "samples_per_prompt": 2, "warmup_steps": 1}
 
@@ -191,17 +191,6 @@ def _assert_same_update(
     diff = sum(float((a[k] - b[k]).square().sum()) for k in b)
     size = sum(float((b[k] - before[k]).square().sum()) for k in b)
     assert size > 0 and diff <= 1e-6 * size, (diff, size)  # ‖Δa - Δb‖ ≤ 1e-3 ‖Δb‖
-
-
-class Recorder:
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.steps: list[dict[str, float]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, phase: str, step: int, total: int, metrics: Mapping[str, float]) -> None:
-        self.steps.append(dict(metrics))
-        if self.stop_after is not None and step == self.stop_after:
-            raise KeyboardInterrupt
 
 
 def _config(run_dir: Path, student: Path, **kw: object) -> onpolicy.Config:
