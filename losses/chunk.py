@@ -12,14 +12,10 @@ The gradient is closed form (`losses.gradients`), not autograd: autograd over a 
 would keep several fp32 (C, V) intermediates alive and run twice the elementwise passes. These
 are pure functions, so `torch.compile` can fuse each into a few passes over the chunk.
 
-The dense form has two kernels. `dense_chunk` is one function, for GPUs: the compiler fuses it
-into a few passes and recomputes each exponential where it is needed, which costs little there.
-On CPU the transcendentals are the cost (a fused JSD row takes seven per entry: exp and the sum
-per softmax, then exp, exp, exp and log1p for q, p and logaddexp's log m, then exp again for
-dz), so the CPU splits it in two: `dense_exps` keeps each side's exp(z - max) in an fp32
-scratch row block, and `dense_chunk_from_exps` reads q and p from there, leaving one log per
-entry (log m) for JSD and the skews and none for the KLs. Measured on 2 cores, 256 rows of
-V = 151,936: JSD 67 -> 44 ms, forward KL 32 -> 27 ms.
+The dense form's kernel, `dense_chunk`, is one function: on GPUs the compiler fuses it into a
+few passes and recomputes each exponential where it is needed, which costs little there. On CPU
+the compiled path runs the dense forms in C++ instead (`losses.native`), where the
+transcendentals and the passes over memory are what cost.
 """
 
 import torch
@@ -47,63 +43,6 @@ def dense_chunk(
     value, g = value_and_grad(kind, log_s, log_t, beta=beta, alpha=alpha)  # (C,), (C, V)
     out.copy_(logits_grad(g, log_s) * weight[:, None])  # (C, V), rounded to out's dtype
     return value
-
-
-def _sum64(x: torch.Tensor) -> torch.Tensor:
-    """Row sums (R, 1) accumulated in fp64.
-
-    Inductor's CPU reductions add each vector lane's terms one after another (thousands per
-    lane for a 151,936-wide row); in fp32 the small terms lose their low bits, always downward.
-    Measured on the benchmark's JSD: the sums of exponentials came out 2.7e-6 low (relative)
-    and the mean loss 8.4e-6 high; with fp64 accumulators for those sums and for the loss's own
-    sums, 6.8e-8. Eager PyTorch's reductions cascade more and were already close (1.8e-8).
-    """
-    return x.sum(-1, keepdim=True, dtype=torch.float64)
-
-
-def dense_exps(
-    zs: torch.Tensor, zt: torch.Tensor, exp_s: torch.Tensor, exp_t: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax pass of the CPU dense kernel over R rows (R, V) of each side's logits.
-
-    Writes exp(z - max z) into exp_s and exp_t, fp32 (R, V) scratch; returns each side's log
-    normaliser (R, 1), logsumexp z, and the reciprocal of its sum of exponentials (R, 1).
-    """
-    a, b = zs.float(), zt.float()  # (R, V)
-    max_s, max_t = a.amax(-1, keepdim=True), b.amax(-1, keepdim=True)  # (R, 1)
-    e_s, e_t = (a - max_s).exp(), (b - max_t).exp()  # (R, V)
-    exp_s.copy_(e_s)
-    exp_t.copy_(e_t)
-    sum_s, sum_t = _sum64(e_s), _sum64(e_t)  # (R, 1) fp64
-    lse_s, lse_t = max_s.double() + sum_s.log(), max_t.double() + sum_t.log()  # (R, 1)
-    return lse_s.float(), lse_t.float(), (1 / sum_s).float(), (1 / sum_t).float()
-
-
-def dense_chunk_from_exps(
-    zs: torch.Tensor,
-    zt: torch.Tensor,
-    exp_s: torch.Tensor,
-    exp_t: torch.Tensor,
-    lse_s: torch.Tensor,
-    lse_t: torch.Tensor,
-    inv_sum_s: torch.Tensor,
-    inv_sum_t: torch.Tensor,
-    weight: torch.Tensor | None,
-    out: torch.Tensor | None,
-    kind: Divergence,
-    beta: float,
-    alpha: float,
-) -> torch.Tensor:
-    """`dense_chunk` from `dense_exps`' outputs: q = exp_s / Σ, p = exp_t / Σ, never exp'd again."""
-    log_s, log_t = zs.float() - lse_s, zt.float() - lse_t  # (R, V)
-    q, p = exp_s * inv_sum_s, exp_t * inv_sum_t  # (R, V)
-    value, g = value_and_grad(
-        kind, log_s, log_t, beta=beta, alpha=alpha, probs=(q, p), sum_dtype=torch.float64
-    )  # g is dropped by the compiler when no dz is asked for
-    if weight is not None and out is not None:
-        # Σ g stays fp32: it only scales dz, which is rounded to bf16 for the gradient matmuls.
-        out.copy_((g - q * g.sum(-1, keepdim=True)) * weight[:, None])  # logits_grad, q known
-    return value.float()
 
 
 def topk_chunk(

@@ -5,9 +5,10 @@ The student's (N, V) fp32 logits never exist. Rows go through in chunks of C: on
 out in fp32 where a bf16-in/fp32-out matmul exists, CUDA, and in bf16 on CPU unless
 `exact_logits` asks for a second, residual matmul: `losses.logits`); the divergence and its
 closed-form logit gradient run in fp32 (`losses.chunk`, on CPU in blocks of rows that stay in
-cache); two more matmuls turn that into the chunk's hidden-state gradient and its share of the
-lm_head gradient. Peak memory is three (C, V) buffers, made once per call or kept in a
-`losses.workspace.Workspace`, plus the (V, H) weight gradient, whatever N is.
+cache; compiled on CPU, the dense forms run a C++ kernel instead, `losses.native`); two more
+matmuls turn that into the chunk's hidden-state gradient and its share of the lm_head gradient. Peak
+memory is three (C, V) buffers, made once per call or kept in a `losses.workspace.Workspace`, plus
+the (V, H) weight gradient, whatever N is.
 
 Two entry points, because a per-token output cannot know its upstream gradient in advance:
 - `fused_linear_divergence` returns (...,) per-token values like every other loss here; its
@@ -30,13 +31,8 @@ from typing import TypeVar, cast, get_args
 
 import torch
 
-from losses.chunk import (
-    dense_chunk,
-    dense_chunk_from_exps,
-    dense_exps,
-    sampled_chunk,
-    topk_chunk,
-)
+from losses import native
+from losses.chunk import dense_chunk, sampled_chunk, topk_chunk
 from losses.divergences import DIVERGENCES, Divergence
 from losses.logits import logits_into, matmul_out_dtype
 from losses.sampled import ESTIMATORS, Estimator
@@ -75,21 +71,13 @@ Observer = Callable[[torch.Tensor, int, int], None]
 F = TypeVar("F", bound=Callable[..., object])
 _COMPILED: dict[Callable[..., object], Callable[..., object]] = {}
 
-# Rows per elementwise call on CPU. A chunk's (C, V) logits come from one matmul (a big C keeps it
-# efficient), but its fp32 math makes several passes over each row (max, sum-exp, value, dz): as
-# one (256, V) call every pass streams the chunk from memory, while a block of rows stays in
-# cache between passes. Measured on one core, JSD at V = 151,936: 218 ms per 256 rows as one
-# call; 117 in blocks of 8, 120 of 16, 135 of 32. GPUs get the whole chunk in one call (a launch
-# per block would dominate).
+# Rows per elementwise call on CPU (top-k, sampled, and eager dense forms). A chunk's (C, V)
+# logits come from one matmul (a big C keeps it efficient), but its fp32 math makes several passes
+# over each row (max, sum-exp, value, dz): as one (256, V) call every pass streams the chunk from
+# memory, while a block of rows stays in cache between passes. Measured on one core, JSD at
+# V = 151,936: 218 ms per 256 rows as one call; 117 in blocks of 8, 120 of 16, 135 of 32. GPUs get
+# the whole chunk in one call (a launch per block would dominate).
 CPU_BLOCK_ROWS = 16
-# The compiled CPU dense kernel (`dense_exps` + `dense_chunk_from_exps`) wants blocks big enough
-# that inductor parallelises its row reductions across rows, not within each row: it splits a
-# row between threads when rows x 300 < the row's vector steps (V / 16 = 9,496 here), and then
-# every row of every pass ends in an OpenMP barrier. With 32 rows there is one barrier per pass,
-# and a descheduled thread delays one pass rather than each row of it. Measured on 2 shared
-# cores, 256 rows of JSD: 8-row blocks 43 ms at best but 62 ms median over 9 runs; 32-row
-# blocks 45 ms at best, 47 median. Its scratch is then 2 x 19 MB of fp32 exponentials.
-CPU_DENSE_BLOCK_ROWS = 32
 
 
 def _maybe_compiled(fn: F, compile: bool) -> F:
@@ -137,14 +125,13 @@ def _check(teacher: TeacherData, spec: _Spec, student_rows: int) -> None:
 
 
 def _chunk_fn(
-    teacher: TeacherData, spec: _Spec, rows: int, like: torch.Tensor, workspace: Workspace | None
+    teacher: TeacherData, spec: _Spec, rows: int, like: torch.Tensor
 ) -> tuple[ChunkFn, int]:
     """(the kernel of one teacher form, rows per block) for chunks of at most `rows` rows.
 
     The kernel has that form's rows [i, j) of teacher data bound. On CPU with compile, the dense
-    forms run `dense_exps` then `dense_chunk_from_exps` on fp32 scratch of one block's
-    exponentials; elsewhere (GPU, or eager, where every op is its own pass anyway) they run
-    `dense_chunk`.
+    forms run the C++ kernel (`losses.native`) over the whole chunk, a row per thread at a time;
+    elsewhere (GPU, or eager) they run `dense_chunk`.
     """
     vocab, beta, alpha = spec.vocab_size, spec.beta, spec.alpha
     cpu = like.device.type == "cpu"
@@ -170,28 +157,15 @@ def _chunk_fn(
                 zs, ids[i:j], valid[i:j], log_t[i:j], w, out, kind, beta, alpha
             )
         ), block_rows
-    if not (cpu and spec.compile):
+    teacher_dtype = (teacher.logits if isinstance(teacher, TeacherLogits) else teacher.hidden).dtype
+    if cpu and spec.compile and {like.dtype, teacher_dtype} <= set(native.DTYPES):
+        native.extension()  # build (or load) it now: a compiler error surfaces before any chunk
+        dense = native.dense_rows
+        block_rows = rows  # the kernel takes the chunk's rows one per thread at a time
+    else:
         dense = _maybe_compiled(dense_chunk, spec.compile)
 
-        def dense_rows(
-            zs: torch.Tensor,
-            zt: torch.Tensor | None,
-            i: int,
-            j: int,
-            w: torch.Tensor | None,
-            out: torch.Tensor | None,
-        ) -> torch.Tensor:
-            assert zt is not None, "dense teacher forms pass their logits"
-            return dense(zs, zt, w, out, kind, beta, alpha)
-
-        return dense_rows, block_rows
-    block_rows = max(1, min(CPU_DENSE_BLOCK_ROWS, rows))
-    exps = _maybe_compiled(dense_exps, True)
-    from_exps = _maybe_compiled(dense_chunk_from_exps, True)
-    exp_s = buffer(workspace, "exp_s", block_rows, vocab, like, torch.float32)  # (R, V) scratch
-    exp_t = buffer(workspace, "exp_t", block_rows, vocab, like, torch.float32)  # (R, V)
-
-    def cpu_dense_rows(
+    def dense_rows(
         zs: torch.Tensor,
         zt: torch.Tensor | None,
         i: int,
@@ -200,11 +174,9 @@ def _chunk_fn(
         out: torch.Tensor | None,
     ) -> torch.Tensor:
         assert zt is not None, "dense teacher forms pass their logits"
-        e_s, e_t = exp_s[: j - i], exp_t[: j - i]  # (R, V)
-        stats = exps(zs, zt, e_s, e_t)
-        return from_exps(zs, zt, e_s, e_t, *stats, w, out, kind, beta, alpha)
+        return dense(zs, zt, w, out, kind, beta, alpha)
 
-    return cpu_dense_rows, block_rows
+    return dense_rows, block_rows
 
 
 def _teacher_logits(
@@ -277,7 +249,7 @@ def _chunks(
     dz_buf = None
     if token_weight is not None:
         dz_buf = buffer(workspace, "dz", rows, vocab, hidden, hidden.dtype)  # (C, V)
-    chunk, block_rows = _chunk_fn(teacher, spec, rows, hidden, workspace)
+    chunk, block_rows = _chunk_fn(teacher, spec, rows, hidden)
     for start in range(0, n, spec.chunk_size):
         stop = min(start + spec.chunk_size, n)
         h = hidden[start:stop]  # (C, H)

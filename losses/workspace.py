@@ -6,10 +6,10 @@ import torch
 class Workspace:
     """The fused path's (C, V) buffers, kept between calls by a caller that makes many of them.
 
-    Each call needs up to three (C, V) buffers (student logits, teacher logits, dz) and, on CPU,
-    two fp32 (R, V) scratch blocks: 234 MB of bf16 at C = 256 and Qwen3's vocabulary. Made
-    fresh, the operating system faults and zeroes every page of them on first touch, on every
-    call (~57k page faults). A training loop that keeps one Workspace for its run makes them
+    Each call needs up to three (C, V) buffers (student logits, teacher logits, dz), plus a
+    residual with `exact_logits`: 234 MB of bf16 at C = 256 and Qwen3's vocabulary. Made fresh,
+    the operating system faults and zeroes every page of them on first touch, on every call
+    (~57k page faults). A training loop that keeps one Workspace for its run makes them
     once; the memory stays held between steps, the trade a GPU's caching allocator makes too.
     Not thread-safe: one Workspace per concurrent caller.
     """
