@@ -2,7 +2,7 @@
 
     . .venv/bin/activate && pip install "trl==1.16.*" && pip install liger-kernel --no-deps
     python benchmarks/losses.py --quick     # N = 2048 only, about 10 minutes on 2 CPU cores
-    python benchmarks/losses.py             # N in 1024..8192, about 28 minutes
+    python benchmarks/losses.py             # N in 1024..8192, about 15 minutes
 
 Every contestant runs generalized JSD(β=0.5) (TRL's and Liger's convention) over V = 151,936
 with H = 1,024 and bf16 matmuls, forward + backward, each configuration in its own process so
@@ -12,8 +12,9 @@ its peak RSS (ru_maxrss) is clean. Groups compare like with like:
 - logits: student hidden + lm_head, teacher (N, V) bf16 logits: naive, TRL, distill;
 - topk: student hidden + lm_head, teacher top-64 ids/log-probs: naive, distill (TRL and
   Liger take no top-k data).
-Every process runs with the same `torch.set_num_threads(--threads)`. distill runs compiled
-(compile=True) and keeps a `losses.Workspace` across steps, as the training loops do. Peak RSS
+Every process runs with the same `torch.set_num_threads(--threads)`. distill runs with
+compile=True (on CPU: the C++ kernel of `losses.native` for the dense forms, torch.compile for
+top-k) and keeps a `losses.Workspace` across steps, as the training loops do. Peak RSS
 comes from the one-process-per-configuration runs; their step times go into the naive/TRL
 ratios. The Liger ratios come from a paired run instead: Liger, distill and distill with exact
 logits alternate step by step in one process, so a load spike on the shared machine hits all of
