@@ -17,6 +17,7 @@ plain C++), once per machine (~20 s; then cached under torch's extensions direct
 """
 
 import functools
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -49,12 +50,15 @@ def extension() -> ModuleType:
     from torch.utils import cpp_extension
 
     name = isa()
+    # torch's extension cache keys builds by source and flags, not by torch version: the version
+    # goes into the name, so an upgraded torch builds anew instead of loading a stale ABI.
+    version = re.sub(r"\W", "_", torch.__version__)
     # -ffp-contract=off: no fused multiply-adds the source did not write. GCC contracts by
     # default, and then q - p for identical rows is fma(e, s, -p), one product's rounding
     # instead of 0: TVD and the skews would not be 0 at student == teacher.
     try:
         module = cpp_extension.load(
-            name=f"distill_dense_cpu_{name.lower()}",
+            name=f"distill_dense_cpu_{name.lower()}_torch{version}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_ISA.get(name, [])],
             extra_ldflags=["-fopenmp"],
