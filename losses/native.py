@@ -34,7 +34,7 @@ _CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_fkl": 3, "skew_rkl":
 _ISA = {
     "AVX512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma",
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
 }  # fmt: skip
 
 
@@ -46,10 +46,14 @@ def isa() -> str:
 
 @functools.cache
 def extension() -> ModuleType:
-    """The built extension (compiled on the first call in a machine's life, then loaded)."""
+    """The build for this machine's ISA (compiled on the first call in its life, then loaded)."""
+    return build(isa())
+
+
+def build(target: str) -> ModuleType:
+    """Build (or load the cached build of) the kernel for one ISA: AVX512, AVX2 or DEFAULT."""
     from torch.utils import cpp_extension
 
-    name = isa()
     # torch's extension cache keys builds by source and flags, not by torch version: the version
     # goes into the name, so an upgraded torch builds anew instead of loading a stale ABI.
     version = re.sub(r"\W", "_", torch.__version__)
@@ -58,9 +62,9 @@ def extension() -> ModuleType:
     # instead of 0: TVD and the skews would not be 0 at student == teacher.
     try:
         module = cpp_extension.load(
-            name=f"distill_dense_cpu_{name.lower()}_torch{version}",
+            name=f"distill_dense_cpu_{target.lower()}_torch{version}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_ISA.get(name, [])],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp", *_ISA.get(target, [])],
             extra_ldflags=["-fopenmp"],
         )
     except (OSError, RuntimeError, ImportError) as error:
