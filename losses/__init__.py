@@ -12,7 +12,9 @@ Three forms of teacher data: dense (`dense_support`, or `TeacherHidden`/`Teacher
 fused path), top-k with a tail bucket (`topk_support`, `TeacherTopK`) and the sampled token's
 log-prob (`losses.sampled`, `TeacherSampled`). `fused_linear_divergence[_sum]` computes any of
 them chunk by chunk from hidden states and the lm_head, never holding (N, V) logits; a
-`Workspace` keeps its chunk buffers between calls.
+`Workspace` keeps its chunk buffers between calls. On CPU with compile=True its dense forms run
+a C++ kernel (`losses/dense_cpu.cpp`), built on first use through torch's cpp_extension
+(`losses.native`).
 """
 
 from losses.divergences import (
