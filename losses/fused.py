@@ -391,7 +391,8 @@ def fused_linear_divergence(
     Same values and gradients as `divergence(kind, *dense_support(...))` (or the top-k and
     sampled forms), without (N, V) logits. kind: a divergence for TeacherHidden/Logits/TopK,
     "k1"/"k2"/"k3" for TeacherSampled. compile=True fuses each chunk's fp32 math with
-    torch.compile (one compilation per kind and chunk shape; faster on CPU and GPU).
+    torch.compile (one compilation per kind and chunk shape; faster on CPU and GPU), except the
+    dense forms on CPU, which then run the C++ kernel of `losses.native` (built once per machine).
     exact_logits: on CPU with bf16 inputs, rebuild fp32-accurate logits from a second, residual
     matmul per side (`losses.logits.logits_into`): the loss then matches an fp32 computation of
     the same bf16 inputs to ~1e-7 instead of ~1e-4, for ~40% more time. No effect on CUDA,
