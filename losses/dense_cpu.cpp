@@ -80,7 +80,8 @@ struct Side {
   std::vector<float> scale;     // per block: exp(top - max) / Σ: q = e * scale
   double lse = 0.0;  // the row's log normaliser, log Σ exp(x)
 
-  Side(float* x_, float* e_, int64_t blocks) : x(x_), e(e_), top(blocks), sum(blocks), scale(blocks) {}
+  Side(float* x_, float* e_, int64_t blocks)
+      : x(x_), e(e_), top(blocks), sum(blocks), scale(blocks) {}
 
   // Pass 1 over one block [start, stop): x from src, its max, e = exp(x - max), Σ e.
   template <typename T>
@@ -186,12 +187,26 @@ void value_grad(
   gsum += at::vec::vec_reduce_all<float>(add, gacc);
 }
 
+using Pass = void (*)(const Side&, Side&, int64_t, int64_t, int64_t, float, bool, double&, double&);
+
+Pass pass_for(Kind kind) {
+  switch (kind) {
+    case FORWARD: return value_grad<FORWARD>;
+    case REVERSE: return value_grad<REVERSE>;
+    case JSD: return value_grad<JSD>;
+    case SKEW_FKL: return value_grad<SKEW_FKL>;
+    case SKEW_RKL: return value_grad<SKEW_RKL>;
+    default: return value_grad<TVD>;
+  }
+}
+
 template <typename TS, typename TT, typename TO>
 void rows_kernel(
     const TS* zs, int64_t zs_stride, const TT* zt, int64_t zt_stride, const float* weight,
     TO* out, int64_t out_stride, float* values, int64_t rows, int64_t v, Kind kind, float coef) {
   const int64_t padded = (v + 2 * W - 1) / (2 * W) * (2 * W);
   const int64_t blocks = (padded + BLOCK - 1) / BLOCK;
+  const Pass pass = pass_for(kind);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(4 * padded);
     Side s(scratch.data(), scratch.data() + padded, blocks);
@@ -208,14 +223,7 @@ void rows_kernel(
       double value = 0.0, gsum = 0.0;
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t start = blk * BLOCK, stop = std::min(start + BLOCK, padded);
-        switch (kind) {
-          case FORWARD: value_grad<FORWARD>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-          case REVERSE: value_grad<REVERSE>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-          case JSD: value_grad<JSD>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-          case SKEW_FKL: value_grad<SKEW_FKL>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-          case SKEW_RKL: value_grad<SKEW_RKL>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-          case TVD: value_grad<TVD>(s, t, blk, start, stop, coef, grad, value, gsum); break;
-        }
+        pass(s, t, blk, start, stop, coef, grad, value, gsum);
       }
       values[row] = static_cast<float>(value);
       if (!grad) continue;
@@ -234,7 +242,6 @@ void rows_kernel(
     }
   });
 }
-
 
 // Calls f with a value of the C++ type of an fp32 / bf16 / fp16 tensor.
 template <typename F>
