@@ -87,17 +87,24 @@ def merged_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     if not isinstance(model, peft.PeftModel):
         raise StudentError("merged_state_dict needs a LoRA-wrapped student (lora.wrap)")
     base = model.get_base_model()
-    deltas: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if isinstance(module, peft.tuners.lora.Linear):  # every Qwen3 target is a Linear
-            adapter = module.active_adapters[0]
-            deltas[f"{name}.weight"] = module.get_delta_weight(adapter)  # (out, in)
+    adapted = {  # every Qwen3 target is a Linear
+        f"{name}.weight": module
+        for name, module in base.named_modules()
+        if isinstance(module, peft.tuners.lora.Linear)
+    }
     out: dict[str, torch.Tensor] = {}
     for key, tensor in base.state_dict().items():
         if ".lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
-        out[clean] = tensor + deltas[clean].to(tensor.dtype) if clean in deltas else tensor
+        module = adapted.get(clean)
+        if module is None:
+            out[clean] = tensor  # shared with the training model, not copied
+            continue
+        # One layer's delta at a time: the merged weights are the only copy that accumulates
+        # (computing every delta first held deltas and merged weights at once, 2x the targets).
+        delta = module.get_delta_weight(module.active_adapters[0])  # (out, in)
+        out[clean] = tensor + delta.to(tensor.dtype)
     return out
 
 
