@@ -25,6 +25,15 @@ def finite(log_p: torch.Tensor) -> torch.Tensor:
     return log_p.clamp(min=NEG)
 
 
+def at_family_end(kind: Divergence, beta: float, alpha: float) -> Divergence:
+    """kind, or the plain KL a family is at its end: JSD β=0 forward, β=1 reverse; skews α=0."""
+    if (kind, beta) == ("jsd", 0.0) or (kind, alpha) == ("skew_fkl", 0.0):
+        return "forward_kl"
+    if (kind, beta) == ("jsd", 1.0) or (kind, alpha) == ("skew_rkl", 0.0):
+        return "reverse_kl"
+    return kind
+
+
 def log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
     """log(w a + (1 - w) b), stably, for finite inputs and 0 < w < 1."""
     if not 0.0 < weight_a < 1.0:

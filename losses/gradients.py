@@ -14,7 +14,7 @@ probabilities and log-ratios it holds; tests/test_losses_native.py pins it to th
 
 import torch
 
-from losses.divergences import Divergence, finite, log_mix
+from losses.divergences import Divergence, at_family_end, finite, log_mix
 
 
 def value_and_grad(
@@ -28,16 +28,11 @@ def value_and_grad(
     """(D(p_s, p_t) (...), ∂D/∂log p_s (..., S)) for fp32 log-probabilities on one support."""
     ls, lt = finite(log_s), finite(log_t)
     # The ends of the families are plain KLs (see losses.divergences.jsd for the convention).
-    forward = (
-        kind == "forward_kl" or (kind, beta) == ("jsd", 0.0) or (kind, alpha) == ("skew_fkl", 0)
-    )
-    reverse = (
-        kind == "reverse_kl" or (kind, beta) == ("jsd", 1.0) or (kind, alpha) == ("skew_rkl", 0)
-    )
-    if forward:  # Σ p (lt - ls); ∂/∂ls = -p
+    kind = at_family_end(kind, beta, alpha)
+    if kind == "forward_kl":  # Σ p (lt - ls); ∂/∂ls = -p
         p = lt.exp()
         return (p * (lt - ls)).sum(-1), -p
-    if reverse:  # Σ q (ls - lt); ∂/∂ls = q (ls - lt) + q
+    if kind == "reverse_kl":  # Σ q (ls - lt); ∂/∂ls = q (ls - lt) + q
         q = ls.exp()
         r = ls - lt
         return (q * r).sum(-1), q * (r + 1)

@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from losses.divergences import Divergence
+from losses.divergences import Divergence, at_family_end
 
 SOURCE = Path(__file__).with_name("dense_cpu.cpp")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernel reads and writes
@@ -80,21 +80,15 @@ def build(target: str) -> ModuleType:
 def code(kind: Divergence, beta: float, alpha: float) -> tuple[int, float]:
     """(the kernel's divergence code, its mixture weight) for kind with β / α.
 
-    The ends of the families are plain KLs, as in `losses.gradients.value_and_grad`.
+    The ends of the families run as plain KLs (`losses.divergences.at_family_end`).
     """
-    if kind == "jsd":
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
-        if beta in (0.0, 1.0):
-            return _CODES["forward_kl" if beta == 0.0 else "reverse_kl"], 0.0
-        return _CODES["jsd"], beta
-    if kind in ("skew_fkl", "skew_rkl"):
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
-        if alpha == 0.0:
-            return _CODES["forward_kl" if kind == "skew_fkl" else "reverse_kl"], 0.0
-        return _CODES[kind], alpha
-    return _CODES[kind], 0.0
+    if kind == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if kind in ("skew_fkl", "skew_rkl") and not 0.0 <= alpha < 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
+    plain = at_family_end(kind, beta, alpha)
+    mix = {"jsd": beta, "skew_fkl": alpha, "skew_rkl": alpha}.get(plain, 0.0)
+    return _CODES[plain], mix
 
 
 def dense_rows(
@@ -116,6 +110,7 @@ def dense_rows(
     zs = zs if zs.stride(-1) == 1 else zs.contiguous()
     zt = zt if zt.stride(-1) == 1 else zt.contiguous()
     if weight is None or out is None:
-        return extension().dense_rows(zs, zt, None, None, number, mix)
-    assert out.stride(-1) == 1, "dz buffers are row-major slices"
+        weight, out = None, None  # values only
+    else:
+        assert out.stride(-1) == 1, "dz buffers are row-major slices"
     return extension().dense_rows(zs, zt, weight, out, number, mix)
