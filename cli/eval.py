@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from cli.app import app
 from cli.render import config_table, console, user_errors
-from cli.resolve import ModesOpt, PromptsOpt, RunDir, resolve_modes
+from cli.resolve import ModesOpt, PromptsOpt, RunDir, SoftSwitchOpt, resolve_modes
 from distill import checkpoint, evaluate
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
@@ -177,7 +177,8 @@ def eval_command(
     prompt_column: str = "prompt",
     answer_column: Annotated[str, typer.Option(help="column of reference answers")] = "answer",
     n_prompts: Annotated[int, typer.Option(help="prompts to evaluate")] = 32,
-    modes: ModesOpt = "both",
+    modes: ModesOpt = "auto",
+    soft_switch: SoftSwitchOpt = False,
     n: Annotated[int, typer.Option(help="samples per prompt and mode")] = evaluate.PassConfig.n,
     k: Annotated[str, typer.Option(help="pass@k for these k (each <= n)")] = "1,4,8",
     max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
@@ -193,18 +194,24 @@ def eval_command(
     """pass@1 / pass@k per mode on verifiable prompts, and accuracy against thinking budget."""
     if plot is not None and thinking_budget is None:
         raise DistillError("--plot draws the budget curve: pass --thinking-budget too")
-    config = evaluate.PassConfig(
-        n=n,
-        ks=parse_ints(k, "--k"),
-        modes=resolve_modes(modes),
-        max_tokens=max_tokens,
-        budgets=parse_ints(thinking_budget, "--thinking-budget") if thinking_budget else (),
-        seed=seed,
-    )
     if model is not None:
         stage_name, path = Path(model).name or model, resolve_student(model)
     else:
         stage_name, path = stage_model(run_dir, stage)
+    config = evaluate.PassConfig(
+        n=n,
+        ks=parse_ints(k, "--k"),
+        modes=resolve_modes(
+            modes,
+            path if Path(path).is_dir() else None,
+            soft_switch=soft_switch,
+            thinking_budget=thinking_budget is not None,
+        ),
+        soft_switch=soft_switch,
+        max_tokens=max_tokens,
+        budgets=parse_ints(thinking_budget, "--thinking-budget") if thinking_budget else (),
+        seed=seed,
+    )
     result_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", stage_name)
     items = evaluate.eval_prompts(prompts, n_prompts, seed + 1, prompt_column, answer_column)
     header = {

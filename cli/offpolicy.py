@@ -27,6 +27,7 @@ from cli.resolve import (
     ModesOpt,
     PromptsOpt,
     RunDir,
+    SoftSwitchOpt,
     StudentOpt,
     TeacherOpt,
     UrlOpt,
@@ -104,13 +105,11 @@ def generate(
     n_prompts: Annotated[
         int | None, typer.Option(help="use the first N prompts (embedded: 256; file: all)")
     ] = None,
-    modes: ModesOpt = "both",
+    modes: ModesOpt = "auto",
     think_ratio: Annotated[
         float | None, typer.Option(help="share of prompts answered in think mode, one mode each")
     ] = None,
-    soft_switch: Annotated[
-        bool, typer.Option(help="switch modes by /think, /no_think in the user turn")
-    ] = False,
+    soft_switch: SoftSwitchOpt = False,
     samples_per_prompt: int = gen.Config.samples_per_prompt,
     max_tokens: Annotated[int, typer.Option(help="response length limit")] = gen.Config.max_tokens,
     thinking_budget: Annotated[
@@ -145,7 +144,12 @@ def generate(
     teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
     config = gen.Config(
         run_dir=run_dir,
-        modes=resolve_modes(modes),
+        modes=resolve_modes(
+            modes,
+            (tokenizer or teacher_path) if Path(tokenizer or teacher_path).is_dir() else None,
+            soft_switch=soft_switch,
+            thinking_budget=thinking_budget is not None,
+        ),
         think_ratio=think_ratio,
         soft_switch=soft_switch,
         samples_per_prompt=samples_per_prompt,

@@ -24,6 +24,7 @@ from cli.resolve import (
     ModesOpt,
     PromptsOpt,
     RunDir,
+    SoftSwitchOpt,
     TeacherOpt,
     UrlOpt,
     prompt_sets,
@@ -60,7 +61,8 @@ def onpolicy_cmd(
     prompts_per_step: int = C.prompts_per_step,
     samples_per_prompt: Annotated[int, typer.Option(help="G")] = C.samples_per_prompt,
     micro_batch_size: int = C.micro_batch_size,
-    modes: ModesOpt = "both",
+    modes: ModesOpt = "auto",
+    soft_switch: SoftSwitchOpt = False,
     think_ratio: Annotated[float, typer.Option(help="share of prompts in think mode")] = (
         C.think_ratio
     ),
@@ -111,8 +113,14 @@ def onpolicy_cmd(
         prompts_per_step=prompts_per_step,
         samples_per_prompt=samples_per_prompt,
         micro_batch_size=micro_batch_size,
-        modes=resolve_modes(modes),
+        modes=resolve_modes(
+            modes,
+            student_path,
+            soft_switch=soft_switch,
+            thinking_budget=thinking_budget is not None,
+        ),
         think_ratio=think_ratio,
+        soft_switch=soft_switch,
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         top_k=top_k,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cli.render import console
 from cli.teacher import BACKENDS
@@ -15,7 +16,7 @@ from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from students.load import resolve_student
 from students.tiny import TINY_SHAPES
-from teachers.chat import MODES, Mode
+from teachers.chat import MODE_CHOICES, MODES, Mode, check_modes, detect_format, modes_for
 from teachers.protocol import refuse_remote_code
 
 RunDir = Annotated[Path, typer.Option(help="where everything of this run is written")]
@@ -26,7 +27,16 @@ StudentOpt = Annotated[
 PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet file")]
 BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
 UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
-ModesOpt = Annotated[str, typer.Option(help="think, no_think, or both")]
+ModesOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (by the chat template: both on Qwen3-style switch, think on always-thinking, "
+        "plain without thinking), think, no_think, both or plain"
+    ),
+]
+SoftSwitchOpt = Annotated[
+    bool, typer.Option(help="switch modes by /think, /no_think in the user turn")
+]
 TeacherGpusOpt = Annotated[
     int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
 ]
@@ -51,12 +61,27 @@ def resolve_models(teacher: str, student: str) -> tuple[str, str]:
     return teacher, student
 
 
-def resolve_modes(modes: str) -> tuple[Mode, ...]:
-    if modes == "both":
-        return MODES
-    if modes in MODES:
-        return (modes,)  # type: ignore[return-value]
-    raise DistillError(f"--modes {modes!r} is not one of think, no_think, both")
+def resolve_modes(
+    modes: str,
+    tokenizer: str | PreTrainedTokenizerBase | None = None,
+    *,
+    soft_switch: bool = False,
+    thinking_budget: bool = False,
+) -> tuple[Mode, ...]:
+    """`--modes` on the template of `tokenizer` (a folder or a loaded tokenizer): its format is
+    detected once by rendering probes, and modes, --soft-switch and --thinking-budget it cannot
+    honour are refused here, before anything runs."""
+    if tokenizer is None:  # no template to ask: Qwen3's modes
+        if modes in ("auto", "both"):
+            return MODES
+        if modes in MODES:
+            return modes_for(modes, "switch")
+        raise DistillError(f"--modes {modes!r} is not one of {', '.join(MODE_CHOICES)}")
+    tok = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    resolved = modes_for(modes, detect_format(tok))
+    fmt = check_modes(resolved, tok, soft_switch=soft_switch, thinking_budget=thinking_budget)
+    console.print(f"[dim]chat template format: {fmt}; modes: {', '.join(resolved)}[/]")
+    return resolved
 
 
 def prompt_sets(

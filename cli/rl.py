@@ -14,7 +14,15 @@ from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
-from cli.resolve import ModesOpt, PromptsOpt, RunDir, prompt_sets, resolve_models, resolve_modes
+from cli.resolve import (
+    ModesOpt,
+    PromptsOpt,
+    RunDir,
+    SoftSwitchOpt,
+    prompt_sets,
+    resolve_models,
+    resolve_modes,
+)
 from distill import evaluate
 from distill.accounting import GpuLedger
 from distill.manifest import fingerprint
@@ -44,7 +52,8 @@ def rl_cmd(
     samples_per_prompt: Annotated[
         int, typer.Option(help="G: responses per prompt")
     ] = rl.Config.samples_per_prompt,
-    modes: ModesOpt = "both",
+    modes: ModesOpt = "auto",
+    soft_switch: SoftSwitchOpt = False,
     max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
     format_weight: Annotated[
         float, typer.Option(help="reward for a well-formed response")
@@ -72,7 +81,8 @@ def rl_cmd(
         steps=steps,
         prompts_per_step=prompts_per_step,
         samples_per_prompt=samples_per_prompt,
-        modes=resolve_modes(modes),
+        modes=resolve_modes(modes, student_path, soft_switch=soft_switch),
+        soft_switch=soft_switch,
         max_tokens=max_tokens,
         format_weight=format_weight,
         scale_by_std=scale_by_std,
@@ -82,7 +92,9 @@ def rl_cmd(
         seed=seed,
     )
     # the same evaluation settings as `distill run`, so `report compare` finds the same eval set
-    eval_config = evaluate.Config(prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1)
+    eval_config = evaluate.Config(
+        prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1, soft_switch=soft_switch
+    )
     console.print(config_table("rl", config))
     record_config(run_dir, "rl", config, force=force)
     record_config(run_dir, "eval", eval_config, force=force)

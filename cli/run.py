@@ -23,6 +23,7 @@ from cli.resolve import (
     ModesOpt,
     PromptsOpt,
     RunDir,
+    SoftSwitchOpt,
     StudentOpt,
     TeacherGpusOpt,
     TeacherOpt,
@@ -51,7 +52,8 @@ def run(
     answer_column: str = "answer",
     n_prompts: Annotated[int, typer.Option(help="training prompts")] = 1024,
     eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = 48,
-    modes: ModesOpt = "both",
+    modes: ModesOpt = "auto",
+    soft_switch: SoftSwitchOpt = False,
     max_tokens: Annotated[int, typer.Option(help="response length limit")] = 48,
     thinking_budget: Annotated[
         int | None, typer.Option(help="thinking tokens before the stop sentence")
@@ -79,13 +81,19 @@ def run(
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
     run_dir = prepare(run_dir)
     teacher_path, student_path = resolve_models(teacher, student)
-    mode_tuple = resolve_modes(modes)
+    mode_tuple = resolve_modes(
+        modes,
+        teacher_path if Path(teacher_path).is_dir() else student_path,
+        soft_switch=soft_switch,
+        thinking_budget=thinking_budget is not None,
+    )
     train_prompts, held = prompt_sets(
         prompts, n_prompts, eval_prompts, seed, prompt_column, answer_column
     )
     gen_config = gen.Config(
         run_dir=run_dir,
         modes=mode_tuple,
+        soft_switch=soft_switch,
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         seed=seed,
@@ -108,6 +116,7 @@ def run(
         steps=onpolicy_steps,
         lr=onpolicy_lr,
         modes=mode_tuple,
+        soft_switch=soft_switch,
         max_tokens=max_tokens,
         top_k=top_k,
         divergence=divergence,  # type: ignore[arg-type]
@@ -118,8 +127,9 @@ def run(
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     eval_config = evaluate.Config(
-        prompts=eval_prompts, top_k=top_k, max_tokens=max_tokens, seed=seed + 1
-    )
+        prompts=eval_prompts, top_k=top_k, max_tokens=max_tokens, seed=seed + 1,
+        soft_switch=soft_switch,
+    )  # fmt: skip
     for title, cfg in (
         ("generate", gen_config),
         ("offpolicy", off_config),

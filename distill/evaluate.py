@@ -32,7 +32,7 @@ from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import atomic_write_json, config_dict, read_json
 from losses import Divergence
 from students.sample import sample
-from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt
+from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt, think_end_token
 from teachers.chat import generate_with_budget as budgeted
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
@@ -64,6 +64,7 @@ class Config:
     top_k: int = 16
     max_tokens: int = 256
     seed: int = 1234
+    soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
 
 
 @torch.no_grad()
@@ -107,7 +108,11 @@ def onpolicy_divergence(
     ledger: GpuLedger,
 ) -> float:
     """Reverse KL on fresh student samples (T=1: its own distribution), scored by the teacher."""
-    prompt_ids = [render_prompt(tokenizer, p.messages, mode) for p in prompts for mode in modes]
+    prompt_ids = [
+        render_prompt(tokenizer, p.messages, mode, config.soft_switch)
+        for p in prompts
+        for mode in modes
+    ]
     params = SamplingParams(temperature=1.0, max_tokens=config.max_tokens, seed=config.seed)
     model.eval()
     with ledger.phase("eval") as meter:
@@ -145,7 +150,7 @@ def accuracy(
     scored = [p for p in prompts if p.answer is not None]
     if not scored:
         return float("nan")
-    ids = [render_prompt(tokenizer, p.messages, mode) for p in scored]
+    ids = [render_prompt(tokenizer, p.messages, mode, config.soft_switch) for p in scored]
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     with ledger.phase("eval") as meter:
@@ -179,6 +184,7 @@ class PassConfig:
     think_sampling: SamplingParams = THINKING_SAMPLING  # the paper's presets per mode
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
     seed: int = 0
+    soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -227,11 +233,13 @@ def sample_and_verify(
     n_params: int = 0,
     budget: int | None = None,
     sentence: str = BUDGET_SENTENCE,
+    soft_switch: bool = False,
 ) -> Samples:
     """`n` completions per prompt in `mode`, each checked against the prompt's answer."""
-    ids = [render_prompt(tokenizer, p.messages, mode) for p in prompts]
-    think_end = tokenizer.convert_tokens_to_ids("</think>")
-    assert isinstance(think_end, int)
+    ids = [render_prompt(tokenizer, p.messages, mode, soft_switch) for p in prompts]
+    think_end = think_end_token(tokenizer)  # None on templates without think tokens
+    if budget is not None and think_end is None:
+        raise DistillError("--thinking-budget needs a '</think>' token: drop --thinking-budget")
     sentence_ids = tokenizer.encode(sentence, add_special_tokens=False)
     if budget is not None and think_end not in sentence_ids:
         raise DistillError("the budget sentence must end the think block: it needs '</think>'")
@@ -247,7 +255,7 @@ def sample_and_verify(
                 generate(ids, pj)
                 if budget is None
                 else budgeted(
-                    generate, ids, pj, budget=budget, think_end_id=think_end,
+                    generate, ids, pj, budget=budget, think_end_id=think_end or 0,
                     sentence_ids=sentence_ids,
                 )
             )  # fmt: skip
@@ -259,7 +267,7 @@ def sample_and_verify(
             correct[i, j] = verify(text, p.answer)
             tokens[i, j] = len(g.token_ids)
             ended = g.token_ids.tolist().index(think_end) + 1 if think_end in g.token_ids else None
-            thinking[i, j] = 0 if mode == "no_think" else (ended or len(g.token_ids))
+            thinking[i, j] = 0 if mode != "think" else (ended or len(g.token_ids))
             truncated[i, j] = g.finish_reason == "length"
     return Samples(correct=correct, tokens=tokens, thinking=thinking, truncated=truncated)
 
@@ -292,8 +300,9 @@ def pass_at(
         preset = config.think_sampling if mode == "think" else config.no_think_sampling
         params = replace(preset, max_tokens=config.max_tokens, seed=config.seed)
         samples = sample_and_verify(
-            generate, tokenizer, prompts, mode, params, config.n, ledger, n_params=n_params
-        )
+            generate, tokenizer, prompts, mode, params, config.n, ledger, n_params=n_params,
+            soft_switch=config.soft_switch,
+        )  # fmt: skip
         out[mode] = summarize(samples, config.ks)
     return out
 
@@ -313,6 +322,7 @@ def budget_curve(
         samples = sample_and_verify(
             generate, tokenizer, prompts, "think", params, config.n, ledger,
             n_params=n_params, budget=budget, sentence=config.budget_sentence,
+            soft_switch=config.soft_switch,
         )  # fmt: skip
         rows.append({"budget": budget, **summarize(samples, config.ks)})
     return rows

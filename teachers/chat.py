@@ -7,6 +7,13 @@ silently biases the KL. Qwen3's two switches:
   prompt, so the model starts directly with the answer;
 - soft: `/think` or `/no_think` at the end of a user message; the model itself emits the (empty)
   think block. The latest switch in a conversation wins.
+
+Other families are handled by what their template does, found once by rendering probes
+(`detect_format`), never by model name:
+- switch: Qwen3's two switches above; modes think and no_think;
+- always: the template (or the model, as the template's history handling shows) always opens a
+  think block (DeepSeek-R1 distills, QwQ); mode think only;
+- none: no thinking at all (Qwen2.5, Llama 3, Gemma 3, SmolLM2, Mistral); mode plain only.
 """
 
 from __future__ import annotations
@@ -20,8 +27,16 @@ from transformers import PreTrainedTokenizerBase
 
 from teachers.protocol import Generation, SamplingParams, TeacherError
 
-Mode = Literal["think", "no_think"]
-MODES: tuple[Mode, ...] = ("think", "no_think")
+Mode = Literal["think", "no_think", "plain"]
+MODES: tuple[Mode, ...] = ("think", "no_think")  # Qwen3's two modes: the default on *switch*
+ALL_MODES: tuple[Mode, ...] = ("think", "no_think", "plain")  # iterate these when grouping rows
+ChatFormat = Literal["switch", "always", "none"]
+FORMAT_MODES: dict[ChatFormat, tuple[Mode, ...]] = {
+    "switch": MODES,
+    "always": ("think",),
+    "none": ("plain",),
+}
+MODE_CHOICES = ("auto", "think", "no_think", "both", "plain")
 Message = dict[str, str]
 GenerateFn = Callable[[Sequence[Sequence[int]], SamplingParams], list[Generation]]
 
@@ -39,8 +54,18 @@ def render_prompt(
     mode: Mode,
     soft_switch: bool = False,
 ) -> list[int]:
-    """Token ids of a conversation ending in the assistant generation prompt, in `mode`."""
+    """Token ids of a conversation ending in the assistant generation prompt, in `mode`.
+
+    `plain` renders the template as it is (no thinking switch passed): the mode of a *none*
+    template. Which modes a template supports is `detect_format`'s business, checked up front.
+    """
     msgs = [dict(m) for m in messages]
+    if mode == "plain":
+        if soft_switch:
+            raise TeacherError("--soft-switch needs a template with thinking modes, not plain")
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert isinstance(text, str)
+        return tokenizer.encode(text, add_special_tokens=False)
     if soft_switch:
         last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
         msgs[last_user]["content"] += " /think" if mode == "think" else " /no_think"
@@ -59,24 +84,114 @@ def render_prompt(
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def check_thinking_switch(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse a chat template on which `enable_thinking` changes nothing: modes are meaningless.
+_PROBE: list[Message] = [{"role": "user", "content": "1+1"}]
+_REASON, _ANSWER = "probe-reasoning-7", "probe-answer-7"
 
-    Asking such a model for thinking (or non-thinking) mode would silently give the same prompt
-    for both, and the dataset's mode column would lie.
+
+def _text(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    generation: bool = True,
+    thinking: bool | None = None,
+) -> str:
+    msgs = [dict(m) for m in messages]
+    if thinking is None:  # the template as it is: no switch passed
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation)
+    else:
+        text = tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=generation, enable_thinking=thinking
+        )
+    assert isinstance(text, str)
+    return text
+
+
+def detect_format(tokenizer: PreTrainedTokenizerBase) -> ChatFormat:
+    """The template's thinking behaviour, found by rendering three probes (never by model name).
+
+    - switch: `enable_thinking=False` closes an empty think block in the prompt (Qwen3);
+    - always: the generation prompt opens a think block, or the template strips `<think>...`
+      reasoning from earlier assistant turns (the model writes the block itself: R1 distills, QwQ);
+    - none: neither (ChatML, Llama 3, Gemma, Mistral templates).
     """
-    probe = [{"role": "user", "content": "1+1"}]
-    on, off = (
-        tokenizer.apply_chat_template(
-            probe, tokenize=False, add_generation_prompt=True, enable_thinking=flag
-        )
-        for flag in (True, False)
-    )
-    if on == off:
+    if tokenizer.chat_template is None:
         raise TeacherError(
-            "the chat template has no thinking switch (enable_thinking changes nothing), so "
-            "think and no_think modes cannot be asked for: use a Qwen3 tokenizer/template"
+            f"{tokenizer.name_or_path or 'the tokenizer'} has no chat template: distill renders "
+            "every prompt with it; use an instruct/chat model's tokenizer"
         )
+    on = _text(tokenizer, _PROBE, thinking=True)
+    off = _text(tokenizer, _PROBE, thinking=False)
+    if on != off and "</think>" in off[-32:]:
+        return "switch"
+    base = _text(tokenizer, _PROBE, generation=False)
+    suffix = on[len(base) :] if on.startswith(base) else on[-32:]
+    if "<think>" in suffix:
+        return "always"
+    history = [
+        *_PROBE,
+        {"role": "assistant", "content": f"<think>\n{_REASON}\n</think>\n\n{_ANSWER}"},
+        {"role": "user", "content": "2+2"},
+    ]
+    rendered = _text(tokenizer, history)
+    if _ANSWER in rendered and _REASON not in rendered:
+        return "always"
+    return "none"
+
+
+def modes_for(requested: str, fmt: ChatFormat) -> tuple[Mode, ...]:
+    """What `--modes requested` means: auto is both modes on switch, think on always, plain on
+    none; the others are themselves (checked by `check_modes`)."""
+    named: dict[str, tuple[Mode, ...]] = {
+        "auto": FORMAT_MODES[fmt],
+        "both": MODES,
+        "think": ("think",),
+        "no_think": ("no_think",),
+        "plain": ("plain",),
+    }
+    if requested not in named:
+        raise TeacherError(f"--modes {requested!r} is not one of {', '.join(MODE_CHOICES)}")
+    return named[requested]
+
+
+_WHAT: dict[ChatFormat, str] = {
+    "switch": "a thinking switch (modes think, no_think)",
+    "always": "an always-open think block (mode think only)",
+    "none": "no thinking switch and no think block (mode plain only)",
+}
+
+
+def check_modes(
+    modes: Sequence[Mode],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    soft_switch: bool = False,
+    thinking_budget: bool = False,
+) -> ChatFormat:
+    """Refuse modes, `--soft-switch` or a thinking budget the template cannot honour, up front;
+    return its format. `thinking_budget` says whether a budget was asked for."""
+    fmt = detect_format(tokenizer)
+    supported = FORMAT_MODES[fmt]
+    if not modes or any(m not in supported for m in modes):
+        raise TeacherError(
+            f"--modes {','.join(modes) or '(none)'}: the chat template has {_WHAT[fmt]} (format "
+            f"{fmt}): pass --modes auto or {' / '.join(supported)}"
+        )
+    if soft_switch and fmt != "switch":
+        raise TeacherError(
+            f"--soft-switch writes /think, /no_think into the user turn, but the chat template "
+            f"has {_WHAT[fmt]}: drop --soft-switch"
+        )
+    if thinking_budget and (fmt == "none" or think_end_token(tokenizer) is None):
+        raise TeacherError(
+            f"--thinking-budget needs think tokens, but the chat template has {_WHAT[fmt]}"
+            f"{'' if fmt == 'none' else ' and </think> is not one token'}: drop --thinking-budget"
+        )
+    return fmt
+
+
+def think_end_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id of `</think>` when it is one token of the vocabulary, else None."""
+    ids = tokenizer.encode("</think>", add_special_tokens=False)
+    return ids[0] if len(ids) == 1 else None
 
 
 def split_thinking(token_ids: Sequence[int], think_end_id: int) -> tuple[list[int], list[int]]:
@@ -147,8 +262,12 @@ def generate_with_budget(
 def template_mismatch(
     a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, messages: Sequence[Message]
 ) -> str | None:
-    """None when both tokenizers render `messages` to the same ids in both modes, else the diff."""
-    for mode in MODES:
+    """None when both tokenizers render `messages` to the same ids in every mode of `a`'s format
+    (system prompts the templates inject included), else the first differing token, shown."""
+    fmt_a, fmt_b = detect_format(a), detect_format(b)
+    if fmt_a != fmt_b:
+        return f"the templates' thinking formats differ: {fmt_a} vs {fmt_b}"
+    for mode in FORMAT_MODES[fmt_a]:
         ids_a = render_prompt(a, messages, mode)
         ids_b = render_prompt(b, messages, mode)
         if ids_a != ids_b:
@@ -156,9 +275,12 @@ def template_mismatch(
                 (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y),
                 min(len(ids_a), len(ids_b)),
             )
+            tok_a = a.convert_ids_to_tokens(ids_a[at]) if at < len(ids_a) else "(end)"
+            tok_b = b.convert_ids_to_tokens(ids_b[at]) if at < len(ids_b) else "(end)"
             return (
-                f"mode {mode}: first difference at token {at}: "
-                f"{ids_a[at : at + 5]} vs {ids_b[at : at + 5]} "
+                f"mode {mode}: first difference at token {at}: {tok_a!r} vs {tok_b!r}, ids "
+                f"{ids_a[at : at + 5]} vs {ids_b[at : at + 5]} after "
+                f"{a.decode(ids_a[max(0, at - 8) : at])!r} "
                 f"({len(ids_a)} vs {len(ids_b)} tokens)"
             )
     return None

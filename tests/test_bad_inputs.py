@@ -160,7 +160,7 @@ def test_missing_prompts_file(tiny_pair: TinyPair, run_dir: Path, tmp_path: Path
     [
         ("--overlong", "cut", "choose drop or truncate"),
         ("--think-ratio", "1.5", "must lie in [0, 1]"),
-        ("--modes", "deep", "not one of think, no_think, both"),
+        ("--modes", "deep", "not one of auto, think, no_think, both, plain"),
         ("--teacher-backend", "grpc", "must be one of hf, vllm, server"),
         ("--teacher-backend", "server", "needs --teacher-url"),
         ("--thinking-budget", "0", "must be >= 1"),
@@ -195,7 +195,7 @@ def test_template_without_thinking_asked_for_a_mode(
 ) -> None:
     teacher = plain_template(tiny_pair.teacher_dir, tmp_path / "plain")
     args = gen(run_dir, teacher, jsonl(tmp_path / "p.jsonl", GOOD), "--modes", modes)
-    refused(args, run_dir, "no thinking switch", "Qwen3 tokenizer/template")
+    refused(args, run_dir, "no thinking switch", "pass --modes auto or plain")
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])

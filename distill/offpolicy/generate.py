@@ -38,13 +38,15 @@ from distill.offpolicy.filters import VERDICTS, repetition_score, verdict
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_bytes, config_dict
 from teachers.chat import (
+    ALL_MODES,
     BUDGET_SENTENCE,
     MODES,
     Message,
     Mode,
-    check_thinking_switch,
+    check_modes,
     generate_with_budget,
     render_prompt,
+    think_end_token,
 )
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
@@ -184,7 +186,12 @@ def generate(
     for stale in out.glob(".shard-*.tmp"):  # left by a writer killed mid-write; never read
         stale.unlink()
 
-    check_thinking_switch(tokenizer)
+    check_modes(
+        config.modes,
+        tokenizer,
+        soft_switch=config.soft_switch,
+        thinking_budget=config.thinking_budget is not None,
+    )
     modes_of = prompt_modes(len(prompts), config)
     fitted: dict[tuple[int, Mode], tuple[list[int], tuple[Message, ...]]] = {}
     dropped: set[int] = set()
@@ -255,10 +262,9 @@ def _generate_shard(
     index: int,
     ledger: GpuLedger,
 ) -> list[dict[str, object]]:
-    think_end = tokenizer.convert_tokens_to_ids("</think>")
-    assert isinstance(think_end, int)
+    think_end = think_end_token(tokenizer) or -1  # -1: no think tokens, and so no budget
     rows: dict[Key, dict[str, object]] = {}
-    for mode in MODES:
+    for mode in ALL_MODES:
         keys = [k for k in shard if k[1] == mode]
         if not keys:
             continue
@@ -313,13 +319,13 @@ def _row(
     gen: Generation,
 ) -> dict[str, object]:
     _, mode, sample = key
-    think_end = tokenizer.convert_tokens_to_ids("</think>")
+    think_end = think_end_token(tokenizer)
     response = gen.token_ids.tolist()
     forced = np.asarray(gen.forced, dtype=bool)
     # With the hard switch the template closed the think block in the prompt: all is answer.
     closed_in_prompt = think_end in prompt_ids[-8:]
-    if closed_in_prompt:
-        thinking = 0
+    if mode == "plain" or think_end is None or closed_in_prompt:
+        thinking = 0  # no think block (plain) or one closed in the prompt: all of it is answer
     elif think_end in response:
         thinking = response.index(think_end) + 1
     else:

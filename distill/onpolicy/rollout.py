@@ -24,7 +24,7 @@ from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
 from losses import DIVERGENCES
 from students.sample import HFSampler, Sampler
-from teachers.chat import MODES, Mode, generate_with_budget, render_prompt
+from teachers.chat import ALL_MODES, Mode, generate_with_budget, render_prompt
 from teachers.protocol import Generation, Teacher, TopK
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def load_rows(data_dir: Path, modes: Sequence[Mode]) -> list[OffPolicyRow]:
             finish_reason="length" if r.get("finish_reason") == "length" else "stop",
             forced=np.asarray(r["forced"], dtype=bool),
         )
-        mode: Mode = "think" if r["mode"] == "think" else "no_think"
+        mode = next(m for m in ALL_MODES if m == r["mode"])
         out.append(OffPolicyRow(prompt_ids=list(r["prompt_ids"]), generation=gen, mode=mode))  # type: ignore[arg-type]
     return out
 
@@ -137,7 +137,11 @@ def make_sampler(
     from students.vllm_sampler import VLLMSampler
 
     longest = max(
-        (len(render_prompt(tokenizer, p.messages, m)) for p in prompts for m in config.modes),
+        (
+            len(render_prompt(tokenizer, p.messages, m, config.soft_switch))
+            for p in prompts
+            for m in config.modes
+        ),
         default=1,
     )
     extra = len(tokenizer.encode(config.budget_sentence, add_special_tokens=False))
@@ -162,12 +166,12 @@ def sample_slots(
     """G rollouts per slot, in slot order: one sampler call per mode (each has its preset)."""
     G = config.samples_per_prompt
     out: list[Rollout | None] = [None] * (len(slots) * G)
-    for mode in MODES:
+    for mode in ALL_MODES:
         todo = [(j, s) for j, s in enumerate(slots) if s.prompt is not None and s.mode == mode]
         if not todo:
             continue
         prompt_ids = [
-            render_prompt(tokenizer, prompts[s.prompt].messages, mode)
+            render_prompt(tokenizer, prompts[s.prompt].messages, mode, config.soft_switch)
             for _, s in todo
             if s.prompt is not None
             for _ in range(G)

@@ -75,6 +75,7 @@ class Config:
     micro_batch_size: int = 8
     modes: tuple[Mode, ...] = MODES
     think_ratio: float = 0.5  # exact share of on-policy prompts in thinking mode (both modes on)
+    soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
     max_tokens: int = 256
     thinking_budget: int | None = None  # thinking tokens before the budget sentence is forced
     budget_sentence: str = BUDGET_SENTENCE

@@ -36,7 +36,7 @@ from distill.prompts import Prompt
 from distill.rl.reward import group_advantages, well_formed
 from distill.rundir import append_metrics, atomic_write_json, read_json
 from students.sample import HFSampler
-from teachers.chat import MODES, Mode, render_prompt
+from teachers.chat import ALL_MODES, MODES, Mode, render_prompt
 from teachers.protocol import (
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
@@ -56,6 +56,7 @@ class Config:
     micro_batch_size: int = 16
     modes: tuple[Mode, ...] = MODES
     think_ratio: float = 0.5  # share of prompts in thinking mode when both modes are on
+    soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
     max_tokens: int = 256
     format_weight: float = 0.0  # reward for a well-formed response, on top of correctness
     scale_by_std: bool = True  # GRPO; False: Dr. GRPO (centred rewards only)
@@ -168,12 +169,14 @@ def train(
         mine = chosen[accelerator.process_index :: accelerator.num_processes]
         # G copies of each prompt, contiguous: row p * G + g is sample g of prompt p
         prompt_ids = [
-            render_prompt(tokenizer, p.messages, mode) for p, mode in mine for _ in range(G)
+            render_prompt(tokenizer, p.messages, mode, config.soft_switch)
+            for p, mode in mine
+            for _ in range(G)
         ]
         modes: list[Mode] = [mode for _, mode in mine for _ in range(G)]
         sampled: dict[int, Generation] = {}
         with ledger.phase("student.sample", devices=accelerator.num_processes) as meter:
-            for mode in MODES:  # one call per mode: each has its own sampling preset
+            for mode in ALL_MODES:  # one call per mode: each has its own sampling preset
                 idx = [i for i, m in enumerate(modes) if m == mode]
                 if not idx:
                     continue
