@@ -3,6 +3,7 @@
 distill students                              # the table, activations for 4,096 tokens
 distill students --tokens 16384 --lora-rank 16
 distill students --model ./my-student --size 8B   # check a folder against a size (exit 2 if not)
+distill students prune --from ./teacher --layers 8 --out ./student   # a depth-pruned copy
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import app
 from cli.render import console, user_errors
 from students.load import check_architecture, resolve_student
 from students.presets import (
@@ -79,15 +79,21 @@ def memory_table(tokens: int, lora_rank: int) -> Table:
     return table
 
 
-@app.command()
+students_app = typer.Typer(help="Qwen3 student sizes, and students made from a model's layers.")
+
+
+@students_app.callback(invoke_without_command=True)
 @user_errors
 def students(
+    ctx: typer.Context,
     tokens: Annotated[int, typer.Option(help="tokens per micro-batch, for activations")] = 4096,
     lora_rank: Annotated[int, typer.Option(help="rank of the LoRA column")] = 16,
     model: Annotated[str | None, typer.Option(help="a model folder to check")] = None,
     size: Annotated[str | None, typer.Option(help="the Qwen3 size --model must have")] = None,
 ) -> None:
     """Qwen3 student sizes: layers, heads, parameters, memory per precision and optimizer."""
+    if ctx.invoked_subcommand is not None:
+        return
     if model is None:
         console.print(memory_table(tokens, lora_rank))
         console.print(
@@ -108,3 +114,17 @@ def students(
         f"{source}: " + (f"Qwen3-{found.size}" if found else "not one of the Qwen3 sizes"),
         highlight=False,
     )
+
+
+@students_app.command("prune")
+@user_errors
+def prune_cmd(
+    source: Annotated[str, typer.Option("--from", help="the model folder to take layers from")],
+    layers: Annotated[int, typer.Option(help="decoder layers the copy keeps")],
+    out: Annotated[str, typer.Option(help="where the pruned model folder is written")],
+) -> None:
+    """Write a depth-pruned copy of a model: its first LAYERS-1 layers and its last one."""
+    from students.prune import prune
+
+    written = prune(source, layers, out)
+    console.print(f"{layers}-layer copy of {source} written to {written}", highlight=False)
