@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Literal
 
+import torch
 import typer
 
 from cli.render import console, user_errors
@@ -130,41 +131,76 @@ def check(
     teacher_url: Annotated[list[str] | None, typer.Option(help="server URL(s)")] = None,
     max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs")] = 20,
     top_k: Annotated[int, typer.Option(help="teacher top-k compared")] = 8,
-    n: Annotated[int, typer.Option(help="sequences compared")] = 4,
-    atol: Annotated[float, typer.Option(help="largest logprob difference accepted")] = 1e-4,
+    n: Annotated[int, typer.Option(help="conversations compared")] = 4,
+    atol: Annotated[
+        float | None,
+        typer.Option(help="largest logprob difference accepted (default: by the teacher's dtype)"),
+    ] = None,
+    prompts: Annotated[
+        str, typer.Option(help="'generic' (built-in conversations) or your .jsonl/.parquet")
+    ] = "generic",
+    prompt_column: str = "prompt",
+    max_tokens: Annotated[int, typer.Option(help="greedy tokens the teacher continues")] = 16,
 ) -> None:
-    """Template parity, logprob parity (backend vs transformers) and KL(teacher||teacher) = 0."""
+    """Template parity, logprob parity (backend vs transformers), KL(teacher||student)."""
     from rich.table import Table
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.parity import check_conversations, logprob_parity
+    from distill.parity import (
+        GENERIC_CONVERSATIONS,
+        TOLERANCE,
+        check_conversations,
+        logprob_parity,
+    )
+    from distill.prompts import load_prompts
     from teachers.hf import HFTeacher
 
     backend_name = parse_backend(teacher_backend)
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
-    convs = check_conversations(tok_t, tok_s, n)
+    if prompts == "generic":
+        source = [list(c) for c in GENERIC_CONVERSATIONS]
+    else:
+        source = [list(p.messages) for p in load_prompts(prompts, prompt_column=prompt_column)]
+    convs = check_conversations(tok_t, tok_s, source[: max(n, 1)])
     backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)
     reference = HFTeacher.from_pretrained(teacher)
-    report = logprob_parity(backend, reference, reference.model, tok_t, convs, top_k)
-    diff_lp, diff_top, same_ids, kl = (
-        report.max_actual_diff,
-        report.max_topk_diff,
-        report.same_ids,
-        report.self_kl,
+    student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
+    report = logprob_parity(
+        backend, reference, reference.model, student_model, tok_t, convs, top_k, max_tokens
     )
+    dtype = next(reference.model.parameters()).dtype
+    tol = atol if atol is not None else TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
+    diff = max(report.max_actual_diff, report.max_topk_diff)
 
-    table = Table(title=f"teacher check: {backend.name} vs {reference.name}")
+    table = Table(title=f"teacher check: {backend.name} vs {reference.name}; student {student}")
     for col in ("check", "value", "ok"):
         table.add_column(col)
-    ok_lp = max(diff_lp, diff_top) <= atol
-    table.add_row("template parity", f"{len(convs)} conversations x 2 modes", "yes")
+    table.add_row(
+        "template parity",
+        f"{len(convs)} conversations x modes {', '.join(report.modes)}",
+        "yes",
+    )
     table.add_row(
         "max |logprob diff| (actual, top-k)",
-        f"{diff_lp:.2e}, {diff_top:.2e}",
-        "yes" if ok_lp else f"no (> {atol:g})",
+        f"{report.max_actual_diff:.2e}, {report.max_topk_diff:.2e} "
+        f"(tolerance {tol:g}, {str(dtype).removeprefix('torch.')})",
+        "yes" if diff <= tol else f"no (> {tol:g})",
     )
-    table.add_row("top-k ids equal", f"{same_ids:.1%}", "yes" if same_ids == 1.0 else "check")
-    table.add_row("KL(teacher || teacher as student)", f"{kl:.2e}", "yes" if kl < 1e-4 else "no")
+    table.add_row(
+        "top-k ids equal", f"{report.same_ids:.1%}", "yes" if report.same_ids == 1.0 else "check"
+    )
+    self_ok = report.self_kl < 1e-4
+    table.add_row(
+        "KL(teacher || teacher as student)", f"{report.self_kl:.2e}", "yes" if self_ok else "no"
+    )
+    table.add_row(
+        "KL(teacher || student) per token",
+        f"{report.pair_kl:.4f} nats over {report.tokens} tokens",
+        "measured",
+    )
+    table.add_row(
+        "top-1 agreement (student vs teacher)", f"{report.top1_agreement:.1%}", "measured"
+    )
     console.print(table)
-    if not ok_lp or kl >= 1e-4:
+    if diff > tol or not self_ok:
         raise typer.Exit(1)
