@@ -11,6 +11,7 @@ prints them. A rerun with the same model, prompts and settings reads the stored 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from cli.render import config_table, console, user_errors
 from cli.resolve import ModesOpt, PromptsOpt, RunDir, SoftSwitchOpt, resolve_modes
 from distill import checkpoint, evaluate
 from distill.accounting import GpuLedger
+from distill.answers import write_responses
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED
 from distill.rundir import read_json
@@ -194,24 +196,26 @@ def eval_command(
     """pass@1 / pass@k per mode on verifiable prompts, and accuracy against thinking budget."""
     if plot is not None and thinking_budget is None:
         raise DistillError("--plot draws the budget curve: pass --thinking-budget too")
-    if model is not None:
-        stage_name, path = Path(model).name or model, resolve_student(model)
-    else:
-        stage_name, path = stage_model(run_dir, stage)
     config = evaluate.PassConfig(
         n=n,
         ks=parse_ints(k, "--k"),
-        modes=resolve_modes(
-            modes,
-            path if Path(path).is_dir() else None,
-            soft_switch=soft_switch,
-            thinking_budget=thinking_budget is not None,
-        ),
         soft_switch=soft_switch,
         max_tokens=max_tokens,
         budgets=parse_ints(thinking_budget, "--thinking-budget") if thinking_budget else (),
         seed=seed,
     )
+    if model is not None:
+        stage_name, path = Path(model).name or model, resolve_student(model)
+    else:
+        stage_name, path = stage_model(run_dir, stage)
+    # --modes auto means what the model's chat template supports: known once the model is
+    modes_of = resolve_modes(
+        modes,
+        path if Path(path).is_dir() else None,
+        soft_switch=soft_switch,
+        thinking_budget=thinking_budget is not None,
+    )
+    config = dataclasses.replace(config, modes=modes_of)
     result_name = name or re.sub(r"[^A-Za-z0-9_.-]+", "_", stage_name)
     items = evaluate.eval_prompts(prompts, n_prompts, seed + 1, prompt_column, answer_column)
     header = {
@@ -229,13 +233,20 @@ def eval_command(
         generate, tokenizer, n_params = make_generate(
             sampler, path, max_tokens + budget_room + 2048, seed
         )
+        audit: list[dict[str, object]] = []  # every judged response, for RUN_DIR/eval/*.parquet
         measured = {
-            "modes": evaluate.pass_at(generate, tokenizer, items, config, ledger, n_params),
+            "modes": evaluate.pass_at(
+                generate, tokenizer, items, config, ledger, n_params, audit=audit
+            ),
             "budget_curve": evaluate.budget_curve(
-                generate, tokenizer, items, config, ledger, n_params
+                generate, tokenizer, items, config, ledger, n_params, audit=audit
             ),
         }
         ledger.save(run_dir / "ledger.json")
+        responses = write_responses(
+            evaluate.result_path(run_dir, result_name).with_suffix(".responses.parquet"), audit
+        )
+        console.print(f"[dim]{len(audit)} judged responses written to {responses}[/]")
         written = evaluate.save_result(run_dir, result_name, header, measured)
         result = read_json(written)
         console.print(f"[dim]written {written}[/]")

@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.accounting import GpuLedger, forward_flops
+from distill.answers import judge
 from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.objective import topk_divergence
@@ -234,6 +235,7 @@ def sample_and_verify(
     budget: int | None = None,
     sentence: str = BUDGET_SENTENCE,
     soft_switch: bool = False,
+    audit: list[dict[str, object]] | None = None,
 ) -> Samples:
     """`n` completions per prompt in `mode`, each checked against the prompt's answer."""
     ids = [render_prompt(tokenizer, p.messages, mode, soft_switch) for p in prompts]
@@ -264,11 +266,22 @@ def sample_and_verify(
         for i, (g, p) in enumerate(zip(gens, prompts, strict=True)):
             assert p.answer is not None, "eval_prompts keeps only prompts with an answer"
             text = decode(tokenizer, g.token_ids)
-            correct[i, j] = verify(text, p.answer)
+            judged = judge(text, p.answer)  # the fallback order of distill.answers
+            correct[i, j] = judged.correct
             tokens[i, j] = len(g.token_ids)
             ended = g.token_ids.tolist().index(think_end) + 1 if think_end in g.token_ids else None
             thinking[i, j] = 0 if mode != "think" else (ended or len(g.token_ids))
             truncated[i, j] = g.finish_reason == "length"
+            if audit is not None:
+                audit.append(
+                    {
+                        "prompt_index": i, "prompt": p.messages[-1]["content"],
+                        "reference": p.answer, "mode": mode, "budget": budget, "sample": j,
+                        "response": text, "answer": judged.answer, "rule": judged.rule,
+                        "correct": judged.correct, "tokens": len(g.token_ids),
+                        "truncated": bool(truncated[i, j]),
+                    }
+                )  # fmt: skip
     return Samples(correct=correct, tokens=tokens, thinking=thinking, truncated=truncated)
 
 
@@ -293,6 +306,7 @@ def pass_at(
     config: PassConfig,
     ledger: GpuLedger,
     n_params: int = 0,
+    audit: list[dict[str, object]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per mode: pass@1 and pass@k over `config.n` samples with that mode's sampling preset."""
     out: dict[str, dict[str, Any]] = {}
@@ -301,7 +315,7 @@ def pass_at(
         params = replace(preset, max_tokens=config.max_tokens, seed=config.seed)
         samples = sample_and_verify(
             generate, tokenizer, prompts, mode, params, config.n, ledger, n_params=n_params,
-            soft_switch=config.soft_switch,
+            soft_switch=config.soft_switch, audit=audit,
         )  # fmt: skip
         out[mode] = summarize(samples, config.ks)
     return out
@@ -314,6 +328,7 @@ def budget_curve(
     config: PassConfig,
     ledger: GpuLedger,
     n_params: int = 0,
+    audit: list[dict[str, object]] | None = None,
 ) -> list[dict[str, Any]]:
     """Thinking-mode pass@k at each budget; the same seeds at every budget (common randomness)."""
     params = replace(config.think_sampling, max_tokens=config.max_tokens, seed=config.seed)
@@ -322,7 +337,7 @@ def budget_curve(
         samples = sample_and_verify(
             generate, tokenizer, prompts, "think", params, config.n, ledger,
             n_params=n_params, budget=budget, sentence=config.budget_sentence,
-            soft_switch=config.soft_switch,
+            soft_switch=config.soft_switch, audit=audit,
         )  # fmt: skip
         rows.append({"budget": budget, **summarize(samples, config.ks)})
     return rows

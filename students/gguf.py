@@ -27,7 +27,7 @@ def export(gguf_file: str | Path, out: str | Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     config = model.config
     if hasattr(config, "quantization_config"):
-        del config.quantization_config  # GGUF's, not a quantization of the exported weights
+        delattr(config, "quantization_config")  # GGUF's, not a quantization of the weights
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)  # tied: safetensors refuses shared tensors
