@@ -28,7 +28,7 @@ SCHEMA = pa.schema(
     [
         ("key", pa.string()),  # "prompt_id|mode|sample", unique
         ("prompt_id", pa.string()),
-        ("mode", pa.string()),  # "think" or "no_think"
+        ("mode", pa.string()),  # "think", "no_think", or "plain" (a template without thinking)
         ("sample", pa.int32()),
         ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
         ("prompt_ids", _ids),  # the rendered prompt the teacher answered, generation prompt last
