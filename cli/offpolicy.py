@@ -10,6 +10,7 @@ accelerate launch --config_file configs/accelerate/ddp.yaml "$(which distill)" o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -43,6 +44,7 @@ from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
 from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
+from teachers.chat import MODES
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
@@ -144,12 +146,7 @@ def generate(
     teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
     config = gen.Config(
         run_dir=run_dir,
-        modes=resolve_modes(
-            modes,
-            (tokenizer or teacher_path) if Path(tokenizer or teacher_path).is_dir() else None,
-            soft_switch=soft_switch,
-            thinking_budget=thinking_budget is not None,
-        ),
+        modes=MODES,  # resolved below, once the template is loaded (`--modes auto`)
         think_ratio=think_ratio,
         soft_switch=soft_switch,
         samples_per_prompt=samples_per_prompt,
@@ -163,7 +160,6 @@ def generate(
         seed=seed,
     )
     gen.check_config(config)
-    console.print(config_table("generate", config))
     if prompts == EMBEDDED:
         rows = embedded_prompts(n_prompts or 256, seed, "train")
     else:
@@ -181,6 +177,12 @@ def generate(
     tok = AutoTokenizer.from_pretrained(
         tokenizer or teacher_path, trust_remote_code=trust_remote_code
     )
+    resolved = resolve_modes(
+        modes, tok, soft_switch=soft_switch, thinking_budget=thinking_budget is not None
+    )
+    config = replace(config, modes=resolved)
+    gen.check_config(config)  # --think-ratio needs both modes
+    console.print(config_table("generate", config))
     the_teacher = make_teacher(
         parse_backend(teacher_backend),
         teacher_path,
