@@ -118,7 +118,7 @@ def sample_slots(
         if s.prompt is not None
         for _ in range(G)
     ]
-    modes = [s.mode for _, s in mine for _ in range(G)]
+    modes: list[Mode] = [s.mode for _, s in mine for _ in range(G)]
     presets: dict[Mode, SamplingParams] = {
         "think": config.think_sampling,
         "no_think": config.no_think_sampling,
