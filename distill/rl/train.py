@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from distill import adapters, checkpoint, evaluate, manifest, sampling
 from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
-from distill.batch import Example, collate, next_token_view
+from distill.batch import Batch, Example, collate, next_token_view
 from distill.errors import DistillError
 from distill.fused_step import choose_head, policy_gradient_loss
 from distill.objective import (
@@ -125,6 +125,20 @@ def measure(
     }
     model.train(was_training)
     return out
+
+
+def logits_loss(
+    student: torch.nn.Module, mb: Batch, advantages: torch.Tensor, n_tokens: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ mask·A·(-log π(y_t)) / n_tokens to backward, the same sum detached) from full logits;
+    `fused_step.policy_gradient_loss` is its twin without (B, T, V) logits."""
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V)
+    logits, targets, mask, _, _ = next_token_view(logits, mb)  # (B, T-1, V), (B, T-1)
+    neg_logp = cross_entropy(logits, targets, vocab_size)  # (B, T-1): -log π(y_t)
+    # ∇ of Σ_t A·(-log π) is minus the policy gradient: descending it raises the log-probability
+    # of tokens in better-than-average responses
+    per_token = (advantages[:, None] * neg_logp).masked_fill(~mask, 0.0)  # (B, T-1)
+    return per_token.sum() / n_tokens, per_token.detach().sum()
 
 
 def check_request(config: Config, prompts: Sequence[Prompt]) -> None:
@@ -277,15 +291,7 @@ def train(
                             workspace=head.workspace,
                         )  # fmt: skip
                     else:
-                        logits = student(
-                            input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                        ).logits  # (B, T, V)
-                        logits, targets, mask, _, _ = next_token_view(logits, mb)  # (B, T-1)
-                        neg_logp = cross_entropy(logits, targets, vocab_size)  # (B, T-1): -log π
-                        # ∇ of Σ_t A·(-log π) is minus the policy gradient: descending it raises
-                        # the log-probability of tokens in better-than-average responses
-                        per_token = (adv[:, None] * neg_logp).masked_fill(~mask, 0.0)  # (B, T-1)
-                        share, summed = per_token.sum() / norm, per_token.detach().sum()
+                        share, summed = logits_loss(student, mb, adv, norm, vocab_size)
                     accelerator.backward(share)
                     objective += summed.cpu()
                 meter.add(
