@@ -204,3 +204,28 @@ def test_cli_refuses_a_bad_sampler_before_recording_anything(
     assert result.exit_code == 2
     assert "error: --sampler 'trl': choose auto, hf or vllm" in result.output
     assert not (run_dir / "config.json").exists()
+
+
+def test_plan_charges_both_methods_one_sampling_rate_and_prints_it() -> None:
+    from dataclasses import replace
+
+    from distill.plan import PAPER_SCALE, estimate, sampling_rate
+
+    def per_token(a: Any) -> tuple[float, float]:
+        _, on, rl_w = estimate(a)
+        on_s, rl_s = (next(p for p in w.phases if p.phase == "student.sample") for w in (on, rl_w))
+        return on_s.device_hours / on_s.tokens, rl_s.device_hours / rl_s.tokens
+
+    shorter = replace(PAPER_SCALE, rl_response_len=2048)  # RL's own lengths, the same rate
+    on_rate, rl_rate = per_token(shorter)
+    assert on_rate == pytest.approx(rl_rate, rel=1e-12)
+    assert 1 / (on_rate * 3600) == pytest.approx(sampling_rate(shorter))
+    stated = replace(shorter, sampling_throughput=1000.0)
+    assert per_token(stated) == pytest.approx((1 / 3.6e6, 1 / 3.6e6))
+    result = CliRunner().invoke(app, ["plan", "--sampling-throughput", "1000"],
+                                env={"COLUMNS": "250"})  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "student sampling, on-policy and RL alike" in result.output
+    assert "1,000 tokens/s per GPU" in result.output
+    bad = CliRunner().invoke(app, ["plan", "--sampling-throughput", "-1"])
+    assert bad.exit_code == 2 and "--sampling-throughput" in bad.output
