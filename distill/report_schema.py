@@ -38,8 +38,8 @@ OPTIONAL = ("total_device_hours", "eval_set", "curve", "setup", "notes")
 # How a run was built, from manifest.json's `setup` of its training phase; `report compare` sets
 # them side by side and warns where two runs differ (value: what to align).
 SETUP_KEYS = {
-    "sampler": "the same --sampler and --sync-every",
-    "precision": "the same training and sampler dtypes",
+    "sampler": "the same --sampler, engine dtype and --sync-every",
+    "precision": "the same training dtype",
     "loss_path": "the same --fused-loss setting",
     "processes": "the same accelerate config",
     "lora": "the same --lora-rank",
@@ -105,16 +105,17 @@ def _method(configs: dict[str, Any]) -> str:
 def setup_of(phase: dict[str, Any]) -> dict[str, str]:
     """A phase's manifest setup (distill/manifest.py) as the SETUP_KEYS values compared."""
     out: dict[str, str] = {}
-    sampler = phase.get("sampler")
-    if sampler is not None:
-        every = phase.get("sync_every")
-        out["sampler"] = f"{sampler}, sync every {every}" if every is not None else str(sampler)
+    if "sampler" in phase:  # its engine's precision belongs to it: off-policy runs have none
+        parts = [str(phase["sampler"])]
+        if "sampler_dtype" in phase:
+            parts.append(str(phase["sampler_dtype"]))
+        if "sync_every" in phase:
+            parts.append(f"sync every {phase['sync_every']}")
+        out["sampler"] = ", ".join(parts)
     if "dtype" in phase:
         precision = str(phase["dtype"])
         if phase.get("mixed_precision", "no") != "no":
             precision += f" (mixed {phase['mixed_precision']})"
-        if "sampler_dtype" in phase:
-            precision += f", sampler {phase['sampler_dtype']}"
         out["precision"] = precision
     if "loss_path" in phase:
         out["loss_path"] = str(phase["loss_path"])

@@ -130,8 +130,8 @@ def test_manifest_records_the_setup_and_compare_names_each_difference(
     assert setup["dtype"] == "float32" and setup["loss_path"] == "fused"
     assert setup["layout"] == "1 x cpu" and setup["lora_rank"] == 0
     assert from_run_dir(hf_run).setup == {
-        "sampler": "hf",
-        "precision": "float32, sampler float32",
+        "sampler": "hf, float32",
+        "precision": "float32",
         "loss_path": "fused",
         "processes": "1 x cpu",
         "lora": "none (every weight)",
@@ -140,6 +140,7 @@ def test_manifest_records_the_setup_and_compare_names_each_difference(
     shutil.copytree(hf_run, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["setup"]["rl"].update(sampler="vllm", sync_every=4, sampler_dtype="bfloat16")
+    manifest["setup"]["rl"].update(dtype="bfloat16")
     (other / "manifest.json").write_text(json.dumps(manifest))
     runner = CliRunner()
     same = runner.invoke(app, ["report", "compare", str(hf_run), str(hf_run), "--json"])
@@ -152,8 +153,9 @@ def test_manifest_records_the_setup_and_compare_names_each_difference(
     differ = [w for w in out["warnings"] if "differ in" in w]
     assert len(differ) == 2, differ  # sampler and precision; loss path, layout, LoRA agree
     sampler = next(w for w in differ if w.startswith("the runs differ in sampler"))
-    assert f"{hf_run.name}: hf" in sampler and "rl_vllm: vllm, sync every 4" in sampler
-    assert out["runs"][1]["setup"]["sampler"] == "vllm, sync every 4"
+    assert f"{hf_run.name}: hf, float32" in sampler
+    assert "rl_vllm: vllm, bfloat16, sync every 4" in sampler
+    assert out["runs"][1]["setup"]["sampler"] == "vllm, bfloat16, sync every 4"
     table = runner.invoke(app, ["report", "compare", str(hf_run), str(other)],
                           env={"COLUMNS": "250"})  # fmt: skip
     assert table.exit_code == 0 and "How each run was built" in table.output
