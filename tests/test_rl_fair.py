@@ -231,3 +231,61 @@ def test_plan_charges_both_methods_one_sampling_rate_and_prints_it() -> None:
     assert "1,000 tokens/s per GPU" in result.output
     bad = CliRunner().invoke(app, ["plan", "--sampling-throughput", "-1"])
     assert bad.exit_code == 2 and "--sampling-throughput" in bad.output
+
+
+def test_onpolicy_and_rl_built_alike_compare_without_a_setup_warning(
+    tiny_pair: TinyPair, hf_run: Path, tmp_path: Path
+) -> None:
+    from distill.onpolicy import train as onpolicy
+    from teachers.hf import HFTeacher
+
+    run_dir = tmp_path / "onpolicy"
+    cfg = onpolicy.Config(run_dir=run_dir, student=str(tiny_pair.student_dir), steps=1,
+                          prompts_per_step=2, max_tokens=6, sampler="hf")  # fmt: skip
+    teacher = HFTeacher.from_pretrained(tiny_pair.teacher_dir)
+    onpolicy.train(cfg, teacher, embedded_prompts(8, 0, "train"), GpuLedger())
+    assert from_run_dir(run_dir).setup == from_run_dir(hf_run).setup
+    result = CliRunner().invoke(app, ["report", "compare", str(run_dir), str(hf_run), "--json"])
+    assert result.exit_code == 0, result.output
+    assert not [w for w in json.loads(result.output)["warnings"] if "differ in" in w]
+
+
+def test_rl_under_accelerate_launch_records_two_processes(
+    tiny_pair: TinyPair, tmp_path: Path
+) -> None:
+    """Two CPU processes (gloo, as tests/test_offpolicy_accelerate.py launches them) share RL's
+    prompts; the manifest names the layout and the job's ledger merges both ranks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_offpolicy_accelerate import free_port
+
+    run_dir = tmp_path / "two"
+    distill = Path(sys.executable).parent / "distill"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        "--main_process_port", str(free_port()),
+        str(distill), "rl", "--run-dir", str(run_dir), "--student", str(tiny_pair.student_dir),
+        "--n-prompts", "8", "--eval-prompts", "1", "--steps", "1", "--prompts-per-step", "2",
+        "--samples-per-prompt", "2", "--max-tokens", "6", "--sampler", "hf",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    setup = json.loads((run_dir / "manifest.json").read_text())["setup"]["rl"]
+    assert setup["processes"] == 2 and setup["layout"] == "2 x cpu, DDP"
+    assert from_run_dir(run_dir).setup["processes"] == "2 x cpu, DDP"
+    assert GpuLedger.load(run_dir / "ledger.json").devices == 2
