@@ -44,6 +44,9 @@ from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
 C = onpolicy.Config
+# The student's sampler, shared with `distill rl` (distill/sampling.py): the same flags on both.
+SamplerOpt = Annotated[str, typer.Option(help="auto (vllm on GPUs), hf or vllm")]
+SyncEveryOpt = Annotated[int, typer.Option(help="steps between vLLM weight syncs")]
 
 
 @app.command("onpolicy")
@@ -82,10 +85,8 @@ def onpolicy_cmd(
     truncation: Annotated[
         str, typer.Option(help="responses at --max-tokens: mask, drop or keep")
     ] = C.truncation,
-    sampler: Annotated[str, typer.Option(help="auto (vllm on GPUs), hf or vllm")] = C.sampler,
-    sync_every: Annotated[int, typer.Option(help="steps between vLLM weight syncs")] = (
-        C.sync_every
-    ),
+    sampler: SamplerOpt = C.sampler,
+    sync_every: SyncEveryOpt = C.sync_every,
     lr: float = C.lr,
     save_every: int = C.save_every,
     teacher_backend: BackendOpt = "hf",

@@ -15,7 +15,14 @@ from rich.table import Table
 
 from cli.app import app
 from cli.render import console, user_errors
-from distill.plan import Assumptions, describe, estimate, ratio_decomposition, sampled_tokens
+from distill.plan import (
+    Assumptions,
+    describe,
+    estimate,
+    ratio_decomposition,
+    sampled_tokens,
+    sampling_rate,
+)
 
 A = Assumptions
 
@@ -46,6 +53,10 @@ def plan_cmd(
         int, typer.Option(help="RL mean response tokens (0: --response-len)")
     ] = A.rl_response_len,
     rl_logprob_passes: int = A.rl_logprob_passes,
+    sampling_throughput: Annotated[
+        float,
+        typer.Option(help="student tokens/s per GPU, for on-policy and RL alike (0: modelled)"),
+    ] = A.sampling_throughput,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
 ) -> None:
     """Estimate device-hours per phase of each method, printing every assumption."""
@@ -67,6 +78,7 @@ def plan_cmd(
         mfu=mfu,
         bandwidth_utilisation=bandwidth_utilisation,
         decode_batch=decode_batch,
+        sampling_throughput=sampling_throughput,
     )
     workloads = estimate(a)
     off, on, rl = workloads
@@ -82,6 +94,7 @@ def plan_cmd(
             "rl_over_onpolicy": rl.device_hours / on.device_hours,
             "sampled_token_ratio": token_ratio,
             "per_token_cost_ratio": cost_ratio,
+            "sampling_tokens_per_s_per_gpu": sampling_rate(a),
         }  # fmt: skip
         typer.echo(json.dumps(out, indent=2))
         return
@@ -106,5 +119,6 @@ def plan_cmd(
         f"(RL samples {token_ratio:.1f}x the tokens at {cost_ratio:.2f}x the cost per sampled "
         f"token; off-policy + on-policy : RL = 1 : "
         f"{rl.device_hours / (off.device_hours + on.device_hours):.1f}); "
-        f"sampled tokens: on-policy {sampled_tokens(on):.3g}, RL {sampled_tokens(rl):.3g}"
+        f"sampled tokens: on-policy {sampled_tokens(on):.3g}, RL {sampled_tokens(rl):.3g}, "
+        f"both at {sampling_rate(a):,.0f} tokens/s per GPU"
     )

@@ -21,8 +21,10 @@ from distill.accounting import PHASES, GpuLedger
 from distill.errors import DistillError
 from distill.offpolicy.generate import Summary as GenSummary
 from distill.report_schema import (
+    SETUP_KEYS,
     RunReport,
     differing_eval_sets,
+    differing_setups,
     export,
     from_run_dir,
     load,
@@ -160,6 +162,29 @@ def compare_table(reports: list[RunReport], baseline: RunReport, show_eval_sets:
     return table
 
 
+def setup_table(reports: list[RunReport], differing: set[str]) -> Table:
+    """How each run was built (manifest.json), side by side; differing columns in yellow."""
+    table = Table(title="How each run was built (manifest.json)")
+    keys = [k for k in SETUP_KEYS if any(k in r.setup for r in reports)]
+    table.add_column("run")
+    for k in keys:
+        table.add_column(f"[yellow]{k} (differs)" if k in differing else k)
+    for r in reports:
+        table.add_row(r.name, *(r.setup.get(k, "-") for k in keys))
+    return table
+
+
+def setup_warnings(reports: list[RunReport]) -> list[str]:
+    """One warning per setup key two runs differ in, naming each run's value and the fix."""
+    return [
+        f"the runs differ in {key.replace('_', ' ')} ("
+        + "; ".join(f"{name}: {value}" for name, value in stated)
+        + f"): their device-hours compare different machinery, not only the methods; "
+        f"build both with {SETUP_KEYS[key]}"
+        for key, stated in differing_setups(reports).items()
+    ]
+
+
 def resolve_baseline(reports: list[RunReport], baseline: Path | None) -> RunReport:
     if baseline is None:
         return reports[0]
@@ -199,6 +224,7 @@ def compare(
             f"the runs were metered on different devices ({', '.join(sorted(units))}): "
             "their device-hours do not compare directly"
         )
+    warnings += setup_warnings(reports)
     if base.total_device_hours is None:
         warnings.append(f"baseline {base.name} has no metered device-hours: no ratios")
     if plot is not None:
@@ -217,6 +243,8 @@ def compare(
         typer.echo(json.dumps(out, indent=2))
         return
     console.print(compare_table(reports, base, show_eval_sets=bool(differing)))
+    if any(r.setup for r in reports):
+        console.print(setup_table(reports, set(differing_setups(reports))))
     for w in warnings:
         warn(w)
     if plot is not None:

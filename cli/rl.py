@@ -1,6 +1,7 @@
 """`distill rl`: the RL baseline (GRPO, verifiable reward) metered by the same GpuLedger.
 
 distill rl --run-dir runs/rl --student runs/default/offpolicy/checkpoint
+distill rl --run-dir runs/rl --student S --sampler vllm --sync-every 1 --lora-rank 16
 distill report compare runs/default runs/rl --baseline runs/rl
 """
 
@@ -11,6 +12,8 @@ from typing import Annotated
 import typer
 
 from cli.app import app
+from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
+from cli.onpolicy import SamplerOpt, SyncEveryOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
@@ -23,7 +26,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from distill import evaluate
+from distill import adapters, evaluate
 from distill.accounting import GpuLedger
 from distill.manifest import fingerprint
 from distill.prompts import EMBEDDED
@@ -68,6 +71,11 @@ def rl_cmd(
     save_every: int = rl.Config.save_every,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+    sampler: SamplerOpt = rl.Config.sampler,
+    sync_every: SyncEveryOpt = rl.Config.sync_every,
+    lora_rank: LoraRankOpt = rl.Config.lora_rank,
+    lora_alpha: LoraAlphaOpt = rl.Config.lora_alpha,
+    fused_loss: FusedLossOpt = rl.Config.fused_loss,
 ) -> None:
     """GRPO on the student with answer-correctness reward; device-hours by the same meter."""
     run_dir = prepare(run_dir)
@@ -90,7 +98,14 @@ def rl_cmd(
         eval_every=eval_every,
         save_every=save_every,
         seed=seed,
+        sampler=sampler,  # type: ignore[arg-type]  (checked by check_request)
+        sync_every=sync_every,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        fused_loss=fused_loss,
     )
+    rl.check_request(config, train_prompts)  # before config.json records anything
+    adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     # the same evaluation settings as `distill run`, so `report compare` finds the same eval set
     eval_config = evaluate.Config(
         prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1, soft_switch=soft_switch

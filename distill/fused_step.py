@@ -210,3 +210,30 @@ def ce_topk_loss(
         loss = loss + kd_loss
         total = ce + kd_weight * kd.sum()
     return loss, total, ce
+
+
+def policy_gradient_loss(
+    student: torch.nn.Module,
+    weight: torch.Tensor,
+    batch: Batch,
+    advantages: torch.Tensor,
+    n_tokens: float,
+    vocab_size: int,
+    *,
+    workspace: Workspace | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ mask·A·(-log π(y_t)) / n_tokens to backward, Σ mask·A·(-log π(y_t)) detached).
+
+    The fused twin of the RL loop's logits path; `advantages` (B,) is one value per sequence.
+    As in `ce_topk_loss`, -log π(x) is -k1 against a teacher log-prob of 0, so a token's weight
+    is -A / n_tokens.
+    """
+    h, targets, mask, _, _ = next_token_view(last_hidden(student, batch), batch)
+    rows = h[mask]  # (N, H): sampled response tokens only
+    x = targets[mask]  # (N,)
+    adv = advantages.float()[:, None].expand(mask.shape)[mask]  # (N,): its sequence's advantage
+    sampled = TeacherSampled(x, torch.zeros(x.shape, device=x.device))  # log p_t(x) := 0
+    loss, k1 = fused_linear_divergence_sum(
+        rows, weight, sampled, "k1", -adv / n_tokens, vocab_size=vocab_size, workspace=workspace
+    )  # k1 = log π(x)
+    return loss, -(adv * k1).sum()

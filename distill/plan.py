@@ -13,7 +13,7 @@ through the worked example and what drives the on-policy : RL ratio.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from distill.accounting import BANDWIDTH, PEAK_FLOPS, forward_flops, train_flops
 from distill.architectures import Architecture, architecture
@@ -44,6 +44,10 @@ class Assumptions:
     bandwidth_utilisation: float = 0.6  # bandwidth-bound phases: decoding
     decode_batch: int = 128  # concurrent sequences per decoding replica, at most
     bytes_per_param: int = 2  # bf16 weights and KV cache
+    # Student tokens sampled per second per GPU, ONE number for on-policy distillation and RL
+    # (both sample with the same engine, distill/sampling.py); 0: the decode model's rate at
+    # response_len.
+    sampling_throughput: float = 0.0
 
     def check(self) -> None:
         if self.gpu not in PEAK_FLOPS:
@@ -60,6 +64,8 @@ class Assumptions:
             self.rl_rollouts,
             self.decode_batch,
         )
+        if self.sampling_throughput < 0:
+            raise DistillError("--sampling-throughput must be >= 0 (0: from the decode model)")
         if min(counts) < 1 or self.offpolicy_epochs < 0 or self.onpolicy_passes < 0:
             raise DistillError("counts and lengths in a plan must be positive: check the options")
         architecture(self.student)
@@ -153,6 +159,23 @@ def decode(
     )
 
 
+def sampling_rate(a: Assumptions) -> float:
+    """Student tokens sampled per second per GPU, the one rate both methods' sampling costs:
+    `sampling_throughput`, or the decode model's rate for the student at `response_len`."""
+    if a.sampling_throughput:
+        return a.sampling_throughput
+    est = decode("student.sample", architecture(a.student), 1, a, a.response_len)
+    return est.tokens / (est.device_hours * 3600)
+
+
+def sample(model: Architecture, sequences: float, a: Assumptions, length: int) -> PhaseEstimate:
+    """The student samples `length` tokens for each sequence at `sampling_rate`: on-policy
+    distillation and RL are charged the same per sampled token, whatever their lengths."""
+    est = decode("student.sample", model, sequences, a, length)
+    hours = est.tokens / sampling_rate(a) / 3600
+    return replace(est, device_hours=hours, bound="stated" if a.sampling_throughput else est.bound)
+
+
 def compute(
     phase: str,
     model: Architecture,
@@ -208,7 +231,7 @@ def estimate(a: Assumptions) -> tuple[Workload, Workload, Workload]:
     on = Workload(
         method="on-policy distillation",
         phases=(
-            decode("student.sample", student, on_seqs, a, L),
+            sample(student, on_seqs, a, L),
             compute("teacher.score", teacher, on_seqs, a, L, train=False),
             compute("student.train", student, on_seqs, a, L, train=True),
         ),
@@ -216,7 +239,7 @@ def estimate(a: Assumptions) -> tuple[Workload, Workload, Workload]:
     rl_len = a.rl_response_len or L
     rl_seqs = a.rl_steps * a.rl_prompts_per_step * a.rl_rollouts
     phases = [
-        decode("student.sample", student, rl_seqs, a, rl_len),
+        sample(student, rl_seqs, a, rl_len),
         compute("student.train", student, rl_seqs, a, rl_len, train=True),
     ]
     if a.rl_logprob_passes:
@@ -254,6 +277,13 @@ def describe(a: Assumptions) -> list[tuple[str, str, str]]:
             "--bandwidth-utilisation",
         ),
         ("decode batch per replica", str(a.decode_batch), "--decode-batch"),
+        (
+            "student sampling, on-policy and RL alike",
+            f"{sampling_rate(a):,.0f} tokens/s per GPU",
+            "--sampling-throughput"
+            if a.sampling_throughput
+            else "decode model at --response-len; --sampling-throughput sets it",
+        ),
         ("bytes per weight / KV value", str(a.bytes_per_param), "bf16"),
     ]
     for role, m in (("student", student), ("teacher", teacher)):

@@ -11,6 +11,7 @@ one JSON object in this schema (docs/accounting.md has an example):
     total_device_hours  number: must equal the sum of device_hours within 1%   optional
     eval_set            {key: str | number}, e.g. {"prompts": 30, "seed": 0}   optional
     curve               [{"device_hours": number, metric: number, ...}]      optional
+    setup               {key: str}: how the run was built; keys as SETUP_KEYS    optional
     notes               str                                                   optional
 
 Metric names follow distill's: `pass@1_think`, `pass@64_no_think`, `accuracy_think`, ... A field
@@ -33,7 +34,17 @@ from distill.rundir import read_json, read_metrics
 
 SCHEMA = "distill.report/1"
 REQUIRED = ("schema", "method", "device", "device_hours", "eval")
-OPTIONAL = ("total_device_hours", "eval_set", "curve", "notes")
+OPTIONAL = ("total_device_hours", "eval_set", "curve", "setup", "notes")
+# How a run was built, from manifest.json's `setup` of its training phase; `report compare` sets
+# them side by side and warns where two runs differ (value: what to align).
+SETUP_KEYS = {
+    "sampler": "the same --sampler, engine dtype and --sync-every",
+    "precision": "the same training dtype",
+    "loss_path": "the same --fused-loss setting",
+    "processes": "the same accelerate config",
+    "lora": "the same --lora-rank",
+}
+TRAINING_PHASES = ("offpolicy", "onpolicy", "rl")  # the last one a run holds is its method
 ALIASES = {  # what other frameworks call our fields
     "gpu_hours": "device_hours",
     "total_gpu_hours": "total_device_hours",
@@ -67,6 +78,7 @@ class RunReport:
     eval_set: dict[str, Any]
     curve: list[dict[str, float]]  # points with "device_hours" and metric values
     mfu: dict[str, float | None] = field(default_factory=dict)
+    setup: dict[str, str] = field(default_factory=dict)  # SETUP_KEYS -> value, those known
     problems: list[str] = field(default_factory=list)  # what is missing, said in one line each
 
     @property
@@ -88,6 +100,39 @@ def _method(configs: dict[str, Any]) -> str:
         if key in configs
     ]
     return " + ".join(parts) + " distillation" if parts else "distill run"
+
+
+def setup_of(phase: dict[str, Any]) -> dict[str, str]:
+    """A phase's manifest setup (distill/manifest.py) as the SETUP_KEYS values compared."""
+    out: dict[str, str] = {}
+    if "sampler" in phase:  # its engine's precision belongs to it: off-policy runs have none
+        parts = [str(phase["sampler"])]
+        if "sampler_dtype" in phase:
+            parts.append(str(phase["sampler_dtype"]))
+        if "sync_every" in phase:
+            parts.append(f"sync every {phase['sync_every']}")
+        out["sampler"] = ", ".join(parts)
+    if "dtype" in phase:
+        precision = str(phase["dtype"])
+        if phase.get("mixed_precision", "no") != "no":
+            precision += f" (mixed {phase['mixed_precision']})"
+        out["precision"] = precision
+    if "loss_path" in phase:
+        out["loss_path"] = str(phase["loss_path"])
+    if "layout" in phase:
+        out["processes"] = str(phase["layout"])
+    if "lora_rank" in phase:
+        rank = int(phase["lora_rank"])
+        out["lora"] = f"rank {rank}" if rank else "none (every weight)"
+    return out
+
+
+def run_setup(run_dir: Path) -> dict[str, str]:
+    """The setup of the run's method: its last training phase in manifest.json ({} if none)."""
+    path = run_dir / "manifest.json"
+    phases = read_json(path).get("setup", {}) if path.exists() else {}
+    ran = [p for p in TRAINING_PHASES if p in phases]
+    return setup_of(phases[ran[-1]]) if ran else {}
 
 
 def from_run_dir(run_dir: Path) -> RunReport:
@@ -141,6 +186,7 @@ def from_run_dir(run_dir: Path) -> RunReport:
         eval_set=eval_set,
         curve=sorted(curve, key=lambda p: p["device_hours"]),
         mfu=mfu,
+        setup=run_setup(run_dir),
         problems=problems,
     )
 
@@ -216,6 +262,15 @@ def validate(data: Any, source: str) -> RunReport:
         if "device_hours" not in point:
             raise DistillError(f"{source}: field 'curve[{i}].device_hours' is missing")
         curve.append({str(k): _number(v, f"curve[{i}].{k}", source) for k, v in point.items()})
+    setup = {}
+    for key, value in _object(data.get("setup", {}), "setup", source).items():
+        if key not in SETUP_KEYS:
+            near = difflib.get_close_matches(key, SETUP_KEYS, n=1)
+            hint = f": did you mean {near[0]!r}?" if near else f"; keys are {tuple(SETUP_KEYS)}"
+            raise DistillError(f"{source}: unknown field 'setup.{key}'{hint}")
+        if not isinstance(value, str) or not value.strip():
+            raise DistillError(f"{source}: field 'setup.{key}' must be a non-empty string")
+        setup[key] = value
     device = str(data["device"])
     return RunReport(
         name=Path(source).stem,
@@ -227,6 +282,7 @@ def validate(data: Any, source: str) -> RunReport:
         evals=evals,
         eval_set=dict(eval_set),
         curve=sorted(curve, key=lambda p: p["device_hours"]),
+        setup=setup,
     )
 
 
@@ -252,6 +308,8 @@ def export(report: RunReport) -> dict[str, Any]:
     }
     if report.total_device_hours is not None:
         out["total_device_hours"] = report.total_device_hours
+    if report.setup:
+        out["setup"] = dict(report.setup)
     return out
 
 
@@ -262,6 +320,16 @@ def differing_eval_sets(reports: list[RunReport]) -> list[str]:
         for b in reports[i + 1 :]:
             keys |= {k for k in set(a.eval_set) & set(b.eval_set) if a.eval_set[k] != b.eval_set[k]}
     return sorted(keys)
+
+
+def differing_setups(reports: list[RunReport]) -> dict[str, list[tuple[str, str]]]:
+    """SETUP_KEYS on which the reports that state them disagree -> (run name, value) of each."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key in SETUP_KEYS:
+        stated = [(r.name, r.setup[key]) for r in reports if key in r.setup]
+        if len({value for _, value in stated}) > 1:
+            out[key] = stated
+    return out
 
 
 def score_metrics(reports: list[RunReport]) -> list[str]:

@@ -13,7 +13,11 @@ Everything goes through distill's CLI, one subprocess per command, exactly as a 
     distill eval       pass@1 and pass@k per mode, on the held-out split, for every model
     distill report compare   the Table 21 shape (device-hours per phase, metrics) and a PNG
 
-Fairness: both methods start from the same off-policy checkpoint, train on the same prompts
+Fairness: both methods sample with the same sampler (`--sampler`, passed to both commands; both
+then share distill/sampling.py, the same LoRA, fused-loss and accelerate paths), and the benchmark
+stops if their manifests record a different sampler, precision, loss path or process layout; each
+report row carries that setup, so `report compare` shows it. Both start from the same off-policy
+checkpoint, train on the same prompts
 (`--n-prompts`, same seed) with each command's own default per-step settings, and are evaluated on
 the same held-out problems with the same sampling (the paper's presets per mode) and seeds. Each
 method's learning rate is chosen by its own training objective on training prompts, never by the
@@ -38,6 +42,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from distill.report_schema import run_setup
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,8 +115,22 @@ def metrics(measured: dict[str, Any], k: int) -> dict[str, float]:
     return out | {f"pass@{k}_{m}": v for m, v in measured["passk"].items()}
 
 
+def same_setup(onpolicy_dir: Path, rl_dir: Path) -> dict[str, str]:
+    """The setup both methods were built with (manifest.json); stop the benchmark if they differ."""
+    on, rl = run_setup(onpolicy_dir), run_setup(rl_dir)
+    differ = {k: (on.get(k), rl.get(k)) for k in on.keys() | rl.keys() if on.get(k) != rl.get(k)}
+    if differ or not on:
+        sys.exit(f"on-policy and RL were built differently: {differ or 'no setup recorded'}")
+    return on
+
+
 def report(
-    method: str, hours: dict[str, float], measured: dict[str, Any], k: int, start: dict[str, Any]
+    method: str,
+    hours: dict[str, float],
+    measured: dict[str, Any],
+    k: int,
+    start: dict[str, Any],
+    setup: dict[str, str],
 ) -> dict[str, Any]:
     """One row in the import schema of `distill report compare` (distill/report_schema.py).
 
@@ -128,6 +148,7 @@ def report(
         "device_hours": hours,
         "eval": {"final": metrics(measured, k)},
         "eval_set": {"prompts": "embedded eval split", "n": measured["n_prompts"], "seed": 1},
+        "setup": setup,
     }
 
 
@@ -137,6 +158,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/table21"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first")
+    parser.add_argument(
+        "--sampler", default="auto", help="the student sampler of BOTH methods: auto, hf or vllm"
+    )
     args = parser.parse_args()
     plan = PLANS["quick" if args.quick else "full"]
     out: Path = args.out / ("quick" if args.quick else "full")
@@ -166,13 +190,14 @@ def main() -> None:
     start = str(base / "offpolicy" / "checkpoint")
     distill(
         "onpolicy", "--run-dir", str(onp), "--student", start, "--steps", str(plan.onpolicy_steps),
-        "--lr", str(plan.onpolicy_lr), *common, env=env, log=log,
+        "--lr", str(plan.onpolicy_lr), "--sampler", args.sampler, *common, env=env, log=log,
     )  # fmt: skip
     distill(
         "rl", "--run-dir", str(rl), "--student", start, "--steps", str(plan.rl_steps),
-        "--lr", str(plan.rl_lr), "--eval-prompts", str(plan.eval_prompts), *common,
-        env=env, log=log,
+        "--lr", str(plan.rl_lr), "--eval-prompts", str(plan.eval_prompts),
+        "--sampler", args.sampler, *common, env=env, log=log,
     )  # fmt: skip
+    setup = same_setup(onp, rl)
 
     from distill import embedded  # cached by `distill generate`: only the paths are read
 
@@ -203,9 +228,10 @@ def main() -> None:
     }
     reports = out / "reports"
     reports.mkdir(exist_ok=True)
+    setups = {"offpolicy": run_setup(base), "onpolicy": setup, "rl": setup}
     for name, label in labels.items():
         results[name]["device_hours"] = sum(hours[name].values())
-        row = report(label, hours[name], results[name], k, results["offpolicy"])
+        row = report(label, hours[name], results[name], k, results["offpolicy"], setups[name])
         (reports / f"{name}.json").write_text(json.dumps(row, indent=1))
     plot = out / "table21.png"
     distill(
@@ -218,6 +244,7 @@ def main() -> None:
     print(f"  on-policy distillation: {plan.onpolicy_steps} steps, lr {plan.onpolicy_lr:g}")
     print(f"  RL (GRPO):              {plan.rl_steps} steps, lr {plan.rl_lr:g}")
     print("  (per-step settings: each command's defaults; each lr by its own training objective)")
+    print(f"  both built alike: {', '.join(f'{k} {v}' for k, v in setup.items())}")
     print(f"  training prompts {plan.train_prompts}, held-out {plan.eval_prompts}, "
           f"{k} samples per prompt and mode; plot {plot}")  # fmt: skip
     for name in ("teacher", "student_init", "offpolicy", "rl", "onpolicy"):

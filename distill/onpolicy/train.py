@@ -28,7 +28,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoTokenizer, PreTrainedModel
 
-from distill import adapters, checkpoint
+from distill import adapters, checkpoint, manifest, sampling
 from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
 from distill.batch import Example, collate
 from distill.errors import DistillError
@@ -49,19 +49,18 @@ from distill.onpolicy.rollout import (
     Rollout,
     check_request,
     load_rows,
-    make_sampler,
     sample_slots,
 )
 from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
 from distill.rundir import append_metrics, prepare
+from distill.sampling import SamplerKind, make_sampler, sync_due
 from losses import Divergence
 from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
 
 Truncation = Literal["mask", "drop", "keep"]
-SamplerKind = Literal["auto", "hf", "vllm"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,11 +223,32 @@ def train(
     owned = sampler is None
     if sampler is None:
         model = accelerator.unwrap_model(student)
-        sampler = make_sampler(config, model, source, tokenizer, prompts)
+        sampler = make_sampler(
+            config.sampler,
+            model,
+            source,
+            tokenizer,
+            prompts,
+            modes=config.modes,
+            max_tokens=config.max_tokens,
+            seed=config.seed,
+            soft_switch=config.soft_switch,
+            budget_sentence=config.budget_sentence,
+        )
+    if accelerator.is_main_process:  # what `report compare` checks against the RL run
+        built = manifest.setup(
+            accelerator,
+            dtype=head_weight.dtype,
+            fused=head.fused,
+            loss_reason=head.reason,
+            lora_rank=config.lora_rank,
+            sampler=sampling.describe(sampler, config.sync_every),
+        )
+        manifest.record_setup(config.run_dir, config.output, built)
     loss, metrics = float("nan"), {}
     for step in range(start, config.steps):
         t_step = time.perf_counter()
-        if step == start or step % config.sync_every == 0:
+        if sync_due(step, start, config.sync_every):
             sampler.sync(accelerator.unwrap_model(student))
         slots = step_slots(
             step=step,
@@ -352,7 +372,6 @@ def train(
                 state = {**trainer_state(optimizer, step, config), **adapters.state(model)}
                 checkpoint.save(out, adapters.export(model), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
-    close = getattr(sampler, "close", None)
-    if owned and close is not None:
-        close()
+    if owned:
+        sampling.close(sampler)
     return Summary(steps=config.steps, final_loss=loss, checkpoint=out, metrics=metrics)

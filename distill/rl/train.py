@@ -2,47 +2,65 @@
 
     distill rl --run-dir runs/rl --student runs/default/offpolicy/checkpoint
 
-Each step the student samples G responses to each prompt with the same HF sampler on-policy
-distillation uses, a checker scores them (answer correctness, optional format bonus), and the
-student follows the policy gradient of its own tokens weighted by group-relative advantages.
+Each step the student samples G responses to each prompt with the sampler on-policy distillation
+uses (distill/sampling.py: `--sampler auto|hf|vllm`, the vLLM engine's weights synced in place
+every `--sync-every` steps), a checker scores them (answer correctness, optional format bonus),
+and the student follows the policy gradient of its own tokens weighted by group-relative
+advantages. The update takes the distillation loops' paths too: LoRA adapters (distill/adapters.py),
+the loss from hidden states in chunks (distill/fused_step.py), accelerate's DDP/FSDP/ZeRO-3.
 One update per batch of samples, so the policy that sampled is the policy that is updated: the
 PPO ratio is exactly 1 and needs no clipping or old-policy forward. No reference-model KL term
 (as DAPO and Dr. GRPO): the comparison with distillation is then RL's own cheapest form.
 
 Every phase goes through the run's GpuLedger, student.sample / student.train / eval, so the RL
 device-hours and the distillation device-hours come from one meter (docs/accounting.md says why
-this loop and not TRL's GRPOTrainer).
+this loop and not TRL's GRPOTrainer); manifest.json records how the phase was built, and
+`report compare` warns where an RL run and a distillation run were built differently.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from accelerate.utils import DistributedType
+from transformers import AutoTokenizer, PreTrainedModel
 
-from distill import checkpoint, evaluate
+from distill import adapters, checkpoint, evaluate, manifest, sampling
 from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
-from distill.batch import Example, collate, next_token_view
+from distill.batch import Batch, Example, collate, next_token_view
 from distill.errors import DistillError
-from distill.objective import LogFn, cross_entropy, lr_at, no_log, resolve_dtype, set_lr
+from distill.fused_step import choose_head, policy_gradient_loss
+from distill.objective import (
+    LogFn,
+    cross_entropy,
+    global_target_tokens,
+    lr_at,
+    no_log,
+    resolve_dtype,
+    set_lr,
+)
 from distill.offpolicy.filters import verify
 from distill.prompts import Prompt
 from distill.rl.reward import group_advantages, well_formed
 from distill.rundir import append_metrics, atomic_write_json, read_json
-from students.sample import HFSampler
-from teachers.chat import ALL_MODES, MODES, Mode, render_prompt
-from teachers.protocol import (
-    NON_THINKING_SAMPLING,
-    THINKING_SAMPLING,
-    Generation,
-    SamplingParams,
+from distill.sampling import (
+    SamplerKind,
+    make_sampler,
+    mode_params,
+    mode_presets,
+    sample_modes,
+    sync_due,
 )
+from students.sample import Sampler
+from teachers.chat import MODES, Mode, render_prompt
+from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +87,11 @@ class Config:
     save_every: int = 25
     eval_every: int = 0  # 0: evaluate before the first step and after the last only
     seed: int = 0
+    sampler: SamplerKind = "auto"  # as on-policy: vllm with CUDA and vllm installed, else hf
+    sync_every: int = 1  # steps between weight pushes into a vllm sampler (hf: always current)
+    lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
+    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
@@ -112,6 +135,34 @@ def measure(
     return out
 
 
+def logits_loss(
+    student: torch.nn.Module, mb: Batch, advantages: torch.Tensor, n_tokens: float, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ mask·A·(-log π(y_t)) / n_tokens to backward, the same sum detached) from full logits;
+    `fused_step.policy_gradient_loss` is its twin without (B, T, V) logits."""
+    logits = student(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits  # (B, T, V)
+    logits, targets, mask, _, _ = next_token_view(logits, mb)  # (B, T-1, V), (B, T-1)
+    neg_logp = cross_entropy(logits, targets, vocab_size)  # (B, T-1): -log π(y_t)
+    # ∇ of Σ_t A·(-log π) is minus the policy gradient: descending it raises the log-probability
+    # of tokens in better-than-average responses
+    per_token = (advantages[:, None] * neg_logp).masked_fill(~mask, 0.0)  # (B, T-1)
+    return per_token.sum() / n_tokens, per_token.detach().sum()
+
+
+def check_request(config: Config, prompts: Sequence[Prompt]) -> None:
+    """Refuse bad settings before any model is loaded or anything is written."""
+    if any(p.answer is None for p in prompts):
+        raise DistillError(
+            "RL needs a reference answer for every training prompt (the reward checks it): "
+            "pass --answer-column naming the answers, or filter out prompts without one"
+        )
+    sampling.check(config.sampler, config.sync_every)
+    if min(config.steps, config.prompts_per_step, config.samples_per_prompt) < 1:
+        raise DistillError("--steps, --prompts-per-step and --samples-per-prompt must be >= 1")
+    if config.micro_batch_size < 1:
+        raise DistillError("--micro-batch-size must be >= 1")
+
+
 def train(
     config: Config,
     prompts: Sequence[Prompt],
@@ -119,43 +170,73 @@ def train(
     eval_config: evaluate.Config,
     ledger: GpuLedger,
     log: LogFn = no_log,
+    sampler: Sampler | None = None,
 ) -> Summary:
-    """Sample G per prompt -> reward -> group-relative advantages -> policy gradient; resumable."""
-    if any(p.answer is None for p in prompts):
-        raise DistillError(
-            "RL needs a reference answer for every training prompt (the reward checks it): "
-            "pass --answer-column naming the answers, or filter out prompts without one"
-        )
+    """Sample G per prompt -> reward -> group-relative advantages -> policy gradient; resumable.
+
+    `sampler`: an already running student sampler to reuse (it is synced to the student before
+    the first step and left open); by default one is built from `config.sampler` and closed.
+    """
+    check_request(config, prompts)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if config.prompts_per_step % accelerator.num_processes:
         raise DistillError(
             f"--prompts-per-step {config.prompts_per_step} does not split evenly over "
             f"{accelerator.num_processes} processes: use a multiple of the process count"
         )
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed, sharded)
     out = config.run_dir / config.output / "checkpoint"
     resume = checkpoint.latest(out)
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
-    student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
+    # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
+    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
     pad_id, vocab_size = int(tokenizer.pad_token_id), len(tokenizer)
-    n_params = matmul_params(student)
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95)
-    )
+    n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
+    n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
+    params = adapters.trainable(student)  # every weight, or only the LoRA adapters
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
     start = 0
     if resume:
         state = checkpoint.load_state(resume)
+        adapters.restore(student, state, resume)
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"]) + 1
     student, optimizer = accelerator.prepare(student, optimizer)
     student.train()
     model = accelerator.unwrap_model(student)
-    sampler = HFSampler(
-        model, eos_id=int(tokenizer.eos_token_id), pad_id=pad_id, vocab_size=vocab_size
-    )
+    head = choose_head(config.fused_loss, accelerator, model)
+    head_weight = model.get_output_embeddings().weight  # (V, H)
     G = config.samples_per_prompt
     evals_path = config.run_dir / "eval.json"
     evals: dict[str, dict[str, float]] = read_json(evals_path) if evals_path.exists() else {}
+    if start >= config.steps:  # finished before: nothing to sample, no engine to start
+        return Summary(steps=config.steps, final_reward=float("nan"), checkpoint=out, evals=evals)
+    owned = sampler is None
+    if sampler is None:
+        sampler = make_sampler(
+            config.sampler,
+            model,
+            source,
+            tokenizer,
+            prompts,
+            modes=config.modes,
+            max_tokens=config.max_tokens,
+            seed=config.seed,
+            soft_switch=config.soft_switch,
+        )
+    if accelerator.is_main_process:  # what `report compare` checks against distillation runs
+        built = manifest.setup(
+            accelerator,
+            dtype=head_weight.dtype,
+            fused=head.fused,
+            loss_reason=head.reason,
+            lora_rank=config.lora_rank,
+            sampler=sampling.describe(sampler, config.sync_every),
+        )
+        manifest.record_setup(config.run_dir, config.output, built)
+    presets = mode_presets(config.think_sampling, config.no_think_sampling)
     mean_reward = float("nan")
     for step in range(start, config.steps):
         if step == 0 and "before" not in evals:
@@ -165,6 +246,8 @@ def train(
             )
             if accelerator.is_main_process:
                 atomic_write_json(evals_path, evals)
+        if sync_due(step, start, config.sync_every):
+            sampler.sync(model)
         chosen = step_prompts(config, prompts, step)
         mine = chosen[accelerator.process_index :: accelerator.num_processes]
         # G copies of each prompt, contiguous: row p * G + g is sample g of prompt p
@@ -174,25 +257,15 @@ def train(
             for _ in range(G)
         ]
         modes: list[Mode] = [mode for _, mode in mine for _ in range(G)]
-        sampled: dict[int, Generation] = {}
         with ledger.phase("student.sample", devices=accelerator.num_processes) as meter:
-            for mode in ALL_MODES:  # one call per mode: each has its own sampling preset
-                idx = [i for i, m in enumerate(modes) if m == mode]
-                if not idx:
-                    continue
-                base = config.think_sampling if mode == "think" else config.no_think_sampling
-                params = replace(
-                    base,
-                    max_tokens=config.max_tokens,
-                    seed=config.seed * 1_000_003 + step * 2 + (mode == "think"),
-                )
-                for i, g in zip(
-                    idx, sampler.generate([prompt_ids[i] for i in idx], params), strict=True
-                ):
-                    sampled[i] = g
-            gens = [sampled[i] for i in range(len(prompt_ids))]
+            t0 = time.perf_counter()
+            step_params = mode_params(
+                presets, max_tokens=config.max_tokens, seed=config.seed, step=step
+            )
+            gens = sample_modes(sampler, tokenizer, prompt_ids, modes, step_params)
             n_sampled = sum(len(g.token_ids) for g in gens)
             meter.add(n_sampled, forward_flops(n_params, n_sampled))
+            t_sample = time.perf_counter() - t0
         texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
         answers = [str(p.answer) for p, _ in mine for _ in range(G)]
         correct = [verify(t, a) for t, a in zip(texts, answers, strict=True)]
@@ -210,33 +283,29 @@ def train(
             )
             for i in range(len(gens))
         ]
-        n_tokens = torch.tensor(float(sum(int(e.train.sum()) for e in examples)))
-        total_tokens = accelerator.reduce(n_tokens.to(accelerator.device), reduction="sum")
-        assert isinstance(total_tokens, torch.Tensor)
+        chunks = range(0, len(examples), config.micro_batch_size)
+        micro = [collate(examples[s : s + config.micro_batch_size], pad_id) for s in chunks]
         # DDP averages gradients over processes: divide by (global tokens / world size)
-        norm = max(float(total_tokens), 1.0) / accelerator.num_processes
+        norm = global_target_tokens(micro, accelerator)
         objective = torch.zeros(())
         with ledger.phase("student.train", devices=accelerator.num_processes) as meter:
-            chunks = range(0, len(examples), config.micro_batch_size)
-            for j, s in enumerate(chunks):
-                mb = collate(examples[s : s + config.micro_batch_size], pad_id).to(
-                    accelerator.device
-                )
+            for j, (s, mb) in enumerate(zip(chunks, micro, strict=True)):
+                mb = mb.to(accelerator.device)
                 adv = advantages[s : s + config.micro_batch_size].to(accelerator.device)  # (B,)
-                with nullcontext() if j == len(chunks) - 1 else accelerator.no_sync(student):
-                    logits = student(
-                        input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                    ).logits  # (B, T, V)
-                    logits, targets, mask, _, _ = next_token_view(
-                        logits, mb
-                    )  # (B, T-1, V), (B, T-1)
-                    neg_logp = cross_entropy(logits, targets, vocab_size)  # (B, T-1): -log π(y_t)
-                    # ∇ of Σ_t A·(-log π) is minus the policy gradient: descending it raises the
-                    # log-probability of tokens in better-than-average responses
-                    per_token = (adv[:, None] * neg_logp).masked_fill(~mask, 0.0)  # (B, T-1)
-                    accelerator.backward(per_token.sum() / norm)
-                    objective += per_token.detach().sum().cpu()
-                meter.add(mb.n_targets, train_flops(n_params, int(mb.attention_mask.sum())))
+                with nullcontext() if j == len(micro) - 1 else accelerator.no_sync(student):
+                    if head.fused:  # the same loss and gradients (distill/fused_step.py)
+                        share, summed = policy_gradient_loss(
+                            student, head_weight, mb, adv, norm, vocab_size,
+                            workspace=head.workspace,
+                        )  # fmt: skip
+                    else:
+                        share, summed = logits_loss(student, mb, adv, norm, vocab_size)
+                    accelerator.backward(share)
+                    objective += summed.cpu()
+                meter.add(
+                    mb.n_targets,
+                    train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
+                )
             norm_before_clip = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
             lr = lr_at(
                 step,
@@ -259,7 +328,9 @@ def train(
                 "objective": float(objective) / (norm * accelerator.num_processes),
                 "grad_norm": float("nan") if norm_before_clip is None else float(norm_before_clip),
                 "lr": lr,
+                "fused_loss": float(head.fused),
                 "response_len": float(np.mean([len(g.token_ids) for g in gens])),
+                "sample_tokens_per_s": n_sampled / max(t_sample, 1e-9),
                 "device_hours": ledger.total_device_hours(),
             }
             log(config.output, step + 1, config.steps, metrics)
@@ -287,7 +358,9 @@ def train(
                 ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "step": step}
-                checkpoint.save(out, model, tokenizer, state)
+                state = {"optimizer": optimizer.state_dict(), "step": step, **adapters.state(model)}
+                checkpoint.save(out, adapters.export(model), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
+    if owned:
+        sampling.close(sampler)
     return Summary(steps=config.steps, final_reward=mean_reward, checkpoint=out, evals=evals)
