@@ -349,7 +349,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--g", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=32, help="sampled tokens per sequence")
-    parser.add_argument("--steps", type=int, default=4, help="steps per side; the first is warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="steps per side; the first is warm-up")
     parser.add_argument("--top-k", type=int, default=16, help="distill's default --top-k")
     parser.add_argument("--top-k-max", type=int, default=VOCAB_ROWS, help="distill's largest")
     parser.add_argument("--teacher-layers", type=int, default=6, help="of Qwen3-1.7B's 28")
