@@ -28,11 +28,15 @@ Per phase, same method on both sides (wall-clock of the timed steps; the first s
   teacher backbone; its head runs inside TRL's chunked loss, so it is counted in `loss_backward`);
 - optimizer: `torch.optim.AdamW.step`;
 - loss_backward: the rest of the step (student forward, loss, backward, grad clip, bookkeeping).
-tokens/s = sampled response tokens / timed step seconds. Memory: peak RSS (`ru_maxrss`, read at
-the end of the last step) above the RSS right after imports (`peak_above_import_gib`: models,
-gradients, optimizer state and the step), and above the RSS when the first step starts
-(`step_peak_gib`: what the step itself adds: gradients, AdamW state, activations). Each side runs
-in its own process, one after another (never together). The last line is JSON.
+tokens/s = sampled response tokens / timed step seconds; every phase is also given in CPU
+seconds of the process (`time.process_time`, all threads), and tokens per CPU second: on a
+shared machine the wall-clock of two processes run one after the other sees different loads,
+while CPU time counts only the work done (memory-bandwidth contention still shows).
+Memory: peak RSS (`ru_maxrss`, read at the end of the last step) above the RSS right after
+imports (`peak_above_import_gib`: models, gradients, optimizer state and the step), and above
+the RSS when the first step starts (`step_peak_gib`: what the step itself adds: gradients,
+AdamW state, activations). Each side runs in its own process, one after another (never
+together). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).re
 
 VOCAB, VOCAB_ROWS = 151_669, 151_936  # Qwen3: tokenizer ids, head rows
 LR = 1e-5
+PHASES = ("sample", "teacher", "loss_backward", "optimizer", "total")
 SIDES = ("build", "gap", "distill", "distill_max", "trl")
 
 
@@ -139,21 +144,25 @@ class Phases:
     def begin(self) -> None:
         if not self.steps and not self.current:
             self.step_start_rss = rss_gib()
-        self.current = {"sample": 0.0, "teacher": 0.0, "optimizer": 0.0, "tokens": 0.0}
-        self.current["t0"] = time.perf_counter()
+        self.current = {f"{p}{c}": 0.0 for p in PHASES for c in ("", "_cpu")} | {"tokens": 0.0}
+        self.current["t0"], self.current["c0"] = time.perf_counter(), time.process_time()
 
     def end(self) -> None:
         c = self.current
         c["total"] = time.perf_counter() - c.pop("t0")
-        c["loss_backward"] = c["total"] - c["sample"] - c["teacher"] - c["optimizer"]
+        c["total_cpu"] = time.process_time() - c.pop("c0")
+        for suffix in ("", "_cpu"):
+            parts = sum(c[f"{p}{suffix}"] for p in ("sample", "teacher", "optimizer"))
+            c[f"loss_backward{suffix}"] = c[f"total{suffix}"] - parts
         self.steps.append(c)
         self.peak = peak_gib()  # before anything after the step (distill saves a checkpoint)
 
     def timed(self, key: str, fn: Any) -> Any:
         def wrapper(*a: Any, **k: Any) -> Any:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(*a, **k)
-            self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - t0
+            self.current[key] += time.perf_counter() - t0
+            self.current[f"{key}_cpu"] += time.process_time() - c0
             return out
 
         return wrapper
@@ -161,15 +170,20 @@ class Phases:
     def result(self, import_rss: float) -> dict[str, Any]:
         timed = self.steps[1:]  # the first step is warm-up
         seconds = sum(s["total"] for s in timed)
+        cpu_seconds = sum(s["total_cpu"] for s in timed)
         tokens = sum(s["tokens"] for s in timed)
-        keys = ("sample", "teacher", "loss_backward", "optimizer", "total")
-        phases = {k: sum(s[k] for s in timed) / len(timed) for k in keys}
+
+        def mean(key: str) -> float:
+            return round(sum(s[key] for s in timed) / len(timed), 3)
+
         return {
             "steps": len(timed),
             "seconds": seconds,
             "tokens": tokens,
             "tokens_per_s": tokens / seconds,
-            "phase_s": {k: round(v, 3) for k, v in phases.items()},
+            "tokens_per_cpu_s": tokens / cpu_seconds,
+            "phase_s": {p: mean(p) for p in PHASES},
+            "phase_cpu_s": {p: mean(f"{p}_cpu") for p in PHASES},
             "prompt_tokens_mean": sum(self.prompt_tokens) / max(len(self.prompt_tokens), 1),
             "peak_above_import_gib": round(self.peak - import_rss, 3),
             "step_peak_gib": round(self.peak - self.step_start_rss, 3),
@@ -399,6 +413,10 @@ def main() -> None:
                    "timed_steps": args.steps - 1, "teacher_layers": args.teacher_layers,
                    "threads": args.threads, "top_k": args.top_k, "top_k_max": args.top_k_max},
         "speedup_vs_trl": round(results["distill"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
+        "cpu_speedup_vs_trl": round(
+            results["distill"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
+        "cpu_speedup_vs_trl_top_k_max": round(
+            results["distill_max"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
         "speedup_vs_trl_top_k_max": round(
             results["distill_max"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
         "step_mem_ratio_trl_over_distill": round(
