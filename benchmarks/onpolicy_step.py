@@ -18,9 +18,11 @@ exactly --max-tokens long), sampling (T=1, no top-k/top-p), fp32, AdamW (torch, 
 0.9/0.95, no weight decay), grad clip 1.0, constant lr. Objective: TRL `beta=1` (reverse KL over
 the teacher's and student's full 151,936-row heads, chunked); distill `--divergence reverse_kl` on
 the teacher's top-k plus one tail bucket, once at its default --top-k and once at --top-k-max
-(default: the HF teacher's largest, the full head width, i.e. the dense objective over the
-151,669 real ids). A separate `gap` process measures, on one sampled batch, how far each top-k
-objective is from the full-vocabulary reverse KL (mean nats per token, fp64).
+(default 151,669, every real id: the dense objective over the real ids, with the teacher's
+padded-row mass in its tail; the HF teacher serves up to its head width, 151,936, but the loop's
+top-k overlap diagnostic fails for K above the tokenizer's length). A separate `gap` process
+measures, on one sampled batch, how far each top-k objective is from the full-vocabulary
+reverse KL (mean nats per token, fp64).
 
 Per phase, same method on both sides (wall-clock of the timed steps; the first step is warm-up):
 - sample: the student's generation (distill `HFSampler.generate`, TRL `_generate`);
@@ -365,7 +367,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="sampled tokens per sequence")
     parser.add_argument("--steps", type=int, default=3, help="steps per side; the first is warm-up")
     parser.add_argument("--top-k", type=int, default=16, help="distill's default --top-k")
-    parser.add_argument("--top-k-max", type=int, default=VOCAB_ROWS, help="distill's largest")
+    parser.add_argument("--top-k-max", type=int, default=VOCAB, help="distill's largest")
     parser.add_argument("--teacher-layers", type=int, default=6, help="of Qwen3-1.7B's 28")
     parser.add_argument("--student-layers", type=int, default=28, help="28: Qwen3-0.6B")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every side")
