@@ -1,8 +1,8 @@
 """Distillation-loss benchmark: naive full logits vs TRL vs Liger vs distill's chunked path.
 
-    . .venv/bin/activate && pip install "trl==1.16.*" && pip install liger-kernel --no-deps
-    python benchmarks/losses.py --quick     # N = 2048 only, about 10 minutes on 2 CPU cores
-    python benchmarks/losses.py             # N in 1024..8192, about 15 minutes
+    pip install -e ".[bench]"               # trl>=1.16, liger-kernel
+    python benchmarks/losses.py --quick     # N = 2048 only, about 15 minutes on 2 CPU cores
+    python benchmarks/losses.py             # N in 1024..8192, about 20 minutes
 
 Every contestant runs generalized JSD(β=0.5) (TRL's and Liger's convention) over V = 151,936
 with H = 1,024 and bf16 matmuls, forward + backward, each configuration in its own process so
@@ -14,23 +14,28 @@ its peak RSS (ru_maxrss) is clean. Groups compare like with like:
   Liger take no top-k data).
 Every process runs with the same `torch.set_num_threads(--threads)`. distill runs with
 compile=True (on CPU: the C++ kernel of `losses.native` for the dense forms, torch.compile for
-top-k) and keeps a `losses.Workspace` across steps, as the training loops do. Peak RSS
-comes from the one-process-per-configuration runs; their step times go into the naive/TRL
-ratios. The Liger ratios come from a paired run instead: Liger, distill and distill with exact
-logits alternate step by step in one process, so a load spike on the shared machine hits all of
-them; `speed_ratio_vs_liger[_exact_logits]` is the median over rounds of Liger's time / distill's.
+top-k) and keeps a `losses.Workspace` across steps, as the training loops do.
 
-Precision: both references are the same loss in fp64 arithmetic, computed chunk by chunk here
-from the same bf16 hidden states and lm_heads:
-- `rel_err_vs_fp32`: from fp32 matmuls of those bf16 inputs (exact products, fp32 accumulation):
-  the end-to-end error of a bf16-input kernel, the issue's goal (<= 1e-5);
-- `rel_err_vs_fp32_same_bf16_logits`: from the bf16-rounded logits a bf16 matmul returns on CPU:
-  the error of everything after the matmul (softmax, divergence, reductions).
-Their gap is the rounding of the logits to bf16 (2^-9 relative). `matmul_out` says which logits
-distill's matmuls produced here ("fp32" where a bf16-in/fp32-out matmul exists: CUDA; "bf16" on
-CPU, where PyTorch has none). `rel_err_vs_fp32_exact_logits` is the first error again with
-`exact_logits=True`, which on CPU rebuilds fp32-accurate logits from a second, residual bf16
-matmul per side (`losses.logits.logits_into`); its cost is in the exact-logits Liger ratio.
+Memory: peak RSS of one process per configuration (also the N = 1k-8k scan of the full run).
+Speed: paired runs, where a group's contestants alternate step by step in one process on the
+same inputs, the order rotating every round (round r starts with contestant r mod k), so a load
+spike on the shared machine hits all of them and none always runs first; a ratio is the median
+over rounds of the per-round ratio. Two paired runs: hidden (Liger, distill, distill with
+`exact_logits`; --rounds) and logits (naive, TRL, distill; --logits-rounds). The
+separate-process step times are printed too, labelled so.
+
+Precision: each contestant's loss against the same loss in fp64 arithmetic (`reference`),
+computed chunk by chunk here from the same bf16 inputs: hidden, from fp32 matmuls of the bf16
+hidden states and lm_heads (exact products, fp32 accumulation): the end-to-end error of a
+bf16-input kernel, which the goal (<= 1e-5) is about; logits, the student's logits from an
+fp32 matmul and the teacher's bf16 logits as given; topk, the student's from an fp32 matmul on
+the teacher's top-k + tail support. `rel_err_vs_fp32_same_bf16_logits` compares distill with the
+reference built from the bf16-rounded logits a CPU matmul returns: the error of everything after
+the matmul. `matmul_out` says which logits distill's matmuls produced here ("fp32" where a
+bf16-in/fp32-out matmul exists: CUDA; "bf16" on CPU, where PyTorch has none). `exact_logits=True`
+rebuilds fp32-accurate logits on CPU from a second, residual bf16 matmul per side
+(`losses.logits.logits_into`). `vs_liger` gives, per distill configuration, its paired speed
+ratio against Liger next to its own error: the goal asks for both in one configuration.
 The last stdout line is JSON.
 """
 
@@ -43,6 +48,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -162,45 +168,71 @@ def step_fn(
     return liger
 
 
+def jsd64(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    """JSD(0.5) per row in fp64 from (C, V) student and teacher logits, written out by hand."""
+    q, p = torch.softmax(zs.double(), -1), torch.softmax(zt.double(), -1)
+    m = 0.5 * (p + q)
+    kl_p = (p * (p.log() - m.log())).nan_to_num().sum(-1)
+    kl_q = (q * (q.log() - m.log())).nan_to_num().sum(-1)
+    return 0.5 * kl_p + 0.5 * kl_q
+
+
 def reference(n: int) -> dict[str, float]:
-    """JSD(0.5) mean over tokens in fp64 math: from fp32 matmuls and from bf16-matmul logits."""
-    x = inputs(n, "hidden")
-    out = {}
-    for label, cast in (("fp32", torch.float32), ("bf16_logits", torch.bfloat16)):
-        total = torch.zeros((), dtype=torch.float64)
-        for start in range(0, n, 128):
-            rows = slice(start, start + 128)
-            zs = (x["hs"][rows].to(cast) @ x["ws"].to(cast).T).double()
-            zt = (x["ht"][rows].to(cast) @ x["wt"].to(cast).T).double()
-            q, p = torch.softmax(zs, -1), torch.softmax(zt, -1)
-            m = 0.5 * (p + q)
-            kl_p = (p * (p.log() - m.log())).nan_to_num().sum(-1)
-            kl_q = (q * (q.log() - m.log())).nan_to_num().sum(-1)
-            total += (0.5 * kl_p + 0.5 * kl_q).sum()
-        out[label] = (total / n).item()
-    return out
+    """Each group's loss (mean over tokens) in fp64 math from the same bf16 inputs.
+
+    hidden: `fp32`, both sides' logits from fp32 matmuls of the bf16 inputs (exact products);
+    `bf16_logits`, from the bf16-rounded logits a CPU bf16 matmul returns. logits: the student's
+    logits from an fp32 matmul, the teacher's bf16 logits as given. topk: the student's from an
+    fp32 matmul over the teacher's top-k + tail support (`losses.topk_support` in fp64).
+    """
+    from losses import divergence, topk_support
+
+    x = inputs(n, "hidden") | inputs(n, "logits") | inputs(n, "topk")
+    ws, wt = x["ws"].float(), x["wt"].float()  # (V, H) fp32: bf16 values, exactly
+    total = {"fp32": 0.0, "bf16_logits": 0.0, "logits": 0.0, "topk": 0.0}
+    for start in range(0, n, 128):
+        rows = slice(start, start + 128)
+        zs = x["hs"][rows].float() @ ws.T  # (C, V), exact products, fp32 accumulation
+        zt = x["ht"][rows].float() @ wt.T
+        total["fp32"] += float(jsd64(zs, zt).sum())
+        total["logits"] += float(jsd64(zs, x["zt"][rows]).sum())
+        sup = topk_support(zs.double(), x["ids"][rows], x["lp"][rows].double(), V)
+        total["topk"] += float(divergence("jsd", *sup, beta=BETA).sum())
+        zs16 = x["hs"][rows] @ x["ws"].T  # (C, V) bf16, as a CPU bf16 matmul returns them
+        total["bf16_logits"] += float(jsd64(zs16, x["ht"][rows] @ x["wt"].T).sum())
+    return {k: v / n for k, v in total.items()}
 
 
-def paired(n: int, rounds: int, chunk: int) -> dict[str, object]:
-    """Liger, distill and distill with exact logits alternating in one process (hidden group)."""
-    names = ("liger", "distill", "distill_exact")
-    steps = {name: step_fn(name, "hidden", inputs(n, "hidden"), chunk) for name in names}
-    for step in steps.values():
-        step()  # warm-up: compilation, first-touch allocations
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+PAIRED = {"hidden": ("liger", "distill", "distill_exact"), "logits": ("naive", "trl", "distill")}
+
+
+def paired(group: str, n: int, rounds: int, chunk: int) -> dict[str, object]:
+    """One group's contestants alternating step by step in one process, on the same inputs.
+
+    The order rotates every round (round r starts with contestant r mod k), so no contestant
+    always runs first after the others (cache, allocator and frequency effects).
+    """
+    names = PAIRED[group]
+    x = inputs(n, group)
+    steps = {name: step_fn(name, group, x, chunk) for name in names}
+    loss = {name: step() for name, step in steps.items()}  # warm-up: compilation, first touches
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            step()
+            loss[name] = steps[name]()
             times[name].append(time.perf_counter() - start)
 
-    def ratio(name: str) -> float:
-        return statistics.median(lg / d for lg, d in zip(times["liger"], times[name], strict=True))
+    def ratio(slow: str, fast: str) -> float:  # median over rounds of the per-round ratio
+        return statistics.median(a / b for a, b in zip(times[slow], times[fast], strict=True))
 
+    pairs = [(names[0], name) for name in names[1:]]
+    if group == "logits":
+        pairs.append(("trl", "distill"))
     return {
         "median_s": {name: statistics.median(t) for name, t in times.items()},
-        "speed_ratio_vs_liger": ratio("distill"),
-        "speed_ratio_vs_liger_exact_logits": ratio("distill_exact"),
+        "loss": loss,
+        "ratios": {f"{a}_over_{b}": ratio(a, b) for a, b in pairs},
         "times": times,
     }
 
@@ -210,7 +242,7 @@ def run_one(name: str, group: str, n: int, steps: int, chunk: int) -> dict[str, 
     if name == "reference":
         return {"reference": reference(n), "peak_rss_gb": _rss_gb()}
     if name == "paired":
-        return paired(n, steps, chunk)
+        return paired(group, n, steps, chunk)
     step = step_fn(name, group, inputs(n, group), chunk)
     loss = step()  # warm-up: compilation, first-touch allocations
     times = []
@@ -249,6 +281,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="distill's chunk size (rows)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the paired Liger run")
     parser.add_argument(
+        "--logits-rounds", type=int, default=3, help="rounds of the paired naive/TRL run"
+    )
+    parser.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads, every process"
     )
     args = parser.parse_args()
@@ -278,12 +313,14 @@ def main() -> None:
                 rows[(group, name, n)] = child(name, group, n, steps, args.chunk, args.threads)
                 console.print(f"[dim]  {rows[(group, name, n)]}[/dim]")
     ref = child("reference", "hidden", 2048, 0, args.chunk, args.threads)["reference"]
-    assert isinstance(ref, dict)
-    console.print(
-        f"[dim]running paired liger/distill/distill_exact N=2048, {args.rounds} rounds[/dim]"
-    )
-    pair = child("paired", "hidden", 2048, args.rounds, args.chunk, args.threads)
-    console.print(f"[dim]  {pair}[/dim]")
+    assert isinstance(ref, dict), ref
+    pair: dict[str, dict[str, Any]] = {}
+    for group, rounds in (("hidden", args.rounds), ("logits", args.logits_rounds)):
+        console.print(
+            f"[dim]running paired {'/'.join(PAIRED[group])} N=2048, {rounds} rounds[/dim]"
+        )
+        pair[group] = child("paired", group, 2048, rounds, args.chunk, args.threads)
+        console.print(f"[dim]  {pair[group]}[/dim]")
 
     table = Table(title=f"JSD(β={BETA}) forward+backward, V={V:,}, H={H:,}, bf16 matmuls")
     for col in ("group", "contestant", "N", "peak RSS GB", "median step s", "loss"):
@@ -295,7 +332,7 @@ def main() -> None:
         rss, sec, loss = r["peak_rss_gb"], r["median_s"], r["loss"]
         table.add_row(group, name, str(n), f"{rss:.2f}", f"{sec:.2f}", f"{loss:.6f}")
     console.print(table)
-    console.print(f"reference JSD at N=2048: {ref}")
+    console.print(f"references (fp64) at N=2048: {ref}")
     from losses.logits import matmul_out_dtype
 
     logits_dtype = matmul_out_dtype(torch.zeros(1, dtype=torch.bfloat16))
@@ -306,37 +343,68 @@ def main() -> None:
             return None
         return round(float(a[key]) / float(b[key]), 3)  # type: ignore[arg-type]
 
-    distill = rows[("hidden", "distill", 2048)]
-    loss = float(distill["loss"])  # type: ignore[arg-type]
-    exact = rows.get(("hidden", "distill_exact", 2048), {})
-    exact_loss = float(exact["loss"]) if "loss" in exact else None  # type: ignore[arg-type]
+    def err(loss: object, reference: float) -> float | None:
+        return abs(float(loss) - reference) / reference if isinstance(loss, float) else None
+
+    # Each contestant: its paired median step time next to its error against the fp64 reference
+    # of its own group (hidden: fp32-matmul logits; logits: the given bf16 teacher logits).
+    contestants: dict[str, dict[str, dict[str, float | None]]] = {}
+    for group in PAIRED:
+        p = pair[group]
+        if "error" in p:
+            contestants[group] = {"error": p["error"]}  # type: ignore[dict-item]
+            continue
+        refs = ref["fp32"] if group == "hidden" else ref["logits"]
+        contestants[group] = {
+            name: {"step_s": round(p["median_s"][name], 3), "rel_err": err(p["loss"][name], refs)}
+            for name in PAIRED[group]
+        }
+    contestants["topk"] = {
+        name: {"step_s": _round(r.get("median_s")), "rel_err": err(r.get("loss"), ref["topk"])}
+        for name in CONTESTANTS["topk"]
+        if (r := rows.get(("topk", name, 2048), {}))
+    }  # separate processes: nothing from another library to pair with
+    hidden, logits = pair["hidden"].get("ratios", {}), pair["logits"].get("ratios", {})
+    configs = {  # one configuration per claim: its speed against Liger and its own error
+        "bf16_logits": (hidden.get("liger_over_distill"), contestants["hidden"]["distill"]),
+        "exact_logits": (
+            hidden.get("liger_over_distill_exact"),
+            contestants["hidden"]["distill_exact"],
+        ),
+    }
     flat = [float(rows[("hidden", "distill", n)]["peak_rss_gb"]) for n in sizes  # type: ignore[arg-type]
             if "peak_rss_gb" in rows[("hidden", "distill", n)]]  # fmt: skip
     summary = {
         "n": 2048,
-        "mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb"),
-        "speed_ratio_vs_naive": ratio("hidden", "naive", "median_s"),
-        "speed_ratio_vs_liger": _round(pair.get("speed_ratio_vs_liger")),
-        "speed_ratio_vs_liger_separate_processes": ratio("hidden", "liger", "median_s"),
-        "speed_ratio_vs_liger_exact_logits": _round(pair.get("speed_ratio_vs_liger_exact_logits")),
         "threads": args.threads,
         "matmul_out": "fp32" if logits_dtype == torch.float32 else "bf16",
-        "rel_err_vs_fp32": abs(loss - ref["fp32"]) / ref["fp32"],
-        "rel_err_vs_fp32_same_bf16_logits": abs(loss - ref["bf16_logits"]) / ref["bf16_logits"],
-        "rel_err_vs_fp32_exact_logits": (
-            abs(exact_loss - ref["fp32"]) / ref["fp32"] if exact_loss is not None else None
-        ),
+        "vs_liger": {
+            name: {
+                "speed_ratio": _round(speed),
+                "rel_err": c["rel_err"],
+                "goal_met": bool(
+                    speed and c["rel_err"] is not None and speed >= 1.3 and c["rel_err"] <= 1e-5
+                ),
+            }
+            for name, (speed, c) in configs.items()
+        },  # fmt: skip
+        "contestants": contestants,
+        "logits_speed_ratio_vs_naive": _round(logits.get("naive_over_distill")),
+        "logits_speed_ratio_vs_trl": _round(logits.get("trl_over_distill")),
+        "speed_ratio_vs_naive_separate_processes": ratio("hidden", "naive", "median_s"),
+        "speed_ratio_vs_liger_separate_processes": ratio("hidden", "liger", "median_s"),
+        "mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb"),
         "exact_logits_mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb", "distill_exact"),
         "mem_spread_1024_8192": round(max(flat) / min(flat) - 1, 4) if len(flat) > 1 else None,
         "logits_mem_ratio_vs_naive": ratio("logits", "naive", "peak_rss_gb"),
-        "logits_speed_ratio_vs_naive": ratio("logits", "naive", "median_s"),
-        "logits_speed_ratio_vs_trl": ratio("logits", "trl", "median_s"),
         "logits_mem_ratio_vs_trl": ratio("logits", "trl", "peak_rss_gb"),
         "topk_mem_ratio_vs_naive": ratio("topk", "naive", "peak_rss_gb"),
-        "topk_speed_ratio_vs_naive": ratio("topk", "naive", "median_s"),
-        "distill_peak_rss_gb": distill["peak_rss_gb"],
-        "distill_step_s": distill["median_s"],
-        "paired_median_s": pair.get("median_s"),
+        "topk_speed_ratio_vs_naive_separate_processes": ratio("topk", "naive", "median_s"),
+        "rel_err_vs_fp32_same_bf16_logits": err(
+            rows[("hidden", "distill", 2048)].get("loss"), ref["bf16_logits"]
+        ),
+        "distill_peak_rss_gb": rows[("hidden", "distill", 2048)].get("peak_rss_gb"),
+        "reference": ref,
     }
     print(json.dumps(summary))
 

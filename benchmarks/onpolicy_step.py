@@ -1,18 +1,44 @@
-"""On-policy distillation step throughput: `distill onpolicy`'s loop vs TRL 1.16's GKDTrainer.
+"""On-policy distillation step at Qwen3-0.6B size: `distill onpolicy` vs TRL's DistillationTrainer.
 
-    python benchmarks/onpolicy_step.py                       # tiny Qwen3 pair built here, CPU
-    python benchmarks/onpolicy_step.py --prompts 8 --g 2 --max-tokens 64 --steps 8 --threads 1
+    pip install -e ".[bench]"                 # trl>=1.16 (stable trl.DistillationTrainer)
+    flock /tmp/distill-heavy.lock python benchmarks/onpolicy_step.py          # ~12 GiB, ~10 min CPU
+    python benchmarks/onpolicy_step.py --teacher-layers 28 --max-tokens 128   # a GPU-sized run
 
-Same tiny teacher (4 layers) and student (2 layers), same prompts (thinking-mode chat prompts of
-the embedded task), same G (TRL: each prompt repeated G times in the batch), same response length
-(random-init models never emit eos, so every response is exactly --max-tokens long), same batch,
-same sampling (T=1, no top-k/top-p), same learning rate, one optimizer step per batch, CPU. TRL
-runs GKD with lmbda=1 (always on-policy) and beta=1 (reverse KL over the full vocabulary);
-distill runs reverse KL on the teacher's top-k + tail support (--top-k) with the HF sampler.
+Models (random init, built here, saved once, loaded by every side): the student has Qwen3-0.6B's
+configuration (28 layers, hidden 1,024, 16/8 heads of 128, tied 151,936-row head); the teacher has
+Qwen3-1.7B's width (hidden 2,048, MLP 6,144, 16/8 heads of 128, tied head) with --teacher-layers
+of its 28 layers (the default 6 keeps a CPU run within ~14 GiB beside the trained student). The
+tokenizer is the embedded BPE widened with unreachable ids to Qwen3's 151,669 (so the softmax and
+sampling run over Qwen3's vocabulary; the 267 extra head rows are padding, as in Qwen3).
 
-Each side runs in its own process (so peak RSS is its own: `ru_maxrss`, imports included); the
-first step is a warm-up and not timed. tokens/s = sampled response tokens / timed wall-clock of
-the steps (sample + score + train + bookkeeping). The last line is JSON.
+Both tools get the same prompts (thinking-mode chat prompts of the embedded task, rendered by
+distill and handed to TRL as the same text), batch (--prompts x --g sequences per step, one
+optimizer step each), sampled length (random-init models never emit eos: every response is
+exactly --max-tokens long), sampling (T=1, no top-k/top-p), fp32, AdamW (torch, lr 1e-5, betas
+0.9/0.95, no weight decay), grad clip 1.0, constant lr. Objective: TRL `beta=1` (reverse KL over
+the teacher's and student's full 151,936-row heads, chunked); distill `--divergence reverse_kl` on
+the teacher's top-k plus one tail bucket, once at its default --top-k and once at --top-k-max
+(default 151,669, every real id: the dense objective over the real ids, with the teacher's
+padded-row mass in its tail; the HF teacher serves up to its head width, 151,936, but the loop's
+top-k overlap diagnostic fails for K above the tokenizer's length). A separate `gap` process
+measures, on one sampled batch, how far each top-k objective is from the full-vocabulary
+reverse KL (mean nats per token, fp64).
+
+Per phase, same method on both sides (wall-clock of the timed steps; the first step is warm-up):
+- sample: the student's generation (distill `HFSampler.generate`, TRL `_generate`);
+- teacher: the teacher's forward (distill `HFTeacher.score`: backbone + head + top-k; TRL: the
+  teacher backbone; its head runs inside TRL's chunked loss, so it is counted in `loss_backward`);
+- optimizer: `torch.optim.AdamW.step`;
+- loss_backward: the rest of the step (student forward, loss, backward, grad clip, bookkeeping).
+tokens/s = sampled response tokens / timed step seconds; every phase is also given in CPU
+seconds of the process (`time.process_time`, all threads), and tokens per CPU second: on a
+shared machine the wall-clock of two processes run one after the other sees different loads,
+while CPU time counts only the work done (memory-bandwidth contention still shows).
+Memory: peak RSS (`ru_maxrss`, read at the end of the last step) above the RSS right after
+imports (`peak_above_import_gib`: models, gradients, optimizer state and the step), and above
+the RSS when the first step starts (`step_peak_gib`: what the step itself adds: gradients,
+AdamW state, activations). Each side runs in its own process, one after another (never
+together). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -25,120 +51,291 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 # Python puts this script's folder first on sys.path, where benchmarks/losses.py would shadow the
 # `losses` package: drop it so project imports resolve to the installed packages.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+VOCAB, VOCAB_ROWS = 151_669, 151_936  # Qwen3: tokenizer ids, head rows
+LR = 1e-5
+PHASES = ("sample", "teacher", "loss_backward", "optimizer", "total")
+SIDES = ("build", "gap", "distill", "distill_max", "trl")
 
-def build_pair(root: Path) -> None:
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def wide_tokenizer():  # noqa: ANN201  (PreTrainedTokenizerFast)
+    """The embedded BPE tokenizer with unreachable ids appended up to Qwen3's 151,669."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
     from distill.tasks import corpus
-    from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3, train_tokenizer
+    from students.tiny import QWEN3_CHAT_TEMPLATE, train_tokenizer
 
-    tok = train_tokenizer(corpus(400, seed=0), vocab_size=500)
-    save_pretrained(tiny_qwen3(TINY_SHAPES["tiny-teacher"], tok, seed=1), tok, root / "teacher")
-    save_pretrained(tiny_qwen3(TINY_SHAPES["tiny-student"], tok, seed=2), tok, root / "student")
+    spec = json.loads(train_tokenizer(corpus(400, seed=0), 500).backend_tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    added = spec["added_tokens"]
+    base, first_added = len(vocab), VOCAB - len(added)
+    n = 0
+    while len(vocab) < first_added:  # plain letters: valid byte-level strings BPE never builds
+        name = f"zq{n}x"
+        n += 1
+        if name not in vocab:
+            vocab[name] = len(vocab)
+    assert base <= min(a["id"] for a in added), "special tokens sit after the BPE vocabulary"
+    for i, a in enumerate(added):  # specials at the top, as Qwen3 places them
+        a["id"] = first_added + i
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=QWEN3_CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    assert len(tok) == VOCAB, len(tok)
+    return tok
 
 
-def run_distill(args: argparse.Namespace, root: Path) -> dict[str, float]:
+def build_pair(args: argparse.Namespace, root: Path) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = wide_tokenizer()
+    special = {"eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    shapes = {
+        "student": dict(
+            hidden_size=1024, intermediate_size=3072, num_hidden_layers=args.student_layers
+        ),
+        "teacher": dict(
+            hidden_size=2048, intermediate_size=6144, num_hidden_layers=args.teacher_layers
+        ),
+    }
+    for seed, (name, shape) in enumerate(shapes.items(), start=1):
+        config = Qwen3Config(
+            vocab_size=VOCAB_ROWS, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+            tie_word_embeddings=True, max_position_embeddings=4096, bos_token_id=None,
+            **shape, **special,
+        )  # fmt: skip
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config).float()
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.save_pretrained(root / name, safe_serialization=True)
+        tok.save_pretrained(root / name)
+        del model
+
+
+class Phases:
+    """Per-step wall-clock by phase, filled by wrappers around the calls that do the work."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.current: dict[str, float] = {}
+        self.step_start_rss = 0.0
+        self.peak = 0.0
+        self.prompt_tokens: list[int] = []
+
+    def begin(self) -> None:
+        if not self.steps and not self.current:
+            self.step_start_rss = rss_gib()
+        self.current = {f"{p}{c}": 0.0 for p in PHASES for c in ("", "_cpu")} | {"tokens": 0.0}
+        self.current["t0"], self.current["c0"] = time.perf_counter(), time.process_time()
+
+    def end(self) -> None:
+        c = self.current
+        c["total"] = time.perf_counter() - c.pop("t0")
+        c["total_cpu"] = time.process_time() - c.pop("c0")
+        for suffix in ("", "_cpu"):
+            parts = sum(c[f"{p}{suffix}"] for p in ("sample", "teacher", "optimizer"))
+            c[f"loss_backward{suffix}"] = c[f"total{suffix}"] - parts
+        self.steps.append(c)
+        self.peak = peak_gib()  # before anything after the step (distill saves a checkpoint)
+
+    def timed(self, key: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn(*a, **k)
+            self.current[key] += time.perf_counter() - t0
+            self.current[f"{key}_cpu"] += time.process_time() - c0
+            return out
+
+        return wrapper
+
+    def result(self, import_rss: float) -> dict[str, Any]:
+        timed = self.steps[1:]  # the first step is warm-up
+        seconds = sum(s["total"] for s in timed)
+        cpu_seconds = sum(s["total_cpu"] for s in timed)
+        tokens = sum(s["tokens"] for s in timed)
+
+        def mean(key: str) -> float:
+            return round(sum(s[key] for s in timed) / len(timed), 3)
+
+        return {
+            "steps": len(timed),
+            "seconds": seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
+            "tokens_per_cpu_s": tokens / cpu_seconds,
+            "phase_s": {p: mean(p) for p in PHASES},
+            "phase_cpu_s": {p: mean(f"{p}_cpu") for p in PHASES},
+            "prompt_tokens_mean": sum(self.prompt_tokens) / max(len(self.prompt_tokens), 1),
+            "peak_above_import_gib": round(self.peak - import_rss, 3),
+            "step_peak_gib": round(self.peak - self.step_start_rss, 3),
+        }
+
+
+def patch_optimizer(phases: Phases) -> None:
+    import torch
+
+    torch.optim.AdamW.step = phases.timed("optimizer", torch.optim.AdamW.step)  # type: ignore[method-assign]
+
+
+def prompt_set(args: argparse.Namespace) -> list[Any]:
+    from distill.prompts import embedded_prompts
+
+    return embedded_prompts(args.prompts * args.steps, 0, "train")
+
+
+def rendered(args: argparse.Namespace, tok: Any) -> list[list[int]]:
+    """Token ids of the thinking-mode prompts, as distill's loop renders them."""
+    from teachers.chat import render_prompt
+
+    return [render_prompt(tok, p.messages, "think") for p in prompt_set(args)]
+
+
+def run_distill(args: argparse.Namespace, root: Path, phases: Phases) -> None:
     from distill.accounting import GpuLedger
     from distill.onpolicy import train as onpolicy
-    from distill.prompts import embedded_prompts
+    from students.sample import HFSampler
     from teachers.hf import HFTeacher
     from teachers.protocol import SamplingParams
 
-    pure = SamplingParams(temperature=1.0)  # T=1, no filters: what GKD samples with
+    generate, score = HFSampler.generate, HFTeacher.score
+
+    def sample(self: HFSampler, prompts: Any, params: Any) -> Any:
+        phases.begin()  # sampling opens each step of the loop (after the weight sync, a no-op)
+        phases.prompt_tokens += [len(p) for p in prompts]
+        gens = phases.timed("sample", generate)(self, prompts, params)
+        phases.current["tokens"] += sum(len(g.token_ids) for g in gens)
+        return gens
+
+    HFSampler.generate = sample  # type: ignore[method-assign]
+    HFTeacher.score = phases.timed("teacher", score)  # type: ignore[method-assign]
     config = onpolicy.Config(
-        run_dir=root / "distill_run",
-        student=str(root / "student"),
-        steps=args.steps,
-        prompts_per_step=args.prompts,
-        samples_per_prompt=args.g,
-        micro_batch_size=args.prompts * args.g,
-        modes=("think",),
-        max_tokens=args.max_tokens,
-        top_k=args.top_k,
-        divergence="reverse_kl",
-        sampler="hf",
-        lr=5e-4,
-        warmup_steps=0,
-        save_every=10**9,
-        think_sampling=pure,
-    )
-    steps: list[dict[str, float]] = []
-    prompts = embedded_prompts(args.prompts * args.steps, 0, "train")
+        run_dir=root / f"distill_k{args.top_k}", student=str(root / "student"), steps=args.steps,
+        prompts_per_step=args.prompts, samples_per_prompt=args.g,
+        micro_batch_size=args.prompts * args.g, modes=("think",), max_tokens=args.max_tokens,
+        top_k=args.top_k, divergence="reverse_kl", sampler="hf", lr=LR, warmup_steps=0,
+        min_lr_ratio=1.0, grad_clip=1.0, dtype="float32", save_every=10**9,
+        think_sampling=SamplingParams(temperature=1.0),
+    )  # fmt: skip
+    prompts = prompt_set(args)
     teacher = HFTeacher.from_pretrained(root / "teacher")
-    onpolicy.train(config, teacher, prompts, GpuLedger(), lambda *a: steps.append(dict(a[3])))
-    timed = steps[1:]
-    seconds = sum(m["step_seconds"] for m in timed)
-    tokens = sum(m["response_len_think"] * args.prompts * args.g for m in timed)
-    return {"seconds": seconds, "tokens": tokens, "steps": len(timed)}
+    # The loop logs each step after its optimizer step: that closes the step.
+    onpolicy.train(config, teacher, prompts, GpuLedger(), lambda *a: phases.end())
 
 
-def run_trl(args: argparse.Namespace, root: Path) -> dict[str, float]:
+def run_trl(args: argparse.Namespace, root: Path, phases: Phases) -> None:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
+    from trl import DistillationConfig, DistillationTrainer
 
-    from distill.prompts import embedded_prompts
-
-    tok = AutoTokenizer.from_pretrained(root / "student")
-    rows = [
-        {"messages": [*p.messages, {"role": "assistant", "content": str(p.answer)}]}
-        for p in embedded_prompts(args.prompts * args.steps, 0, "train")
-        for _ in range(args.g)  # G samples of a prompt: the prompt G times in one batch
-    ]
-    config = GKDConfig(
-        output_dir=str(root / "trl_run"),
-        per_device_train_batch_size=args.prompts * args.g,
-        gradient_accumulation_steps=1,
-        max_steps=args.steps,
-        learning_rate=5e-4,
-        lmbda=1.0,
-        beta=1.0,
-        temperature=1.0,
-        max_new_tokens=args.max_tokens,
-        max_length=4096,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    marks: list[float] = []
-    tokens: list[int] = []
+    tok = AutoTokenizer.from_pretrained(root / "student", padding_side="left")
+    ids = rendered(args, tok)
+    texts = [tok.decode(i) for i in ids]
+    assert [tok(t)["input_ids"] for t in texts] == ids, "prompt text does not round-trip"
+    rows = [{"prompt": t} for t in texts for _ in range(args.g)]  # G samples: prompt G times
+    config = DistillationConfig(
+        output_dir=str(root / "trl_run"), per_device_train_batch_size=args.prompts * args.g,
+        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LR,
+        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta2=0.95,
+        weight_decay=0.0, max_grad_norm=1.0, beta=1.0, temperature=1.0, top_p=1.0, top_k=0,
+        max_completion_length=args.max_tokens, logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, shuffle_dataset=False,
+    )  # fmt: skip
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a: object, **k: object) -> None:
-            marks.append(time.perf_counter())
+            phases.begin()
 
         def on_step_end(self, *a: object, **k: object) -> None:
-            marks.append(time.perf_counter())
+            phases.end()
 
-    trainer = GKDTrainer(
-        model=AutoModelForCausalLM.from_pretrained(root / "student"),
-        teacher_model=AutoModelForCausalLM.from_pretrained(root / "teacher"),
-        args=config,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tok,
-        callbacks=[Clock()],
-    )
-    generate = trainer.generate_on_policy_outputs
+    student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
+        processing_class=tok, callbacks=[Clock()],
+    )  # fmt: skip
+    generate, hidden = trainer._generate, trainer._get_last_hidden_state
 
-    def counted(model: object, inputs: dict[str, object], generation_config: object) -> object:
-        ids, attention, labels = generate(model, inputs, generation_config)
-        tokens.append(int((labels != -100).sum()))  # generated response tokens (up to eos)
-        return ids, attention, labels
+    def sample(prompts: list[Any]) -> Any:
+        out = phases.timed("sample", generate)(prompts)
+        phases.prompt_tokens += [len(p) for p in out[0]]
+        phases.current["tokens"] += sum(len(c) for c in out[1])
+        return out
 
-    trainer.generate_on_policy_outputs = counted  # type: ignore[method-assign]
+    def last_hidden(model: Any, *a: Any, **k: Any) -> Any:
+        if model is not teacher:
+            return hidden(model, *a, **k)
+        return phases.timed("teacher", hidden)(model, *a, **k)
+
+    trainer._generate = sample  # type: ignore[method-assign]
+    trainer._get_last_hidden_state = last_hidden  # type: ignore[method-assign]
     trainer.train()
-    # Steps run back to back: step i is timed from its begin to the next step's begin.
-    begins = marks[0::2]
-    ends = marks[1::2]
-    seconds = sum(e - b for b, e in zip(begins[1:], ends[1:], strict=True))
-    return {"seconds": seconds, "tokens": float(sum(tokens[1:])), "steps": len(begins) - 1}
+
+
+def run_gap(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Reverse KL per token on one sampled batch: full 151,936 rows vs distill's objectives."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from losses import divergence, topk_support
+    from students.sample import sample
+    from teachers.protocol import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(root / "student")
+    student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32).eval()
+    ids = rendered(args, tok)
+    ids = ids[: args.prompts]
+    params = SamplingParams(temperature=1.0, max_tokens=args.max_tokens)
+    gens = sample(student, ids, params, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                  vocab_size=VOCAB)  # fmt: skip
+    out: dict[str, list[float]] = {"full_rows": [], "real_ids": []}
+    out |= {f"top{k}_tail": [] for k in (args.top_k, args.top_k_max)}
+    mass: list[float] = []
+    with torch.no_grad():
+        for p, g in zip(ids, gens, strict=True):
+            seq = torch.tensor([[*p, *g.token_ids.tolist()]])
+            n = len(g.token_ids)
+            zs = student(seq).logits[0, len(p) - 1 : len(p) - 1 + n].double()  # (L, V_rows)
+            zt = teacher(seq).logits[0, len(p) - 1 : len(p) - 1 + n].double()
+            for key, width in (("full_rows", VOCAB_ROWS), ("real_ids", VOCAB)):
+                ls, lt = zs[:, :width].log_softmax(-1), zt[:, :width].log_softmax(-1)
+                out[key] += divergence("reverse_kl", ls, lt).tolist()
+            lt = zt.log_softmax(-1)  # the teacher's top-k is normalised over its full head
+            for k in (args.top_k, args.top_k_max):
+                vals, top = lt.topk(min(k, VOCAB_ROWS), dim=-1)
+                ls, lk = topk_support(zs, top, vals, VOCAB)
+                out[f"top{k}_tail"] += divergence("reverse_kl", ls, lk).tolist()
+                if k == args.top_k:
+                    mass += vals.exp().sum(-1).tolist()
+    means = {k: sum(v) / len(v) for k, v in out.items()}
+    return {
+        "reverse_kl_per_token": means,
+        "teacher_mass_in_default_topk": sum(mass) / len(mass),
+        "tokens": len(mass),
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -147,55 +344,94 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     root = Path(args.root)
-    result = run_distill(args, root) if args.side == "distill" else run_trl(args, root)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(result))
+    if args.side == "build":
+        return build_pair(args, root)
+    if args.side == "gap":
+        print(json.dumps(run_gap(args, root)))
+        return
+    if args.side == "trl":  # imports first: the memory baseline is taken after them
+        import trl  # noqa: F401
+    else:
+        import distill.onpolicy.train  # noqa: F401
+    import_rss = rss_gib()
+    phases = Phases()
+    patch_optimizer(phases)
+    (run_trl if args.side == "trl" else run_distill)(args, root, phases)
+    print(json.dumps(phases.result(import_rss)))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per step")
-    parser.add_argument("--g", type=int, default=2, help="samples per prompt")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="steps per side; the first is warm-up")
-    parser.add_argument("--top-k", type=int, default=16, help="distill's teacher top-k")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
-    parser.add_argument("--side", choices=["distill", "trl"], help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    parser.add_argument("--g", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=32, help="sampled tokens per sequence")
+    parser.add_argument("--steps", type=int, default=3, help="steps per side; the first is warm-up")
+    parser.add_argument("--top-k", type=int, default=16, help="distill's default --top-k")
+    parser.add_argument("--top-k-max", type=int, default=VOCAB, help="distill's largest")
+    parser.add_argument("--teacher-layers", type=int, default=6, help="of Qwen3-1.7B's 28")
+    parser.add_argument("--student-layers", type=int, default=28, help="28: Qwen3-0.6B")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, every side")
+    parser.add_argument("--models", help="keep the built models here and reuse them (same shapes)")
+    parser.add_argument("--skip-gap", action="store_true", help="leave out the objective gap")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        child(args)
-        return
+        return child(args)
     from rich.console import Console
     from rich.table import Table
 
-    with tempfile.TemporaryDirectory() as tmp:
-        build_pair(Path(tmp))
-        results = {}
-        for side in ("distill", "trl"):
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--side", side, "--root", tmp]
+    console = Console(stderr=True)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.models or scratch
+        built = args.models and (Path(tmp) / "teacher" / "config.json").exists()
+        skip = {"build"} if built else set()
+        skip |= {"gap"} if args.skip_gap else set()
+        for name in [s for s in SIDES if s not in skip]:
+            side = "distill" if name.startswith("distill") else name
+            extra = ["--top-k", str(args.top_k_max)] if name == "distill_max" else []
+            cmd = [sys.executable, __file__, *sys.argv[1:], *extra, "--side", side, "--root", tmp]
+            console.print(f"[dim]running {name}[/dim]")
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
-            results[side] = json.loads(done.stdout.strip().splitlines()[-1])
-    d, t = results["distill"], results["trl"]
-    d_tps, t_tps = d["tokens"] / d["seconds"], t["tokens"] / t["seconds"]
-    table = Table(title=f"on-policy step, P={args.prompts} G={args.g} L={args.max_tokens}, CPU")
-    for col in ("", "steps/s", "tokens/s", "peak RSS MiB", "timed steps"):
-        table.add_column(col)
-    for name, r, tps in (("distill", d, d_tps), ("TRL GKD", t, t_tps)):
-        table.add_row(name, f"{r['steps'] / r['seconds']:.2f}", f"{tps:.0f}",
-                      f"{r['peak_rss_mib']:.0f}", str(r["steps"]))  # fmt: skip
-    Console(stderr=True).print(table)
-    print(json.dumps({
-        "speedup_vs_trl": d_tps / t_tps,
-        "distill_tokens_per_s": d_tps,
-        "trl_tokens_per_s": t_tps,
-        "distill_steps_per_s": d["steps"] / d["seconds"],
-        "trl_steps_per_s": t["steps"] / t["seconds"],
-        "distill_peak_rss_mib": d["peak_rss_mib"],
-        "trl_peak_rss_mib": t["peak_rss_mib"],
-    }))  # fmt: skip
+                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+            if name != "build":
+                results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                console.print(f"[dim]  {results[name]}[/dim]")
+    trl_run = results["trl"]
+    table = Table(title=f"on-policy step, Qwen3-0.6B student, P={args.prompts} G={args.g} "
+                  f"L={args.max_tokens}, CPU {args.threads} threads")  # fmt: skip
+    cols = ("", "tokens/s", "sample s", "teacher s", "loss+bwd s", "optim s", "step GiB")
+    for col in cols:
+        table.add_column(col, justify="right")
+    names = {"distill": f"distill K={args.top_k}", "distill_max": f"distill K={args.top_k_max}",
+             "trl": "TRL DistillationTrainer β=1"}  # fmt: skip
+    for key, label in names.items():
+        r, ph = results[key], results[key]["phase_s"]
+        table.add_row(label, f"{r['tokens_per_s']:.1f}", f"{ph['sample']:.2f}",
+                      f"{ph['teacher']:.2f}", f"{ph['loss_backward']:.2f}",
+                      f"{ph['optimizer']:.2f}", f"{r['step_peak_gib']:.2f}")  # fmt: skip
+    console.print(table)
+    summary: dict[str, Any] = {
+        "config": {"prompts": args.prompts, "g": args.g, "max_tokens": args.max_tokens,
+                   "timed_steps": args.steps - 1, "teacher_layers": args.teacher_layers,
+                   "threads": args.threads, "top_k": args.top_k, "top_k_max": args.top_k_max},
+        "speedup_vs_trl": round(results["distill"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
+        "cpu_speedup_vs_trl": round(
+            results["distill"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
+        "cpu_speedup_vs_trl_top_k_max": round(
+            results["distill_max"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
+        "speedup_vs_trl_top_k_max": round(
+            results["distill_max"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
+        "step_mem_ratio_trl_over_distill": round(
+            trl_run["step_peak_gib"] / results["distill"]["step_peak_gib"], 3),
+        "step_mem_ratio_trl_over_distill_top_k_max": round(
+            trl_run["step_peak_gib"] / results["distill_max"]["step_peak_gib"], 3),
+        "gap": results.get("gap"),
+        **{k: v for k, v in results.items() if k != "gap"},
+    }  # fmt: skip
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":
