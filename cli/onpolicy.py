@@ -24,13 +24,14 @@ from cli.resolve import (
     ModesOpt,
     PromptsOpt,
     RunDir,
+    TeacherGpusOpt,
     TeacherOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend, teacher_metrics
+from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
 from distill import adapters, pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
@@ -99,8 +100,10 @@ def onpolicy_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    teacher_gpus: TeacherGpusOpt = None,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
+    held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
     run_dir = prepare(run_dir)
     student_dir = student or str(run_dir / "offpolicy" / "checkpoint")
     teacher_path, student_path = resolve_models(teacher, student_dir)
@@ -156,7 +159,7 @@ def onpolicy_cmd(
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)
-    ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)
     with phase_progress() as bars:
         try:
             summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)

@@ -28,7 +28,11 @@ BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACK
 UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
 ModesOpt = Annotated[str, typer.Option(help="think, no_think, or both")]
 TeacherGpusOpt = Annotated[
-    int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
+    list[int] | None,
+    typer.Option(
+        help="GPUs each teacher server holds for the whole run: one value for every "
+        "--teacher-url, or one per URL in the same order (none: the teacher is in-process)"
+    ),
 ]
 
 
