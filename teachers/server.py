@@ -2,11 +2,13 @@
 
 Token ids in, token ids out: prompts are sent as id lists, scores come back as `prompt_logprobs`
 (JSON keys are stringified ids). Sequences are packed into requests of at most `batch_tokens`
-tokens, at most `concurrency` requests are in flight, each to the server with the fewest in
-flight. Where every server has the newest vLLM's `prompt_logprob_token_ids`, scoring goes to
-`/inference/v1/generate` instead, one sequence per request (teachers/scoring_route.py: what it
-buys, how it is detected). 5xx answers, dropped connections, timeouts and truncated bodies are
-retried; 4xx answers are the caller's mistake and raise at once, naming the fix.
+tokens (with several servers, into at least one request per server, so a batch is scored by all
+of them at once), at most `concurrency` requests are in flight, each to the server with the
+fewest in flight (in turn among equals). Where every server has the newest vLLM's
+`prompt_logprob_token_ids`, scoring goes to `/inference/v1/generate` instead, one sequence per
+request (teachers/scoring_route.py: what it buys, how it is detected). 5xx answers, dropped
+connections, timeouts and truncated bodies are retried; 4xx answers are the caller's mistake and
+raise at once, naming the fix.
 
 A fleet (several URLs serving one model): a server whose request failed is skipped for `down_s`
 while another is up, and the failed request (one in flight on a server that was just killed, say)
@@ -89,6 +91,7 @@ class ServerTeacher:
         self._max_top_k = max_top_k
         self._in_flight = dict.fromkeys(self.urls, 0)
         self._down_until = dict.fromkeys(self.urls, 0.0)  # time.monotonic() it may be used again
+        self._turn = 0  # requests sent: ties on load go to the servers in turn
         self._lock = threading.Lock()
         self.answered = dict.fromkeys(self.urls, 0)  # requests each server answered, in URL order
         self.bytes_received = 0  # response bytes, for the benchmark's payload figure
@@ -163,7 +166,9 @@ class ServerTeacher:
             self.name,
             fix="the server's --max-logprobs (and pass the same max_top_k here)",
         )
-        groups = pack(sequences, self.config.batch_tokens)
+        # A fleet scores one batch on all its servers: at least one request per server.
+        share = -(-sum(len(s) for s in sequences) // len(self.urls))  # ceil(tokens / servers)
+        groups = pack(sequences, max(1, min(self.config.batch_tokens, share)))
         if self.scoring_path == GENERATE:
             scores = self._score_one_by_one(sequences, prompt_lengths, top_k, len(groups))
             check_scores(scores, self.name)
@@ -288,7 +293,10 @@ class ServerTeacher:
             up = [u for u in self.urls if self._down_until[u] <= now]
             # Every server down: the one that comes back first (with one server: that one).
             pool = up or [min(self.urls, key=lambda u: self._down_until[u])]
-            url = min(pool, key=lambda u: self._in_flight[u])  # least loaded, first on ties
+            n = len(self.urls)
+            turn = {u: (i - self._turn) % n for i, u in enumerate(self.urls)}
+            url = min(pool, key=lambda u: (self._in_flight[u], turn[u]))  # least loaded
+            self._turn += 1
             self._in_flight[url] += 1
             return url
 
