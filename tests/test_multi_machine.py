@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,3 +120,29 @@ def test_two_machines_equal_one_machine_of_two_processes(
     assert w_one.keys() == w_two.keys()
     for key, w in w_two.items():
         assert (w - w_one[key]).abs().max() <= 1e-6, key
+
+
+def test_multi_machine_configs_and_scripts_parse() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    root = Path(__file__).parents[1]
+    for name, kind in (("multi_node_ddp.yaml", DistributedType.MULTI_GPU),
+                       ("multi_node_fsdp.yaml", DistributedType.FSDP)):  # fmt: skip
+        config = load_config_from_file(str(root / "configs" / "accelerate" / name))
+        assert config.distributed_type == kind
+        assert (config.num_machines, config.num_processes) == (2, 16)
+    for script in ("student.sh", "ssh.sh", "slurm.sbatch"):
+        subprocess.run(["bash", "-n", str(root / "scripts" / "scale-out" / script)], check=True)
+
+
+@pytest.mark.skipif(
+    shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None, reason="a GPU machine"
+)
+def test_student_script_without_gpus_asks_for_procs_per_machine() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PROCS_PER_MACHINE"}
+    env |= {"HEAD": "127.0.0.1", "MACHINE_RANK": "0", "PATH": "/usr/bin:/bin"}  # no nvidia-smi
+    done = subprocess.run(["bash", str(SCRIPT), "offpolicy"], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "error: no GPU found: set PROCS_PER_MACHINE (1 on a CPU machine)\n"

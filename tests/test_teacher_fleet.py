@@ -107,6 +107,10 @@ def test_requests_spread_over_the_fleet() -> None:
             "teacher_requests_0": float(a.received),
             "teacher_requests_1": float(b.received),
         }
+        before = dict(teacher.answered)
+        for p in prompts[:4]:  # one at a time: equally loaded servers take turns
+            teacher.generate([p], PARAMS)
+        assert [teacher.answered[u] - before[u] for u in (a.url, b.url)] == [2, 2]
     finally:
         for s in (a, b):
             s.shutdown()
