@@ -8,6 +8,7 @@ distill onpolicy --run-dir runs/x --lora-rank 16   # adapters only; vLLM gets me
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -165,7 +166,9 @@ def onpolicy_cmd(
             summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)
         finally:  # retries are worth seeing most when the run failed
             if faults := teacher_metrics(the_teacher):
-                append_metrics(run_dir, {"phase": "onpolicy.teacher", **faults})
+                # Under accelerate each process has its own client: one record per rank.
+                rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+                append_metrics(run_dir, {"phase": "onpolicy.teacher", "rank": rank, **faults})
     # Under `accelerate launch` rank 0 writes the job's ledger, the others their shards of it.
     ledger.save(run_dir / "ledger.json", rank=PartialState().process_index)
     m = summary.metrics
