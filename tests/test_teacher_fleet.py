@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -181,3 +182,20 @@ def test_teacher_gpus_that_do_not_match_the_urls_are_refused() -> None:
         teacher_devices([1, 2, 3], ["http://a:8000", "http://b:8000"])
     with pytest.raises(TeacherError, match="negative"):
         teacher_devices([-1], ["http://a:8000"])
+
+
+@pytest.mark.parametrize("command", ["onpolicy", "generate"])
+def test_mismatched_teacher_gpus_exit_2_before_anything_is_written(
+    command: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    fleet = ["--teacher-backend", "server", "--teacher-url", "http://127.0.0.1:9",
+             "--teacher-url", "http://127.0.0.1:10", "--teacher-gpus", "1", "--teacher-gpus", "2",
+             "--teacher-gpus", "3"]  # fmt: skip
+    result = CliRunner().invoke(app, [command, "--run-dir", str(tmp_path / "run"), *fleet])
+    assert result.exit_code == 2, result.output
+    assert "3 --teacher-gpus for 2 --teacher-url" in result.output
+    assert not (tmp_path / "run").exists()
