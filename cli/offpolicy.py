@@ -30,12 +30,13 @@ from cli.resolve import (
     RunDir,
     SoftSwitchOpt,
     StudentOpt,
+    TeacherGpusOpt,
     TeacherOpt,
     UrlOpt,
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend, teacher_metrics
+from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
 from distill import adapters
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
@@ -140,8 +141,10 @@ def generate(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    teacher_gpus: TeacherGpusOpt = None,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
+    held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
     run_dir = prepare(run_dir)
     teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
     config = gen.Config(
@@ -191,7 +194,7 @@ def generate(
         trust_remote_code=trust_remote_code,
     )
     record_config(run_dir, "generate", config, force=force)
-    ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)
     with phase_progress() as bars:
         try:
             summary = gen.generate(config, the_teacher, tok, rows, ledger, bars.step, force=force)

@@ -8,6 +8,7 @@ distill onpolicy --run-dir runs/x --lora-rank 16   # adapters only; vLLM gets me
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,13 +26,14 @@ from cli.resolve import (
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
+    TeacherGpusOpt,
     TeacherOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend, teacher_metrics
+from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
 from distill import adapters, pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
@@ -102,8 +104,10 @@ def onpolicy_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    teacher_gpus: TeacherGpusOpt = None,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
+    held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
     run_dir = prepare(run_dir)
     student_dir = student or str(run_dir / "offpolicy" / "checkpoint")
     teacher_path, student_path = resolve_models(teacher, student_dir)
@@ -165,13 +169,15 @@ def onpolicy_cmd(
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)
-    ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
+    ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)
     with phase_progress() as bars:
         try:
             summary = onpolicy.train(config, the_teacher, train_prompts, ledger, bars.log)
         finally:  # retries are worth seeing most when the run failed
             if faults := teacher_metrics(the_teacher):
-                append_metrics(run_dir, {"phase": "onpolicy.teacher", **faults})
+                # Under accelerate each process has its own client: one record per rank.
+                rank = int(os.environ.get("RANK", "0"))  # set by torchrun
+                append_metrics(run_dir, {"phase": "onpolicy.teacher", "rank": rank, **faults})
     # Under `accelerate launch` rank 0 writes the job's ledger, the others their shards of it.
     ledger.save(run_dir / "ledger.json", rank=PartialState().process_index)
     m = summary.metrics

@@ -38,7 +38,11 @@ SoftSwitchOpt = Annotated[
     bool, typer.Option(help="switch modes by /think, /no_think in the user turn")
 ]
 TeacherGpusOpt = Annotated[
-    int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
+    list[int] | None,
+    typer.Option(
+        help="GPUs each teacher server holds for the whole run: one value for every "
+        "--teacher-url, or one per URL in the same order (none: the teacher is in-process)"
+    ),
 ]
 
 

@@ -32,7 +32,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
-from cli.teacher import make_teacher, parse_backend
+from cli.teacher import make_teacher, parse_backend, teacher_devices
 from distill import adapters, evaluate, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
@@ -71,7 +71,7 @@ def run(
     ] = onpolicy.Config.divergence,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
-    teacher_gpus: TeacherGpusOpt = 0,
+    teacher_gpus: TeacherGpusOpt = None,
     seed: int = 0,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
@@ -158,6 +158,6 @@ def run(
             log=bars.log,
             progress=bars.step,
             announce=lambda s: console.print(f"[bold cyan]>[/] {s}"),
-            teacher_devices=teacher_gpus,
+            teacher_devices=teacher_devices(teacher_gpus, teacher_url) or 0,
         )
     render_run(run_dir)

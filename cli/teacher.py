@@ -58,13 +58,41 @@ def make_teacher(
 
 
 def teacher_metrics(teacher: Teacher) -> dict[str, float]:
-    """Retried request failures of a server teacher by kind, for metrics.jsonl ({} otherwise)."""
+    """Retried request failures of a server teacher by kind, for metrics.jsonl ({} otherwise);
+    with several servers also the requests each answered (`teacher_requests_<i>`, i in
+    --teacher-url order)."""
     faults = getattr(teacher, "faults", None)
     if not isinstance(faults, dict):
         return {}
-    return {"teacher_retries": float(sum(faults.values()))} | {
-        f"teacher_retries_{kind}": float(n) for kind, n in sorted(faults.items())
-    }
+    answered = getattr(teacher, "answered", None)
+    fleet = answered if isinstance(answered, dict) and len(answered) > 1 else {}
+    spread = {f"teacher_requests_{i}": float(n) for i, n in enumerate(fleet.values())}
+    return (
+        {"teacher_retries": float(sum(faults.values()))}
+        | {f"teacher_retries_{kind}": float(n) for kind, n in sorted(faults.items())}
+        | spread
+    )
+
+
+def teacher_devices(gpus: Sequence[int] | None, urls: Sequence[str] | None) -> int | None:
+    """Devices the teacher side holds: the sum over servers of each one's declared GPUs.
+
+    One `--teacher-gpus N` declares N for every `--teacher-url` (N for a teacher without URLs);
+    several declare one value per URL, in order. None when nothing is declared.
+    """
+    if not gpus:
+        return None
+    gpus, n_urls = list(gpus), len(urls or [])
+    if any(g < 0 for g in gpus):
+        raise TeacherError(f"--teacher-gpus {min(gpus)} is negative: pass 0 or more GPUs")
+    if len(gpus) == 1:
+        return gpus[0] * max(1, n_urls)
+    if len(gpus) != n_urls:
+        raise TeacherError(
+            f"{len(gpus)} --teacher-gpus for {n_urls} --teacher-url: give one value (every "
+            "server holds that many) or one per --teacher-url, in the same order"
+        )
+    return sum(gpus)
 
 
 def parse_backend(name: str) -> TeacherBackend:

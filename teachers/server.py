@@ -2,12 +2,19 @@
 
 Token ids in, token ids out: prompts are sent as id lists, scores come back as `prompt_logprobs`
 (JSON keys are stringified ids). Sequences are packed into requests of at most `batch_tokens`
-tokens, at most `concurrency` requests are in flight, each to the server with the fewest in
-flight. Where every server has the newest vLLM's `prompt_logprob_token_ids`, scoring goes to
-`/inference/v1/generate` instead, one sequence per request (teachers/scoring_route.py: what it
-buys, how it is detected). 5xx answers, dropped connections, timeouts and truncated bodies are
-retried with exponential backoff (on another server when there are several); 4xx answers are
-the caller's mistake and raise at once, naming the fix. Standard library only (urllib, threads).
+tokens (with several servers, into at least one request per server, so a batch is scored by all
+of them at once), at most `concurrency` requests are in flight, each to the server with the
+fewest in flight (in turn among equals). Where every server has the newest vLLM's
+`prompt_logprob_token_ids`, scoring goes to `/inference/v1/generate` instead, one sequence per
+request (teachers/scoring_route.py: what it buys, how it is detected). 5xx answers, dropped
+connections, timeouts and truncated bodies are retried; 4xx answers are the caller's mistake and
+raise at once, naming the fix.
+
+A fleet (several URLs serving one model): a server whose request failed is skipped for `down_s`
+while another is up, and the failed request (one in flight on a server that was just killed, say)
+is sent again at once to a live one; only when every server is down does the client back off
+exponentially. After `down_s` a skipped server gets requests again, so a restarted one rejoins.
+Standard library only (urllib, threads).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ class ServerConfig:
     timeout_s: float = 600.0  # per request; a long prefill on a busy server is slow, not dead
     retries: int = 5  # attempts after the first
     backoff_s: float = 0.5  # first wait; doubles per attempt, capped at 30 s
+    down_s: float = 30.0  # a server that failed gets no requests this long while another is up
     api_key_env: str = API_KEY_ENV  # read at each request; the key itself is never logged
 
 
@@ -82,7 +90,10 @@ class ServerTeacher:
         self._vocab_size, self._width, self.eos_id = vocab_size, logits_width, eos_id
         self._max_top_k = max_top_k
         self._in_flight = dict.fromkeys(self.urls, 0)
+        self._down_until = dict.fromkeys(self.urls, 0.0)  # time.monotonic() it may be used again
+        self._turn = 0  # requests sent: ties on load go to the servers in turn
         self._lock = threading.Lock()
+        self.answered = dict.fromkeys(self.urls, 0)  # requests each server answered, in URL order
         self.bytes_received = 0  # response bytes, for the benchmark's payload figure
         # Retried failures by kind (http_5xx, dropped, timeout, truncated): metrics, not logs.
         self.faults: dict[str, int] = {}
@@ -155,7 +166,9 @@ class ServerTeacher:
             self.name,
             fix="the server's --max-logprobs (and pass the same max_top_k here)",
         )
-        groups = pack(sequences, self.config.batch_tokens)
+        # A fleet scores one batch on all its servers: at least one request per server.
+        share = -(-sum(len(s) for s in sequences) // len(self.urls))  # ceil(tokens / servers)
+        groups = pack(sequences, max(1, min(self.config.batch_tokens, share)))
         if self.scoring_path == GENERATE:
             scores = self._score_one_by_one(sequences, prompt_lengths, top_k, len(groups))
             check_scores(scores, self.name)
@@ -253,18 +266,22 @@ class ServerTeacher:
         for attempt in range(self.config.retries + 1):
             url = self._acquire()
             try:
-                return _request(f"{url}{path}", payload, self.config, counter=self)
+                answer = _request(f"{url}{path}", payload, self.config, counter=self)
             except urllib.error.HTTPError as e:
                 if e.code < 500:
                     raise _client_error(e, url, self.config) from None
                 last, kind = f"{url}: HTTP {e.code}", "http_5xx"
             except (_Retryable, urllib.error.URLError, OSError, http.client.HTTPException) as e:
                 last, kind = f"{url}: {_reason(e)}", _kind(e)
+            else:
+                with self._lock:
+                    self.answered[url] += 1
+                    self._down_until[url] = 0.0  # answered: up again
+                return answer
             finally:
                 self._release(url)
-            with self._lock:
-                self.faults[kind] = self.faults.get(kind, 0) + 1
-            time.sleep(min(30.0, self.config.backoff_s * 2**attempt))
+            if not self._failed(url, kind):  # another server is up: retry there at once
+                time.sleep(min(30.0, self.config.backoff_s * 2**attempt))
         raise TeacherError(
             f"teacher servers failed {self.config.retries + 1} times in a row (last: {last}); "
             "check the servers' logs and that they are up (`curl URL/health`)"
@@ -272,9 +289,24 @@ class ServerTeacher:
 
     def _acquire(self) -> str:
         with self._lock:
-            url = min(self.urls, key=lambda u: self._in_flight[u])  # least loaded, first on ties
+            now = time.monotonic()
+            up = [u for u in self.urls if self._down_until[u] <= now]
+            # Every server down: the one that comes back first (with one server: that one).
+            pool = up or [min(self.urls, key=lambda u: self._down_until[u])]
+            n = len(self.urls)
+            turn = {u: (i - self._turn) % n for i, u in enumerate(self.urls)}
+            url = min(pool, key=lambda u: (self._in_flight[u], turn[u]))  # least loaded
+            self._turn += 1
             self._in_flight[url] += 1
             return url
+
+    def _failed(self, url: str, kind: str) -> bool:
+        """Count the fault, skip `url` for `down_s`; True if another server is up now."""
+        with self._lock:
+            self.faults[kind] = self.faults.get(kind, 0) + 1
+            now = time.monotonic()
+            self._down_until[url] = now + self.config.down_s
+            return any(self._down_until[u] <= now for u in self.urls)
 
     def _release(self, url: str) -> None:
         with self._lock:
