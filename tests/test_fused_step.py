@@ -20,7 +20,7 @@ from distill.fused_step import ce_topk_loss, choose_head, last_hidden, topk_loss
 from distill.objective import topk_divergence
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
-from distill.onpolicy.metrics import Diagnostics, accumulate
+from distill.onpolicy.metrics import Diagnostics, accumulate, accumulate_rows
 from distill.prompts import embedded_prompts
 from losses import Divergence, fused_linear_divergence_sum
 from losses.teacher_data import TeacherTopK
@@ -277,3 +277,18 @@ def test_cli_no_fused_loss_reaches_the_loop(tiny_pair: TinyPair, tmp_path: Path)
     assert json.loads((tmp_path / "config.json").read_text())["onpolicy"]["fused_loss"] is False
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["fused_loss"] for r in rows if r.get("phase") == "onpolicy"] == [0.0]
+
+
+def test_diagnostics_take_a_teacher_top_k_wider_than_the_real_vocabulary() -> None:
+    """K up to the head's width (padded rows included) is a valid request: the student's top-k
+    overlap is then taken over every real id, and every real id is in the teacher's top-k."""
+    torch.manual_seed(0)
+    vocab, width, rows = 6, 8, 5
+    logits = torch.randn(rows, width)  # (N, W)
+    t_ids = torch.arange(width).expand(rows, width).contiguous()  # (N, K = W)
+    t_lp = torch.log_softmax(torch.randn(rows, width), dim=-1)  # (N, K)
+    diag = Diagnostics()
+    accumulate_rows(diag, logits, t_ids, t_lp, torch.ones(rows), vocab)
+    means = diag.means()
+    assert means["topk_overlap"] == 1.0
+    assert 0.0 < means["teacher_topk_mass"] < 1.0  # padded rows' mass is not counted

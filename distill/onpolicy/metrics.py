@@ -80,7 +80,9 @@ def accumulate_rows(
     kl = reverse_kl(log_s, log_t)  # (...)
     valid = (t_ids >= 0) & (t_ids < vocab_size)  # (..., K)
     mass = torch.where(valid, t_lp.float().exp(), 0.0).sum(-1)  # (...)
-    K = t_ids.shape[-1]
+    # The teacher's top-k may reach into padded head rows (K up to the head's width); the
+    # student's top-k is over the real ids only, so it cannot be wider than the vocabulary.
+    K = min(t_ids.shape[-1], vocab_size)
     student_ids = torch.topk(logits[..., :vocab_size].float(), K, dim=-1).indices  # (..., K)
     hits = (student_ids[..., :, None] == t_ids[..., None, :]) & valid[..., None, :]
     overlap = hits.any(-1).float().mean(-1)  # (...)
