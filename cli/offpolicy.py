@@ -19,6 +19,7 @@ from accelerate import PartialState
 from rich.table import Table
 from transformers import AutoTokenizer
 
+from cli import dryrun
 from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
@@ -40,7 +41,7 @@ from distill.errors import DistillError
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
-from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
+from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
@@ -119,7 +120,7 @@ def generate(
     store_topk: Annotated[int, typer.Option(help="also store the teacher's top-k (0: off)")] = 0,
     max_prompt_tokens: int = gen.Config.max_prompt_tokens,
     overlong: Annotated[
-        str, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
+        gen.Overlong, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
     ] = gen.Config.overlong,
     repetition_threshold: Annotated[
         float, typer.Option(help="repeated 4-gram share above which a response is dropped")
@@ -139,10 +140,13 @@ def generate(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
-    run_dir = prepare(run_dir)
-    teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
+    run_dir = dryrun.run_dir_for(run_dir, dry_run)
+    teacher_path = (
+        resolve_models(EMBEDDED, EMBEDDED, dry_run)[0] if teacher == EMBEDDED else teacher
+    )
     config = gen.Config(
         run_dir=run_dir,
         modes=resolve_modes(modes),
@@ -158,7 +162,6 @@ def generate(
         shard_size=shard_size,
         seed=seed,
     )
-    gen.check_config(config)
     console.print(config_table("generate", config))
     if prompts == EMBEDDED:
         rows = embedded_prompts(n_prompts or 256, seed, "train")
@@ -166,6 +169,9 @@ def generate(
         rows = load_prompts(
             prompts, prompt_column=prompt_column, answer_column=answer_column, limit=n_prompts
         )
+    if dry_run:
+        return dry_generate(config, teacher_path, teacher_backend, teacher_url, tokenizer,
+                            trust_remote_code, rows, force)  # fmt: skip
     if teacher_backend != "server" and not Path(teacher_path).is_dir():
         raise DistillError(
             f"teacher {teacher_path!r} is not a model folder: pass a folder written by "
@@ -204,6 +210,35 @@ def generate(
         f"data: {run_dir / config.output}"
     )
     gen.check_usable(summary)
+
+
+def dry_generate(
+    config: gen.Config,
+    teacher: str,
+    backend: str,
+    urls: list[str] | None,
+    tokenizer: str | None,
+    trust_remote_code: bool,
+    rows: list[Prompt],
+    force: bool,
+) -> None:
+    """`distill generate --dry-run`: the checks of a real run, up to the first response."""
+    name = teacher
+    if not dryrun.pending(teacher):
+        limit = dryrun.teacher_limit(
+            parse_backend(backend), teacher, urls or [], config.store_topk or None
+        )
+        tok = dryrun.tokenizer(tokenizer or teacher, "teacher", trust_remote_code)
+        gen.check_inputs(config, teacher, limit, tok, rows)
+        name = f"{teacher} ({backend})"
+    record_config(config.run_dir, "generate", config, force=force, write=False)
+    modes = "one mode each" if config.think_ratio is not None else " and ".join(config.modes)
+    dryrun.finish([
+        *(["build the embedded teacher (once, 2-3 CPU-minutes)"] if name == teacher else []),
+        f"teacher {name} answers {len(rows)} prompts ({modes}), "
+        f"{config.samples_per_prompt} sample(s) each, up to {config.max_tokens} tokens",
+        f"filter, write shards of {config.shard_size} to {config.run_dir / config.output}",
+    ])  # fmt: skip
 
 
 @app.command("offpolicy")

@@ -30,6 +30,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
@@ -47,6 +48,7 @@ from distill.batch import Batch, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.fused_step import ce_topk_loss, choose_head
 from distill.objective import (
+    Dtype,
     LogFn,
     cross_entropy,
     global_target_tokens,
@@ -58,10 +60,12 @@ from distill.objective import (
 )
 from distill.offpolicy.examples import fingerprint, load_examples
 from distill.rundir import append_metrics, config_dict
+from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from losses import Divergence
 from students import lora
 
-TRACKERS = ("none", "all", "tensorboard", "wandb")
+Tracker = Literal["none", "all", "tensorboard", "wandb"]
+TRACKERS: tuple[Tracker, ...] = ("none", "all", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,25 +74,34 @@ class Config:
     student: str  # a from_pretrained folder (or hub id where the network allows)
     data_dir: Path | None = None  # default: RUN_DIR/teacher_data
     output: str = "offpolicy"  # sub-folder of run_dir for checkpoints
-    steps: int = 100
-    batch_size: int = 16  # sequences per optimizer step (all processes)
-    micro_batch_size: int = 8  # sequences per forward/backward on one process
-    lr: float = 1e-3
+    steps: Annotated[int, AT_LEAST_1] = 100
+    batch_size: Annotated[int, AT_LEAST_1] = 16  # sequences per optimizer step (all processes)
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # per forward/backward on one process
+    lr: Annotated[float, POSITIVE] = 1e-3
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kd_weight: float = 0.0  # > 0 needs data generated with --store-topk
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    grad_clip: Annotated[float, POSITIVE] = 1.0
+    kd_weight: Annotated[float, NON_NEGATIVE] = 0.0  # > 0 needs data generated with --store-topk
     kd_divergence: Divergence = "forward_kl"
-    think_block: str = "prompt"  # no_think rows: the empty think block as "prompt" or "target"
-    dtype: str = "auto"  # bf16 on GPUs that support it, fp32 on CPU
-    log_every: int = 10
-    save_every: int = 50
-    report_to: str = "none"  # accelerate trackers: none, all, tensorboard, wandb
+    # no_think rows: the empty think block as "prompt" or "target"
+    think_block: Literal["prompt", "target"] = "prompt"
+    dtype: Dtype = "auto"  # bf16 on GPUs that support it, fp32 on CPU
+    log_every: Annotated[int, AT_LEAST_1] = 10
+    save_every: Annotated[int, AT_LEAST_1] = 50
+    report_to: Tracker = "none"  # accelerate trackers
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
-    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # CE (+ KD) from hidden states in chunks, no (B, T, V) logits
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices, from the field types above
+        if self.batch_size % self.micro_batch_size != 0:
+            raise DistillError(
+                f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+                f"{self.micro_batch_size}: every process runs the same number of micro-batches"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

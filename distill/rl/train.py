@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -30,11 +31,12 @@ from distill import checkpoint, evaluate
 from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
 from distill.batch import Example, collate, next_token_view
 from distill.errors import DistillError
-from distill.objective import LogFn, cross_entropy, lr_at, no_log, resolve_dtype, set_lr
+from distill.objective import Dtype, LogFn, cross_entropy, lr_at, no_log, resolve_dtype, set_lr
 from distill.offpolicy.filters import verify
 from distill.prompts import Prompt
 from distill.rl.reward import group_advantages, well_formed
 from distill.rundir import append_metrics, atomic_write_json, read_json
+from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from students.sample import HFSampler
 from teachers.chat import MODES, Mode, render_prompt
 from teachers.protocol import (
@@ -50,26 +52,31 @@ class Config:
     run_dir: Path
     student: str  # usually the off-policy checkpoint, the starting point of on-policy too
     output: str = "rl"
-    steps: int = 50
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 8  # G: the group each advantage is relative to
-    micro_batch_size: int = 16
+    steps: Annotated[int, AT_LEAST_1] = 50
+    prompts_per_step: Annotated[int, AT_LEAST_1] = 4
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 8  # G: the group each advantage is relative to
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 16
     modes: tuple[Mode, ...] = MODES
-    think_ratio: float = 0.5  # share of prompts in thinking mode when both modes are on
-    max_tokens: int = 256
-    format_weight: float = 0.0  # reward for a well-formed response, on top of correctness
+    think_ratio: Annotated[float, FRACTION] = 0.5  # share in thinking mode when both modes are on
+    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    # reward for a well-formed response, on top of correctness
+    format_weight: Annotated[float, NON_NEGATIVE] = 0.0
     scale_by_std: bool = True  # GRPO; False: Dr. GRPO (centred rewards only)
-    lr: float = 5e-5  # by its own objective: 2e-4 left the mean reward flat and drifted the policy
+    # by its own objective: 2e-4 left the mean reward flat and drifted the policy
+    lr: Annotated[float, POSITIVE] = 5e-5
     warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    log_every: int = 5
-    save_every: int = 25
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    grad_clip: Annotated[float, POSITIVE] = 1.0
+    dtype: Dtype = "auto"
+    log_every: Annotated[int, AT_LEAST_1] = 5
+    save_every: Annotated[int, AT_LEAST_1] = 25
     eval_every: int = 0  # 0: evaluate before the first step and after the last only
     seed: int = 0
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices, from the field types above
 
 
 @dataclass(frozen=True, kw_only=True)
