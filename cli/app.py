@@ -3,9 +3,10 @@
 import os
 import re
 
-import click
 import typer
 from transformers.utils import logging as hf_logging
+from typer._click.core import Context
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 # The CLI draws its own progress: library progress bars and info logs would interleave with it.
@@ -18,32 +19,33 @@ class OneLineErrors(TyperGroup):
     """Usage errors (a bad choice, a number out of a declared range, a missing option) as one
     `error: <problem>: <fix>` line with exit code 2, as every other refusal, not a usage box."""
 
-    def invoke(self, ctx: click.Context) -> object:
+    def invoke(self, ctx: Context) -> object:
         try:
             return super().invoke(ctx)
-        except click.UsageError as e:
-            if type(e).__name__ == "NoArgsIsHelpError":  # `distill teacher`: the help is the answer
+        except UsageError as e:
+            if isinstance(e, NoArgsIsHelpError):  # `distill teacher`: the help is the answer
                 raise
-            click.echo(f"error: {usage_line(e)}", err=True)
-            raise click.exceptions.Exit(2) from None
+            typer.echo(f"error: {usage_line(e)}", err=True)
+            raise typer.Exit(2) from None
 
 
-def usage_line(e: click.UsageError) -> str:
-    """`<problem>: <fix>` of a click usage error, naming the option as the user typed it."""
+CHOICE = re.compile(
+    r"Invalid value for '(?P<opt>[^']+)': (?:Value error, )?"
+    r"(?P<value>'.*') is not one of (?P<of>.*)"
+)
+
+
+def usage_line(e: UsageError) -> str:
+    """`<problem>: <fix>` of a typer usage error, naming the option as the user typed it."""
     problem = " ".join(e.format_message().split()).rstrip(".")
     command = e.ctx.command_path if e.ctx is not None else "distill"
-    param = getattr(e, "param", None)
-    if isinstance(param, click.Option) and isinstance(param.type, click.Choice):
-        choices = [str(c) for c in param.type.choices]
-        got = re.match(r"(?:.*?: )?'(.*)' is not one of", problem)
-        value = repr(got.group(1)) if got else "value"
-        return (
-            f"{param.opts[0]} {value} is unknown: choose {', '.join(choices[:-1])} or {choices[-1]}"
-            if len(choices) > 1
-            else f"choose {choices[0]}"
-        )
-    if isinstance(param, click.Parameter) and isinstance(param.type, click.types._NumberRangeBase):
-        return f"{problem}: pass a value in that range (see `{command} --help`)"
+    choice = CHOICE.match(problem)
+    if choice:
+        names = [c.strip().strip("'") for c in choice["of"].split(",")]
+        listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+        return f"{choice['opt']} {choice['value']} is unknown: choose {listed}"
+    if " is not in the range " in problem:
+        return f"{problem}: pass a value in that range"
     return f"{problem}: see `{command} --help`"
 
 

@@ -30,8 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
-
 from distill.errors import DistillError
 
 DEBUG_VAR = "DISTILL_DEBUG"
@@ -44,21 +42,22 @@ def debug() -> bool:
 INT64 = 2**63
 
 
-def check_params(command: click.Command | None, values: Mapping[str, Any]) -> None:
+def check_params(command: Any, values: Mapping[str, Any]) -> None:
     """Refuse non-finite floats, ints outside int64 (or negative), NUL characters; see above."""
-    params = {p.name: p for p in command.params} if command is not None else {}
+    params = {p.name: p for p in getattr(command, "params", [])}
     for name, value in values.items():
         for v in value if isinstance(value, list | tuple) else (value,):
             check_param(name, v, params.get(name))
 
 
-def check_param(name: str, value: Any, param: click.Parameter | None) -> None:
-    opt = param.opts[0] if isinstance(param, click.Option) and param.opts else f"--{name}"
-    opt = opt.replace("_", "-")
+def check_param(name: str, value: Any, param: Any) -> None:
+    """One value of parameter `name` (`param`: its typer parameter, for its flag and `min`)."""
+    opts = getattr(param, "opts", None) or [f"--{name.replace('_', '-')}"]
+    opt = opts[0]
     if isinstance(value, float) and not math.isfinite(value):
         raise DistillError(f"{opt} {value} is not finite: pass a finite number")
     if isinstance(value, int) and not isinstance(value, bool):
-        low = getattr(param.type, "min", None) if param is not None else None
+        low = getattr(param, "min", None)
         floor = low if isinstance(low, int) and low < 0 else 0
         if not floor <= value < INT64:
             raise DistillError(f"{opt} {value} must lie in [{floor}, 2**63): pass a value in it")

@@ -25,7 +25,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from cli.render import console
 from distill import embedded
 from distill.errors import DistillError
-from distill.rundir import prepare
 from students.tiny import TINY_SHAPES
 from teachers.protocol import TeacherError, refuse_remote_code
 
@@ -39,10 +38,9 @@ DryRunOpt = Annotated[
 ]
 
 
-def run_dir_for(run_dir: Path, dry_run: bool) -> Path:
-    """`prepare(run_dir)`, or in a dry run the same check without creating or writing anything."""
-    if not dry_run:
-        return prepare(run_dir)
+def run_dir_for(run_dir: Path) -> Path:
+    """`run_dir`, checked writable without creating or writing anything: a real run creates it
+    (`prepare`) only once every option is validated, a dry run never."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise DistillError(f"run directory {run_dir} is a file: choose another --run-dir")

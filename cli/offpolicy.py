@@ -35,14 +35,16 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_metrics
-from distill import adapters
+from distill import adapters, checkpoint
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
+from distill.objective import Dtype
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
+from losses import Divergence
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
@@ -143,7 +145,7 @@ def generate(
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
-    run_dir = dryrun.run_dir_for(run_dir, dry_run)
+    run_dir = dryrun.run_dir_for(run_dir)
     teacher_path = (
         resolve_models(EMBEDDED, EMBEDDED, dry_run)[0] if teacher == EMBEDDED else teacher
     )
@@ -172,6 +174,7 @@ def generate(
     if dry_run:
         return dry_generate(config, teacher_path, teacher_backend, teacher_url, tokenizer,
                             trust_remote_code, rows, force)  # fmt: skip
+    prepare(run_dir)
     if teacher_backend != "server" and not Path(teacher_path).is_dir():
         raise DistillError(
             f"teacher {teacher_path!r} is not a model folder: pass a folder written by "
@@ -241,6 +244,34 @@ def dry_generate(
     ])  # fmt: skip
 
 
+def dry_offpolicy(config: offpolicy.Config, force: bool) -> None:
+    """`distill offpolicy --dry-run`: trackers, student tokenizer and head, the teacher data."""
+    offpolicy.trackers(config)
+    data_dir = config.data_dir or config.run_dir / "teacher_data"
+    resume = checkpoint.latest(config.run_dir / config.output / "checkpoint")
+    source = str(resume) if resume else config.student
+    n = "the"
+    if not dryrun.pending(source):
+        tok = dryrun.tokenizer(source, "student")
+        width = dryrun.model_config(source, "student").get("vocab_size")
+        if isinstance(width, int) and width < len(tok):
+            raise DistillError(
+                f"model {source} has {width} output rows but its tokenizer {len(tok)} ids: use "
+                "a folder whose config vocab_size covers its tokenizer"
+            )
+        n = str(len(offpolicy.checked_examples(config, data_dir, tok)))
+    elif not data_dir.is_dir():
+        raise DistillError(f"no teacher data in {data_dir}: run `distill generate` first")
+    record_config(config.run_dir, "offpolicy", config, force=force, write=False)
+    dryrun.finish([
+        f"{'resume from ' + str(resume) if resume else 'load ' + config.student}"
+        + (f" with rank-{config.lora_rank} LoRA adapters" if config.lora_rank else ""),
+        f"{config.steps} steps of {config.batch_size} sequences on {n} kept teacher responses "
+        f"from {data_dir}",
+        f"checkpoint every {config.save_every} steps to {config.run_dir / config.output}",
+    ])  # fmt: skip
+
+
 @app.command("offpolicy")
 @user_errors
 def offpolicy_cmd(
@@ -264,30 +295,32 @@ def offpolicy_cmd(
     kd_weight: Annotated[
         float, typer.Option(help="weight of the top-k KD term (needs --store-topk data)")
     ] = offpolicy.Config.kd_weight,
-    kd_divergence: str = offpolicy.Config.kd_divergence,
+    kd_divergence: Divergence = offpolicy.Config.kd_divergence,
     think_block: Annotated[
-        str, typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'")
+        offpolicy.ThinkBlock,
+        typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'"),
     ] = offpolicy.Config.think_block,
     dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+        Dtype, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ] = offpolicy.Config.dtype,
     log_every: int = offpolicy.Config.log_every,
     save_every: int = offpolicy.Config.save_every,
     report_to: Annotated[
-        str, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
+        offpolicy.Tracker, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
     ] = offpolicy.Config.report_to,
     seed: int = offpolicy.Config.seed,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: bool = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
     # Under `accelerate launch` only rank 0 writes and prints. cpu= must match the trainer's
     # Accelerator: the state is shared, and only cpu=True turns a CPU launch into gloo DDP.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    run_dir = prepare(run_dir) if main else run_dir
-    _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student)
+    run_dir = dryrun.run_dir_for(run_dir)
+    _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student, dry_run)
     config = offpolicy.Config(
         run_dir=run_dir,
         student=student_path,
@@ -301,7 +334,7 @@ def offpolicy_cmd(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         kd_weight=kd_weight,
-        kd_divergence=kd_divergence,  # type: ignore[arg-type]
+        kd_divergence=kd_divergence,
         think_block=think_block,
         dtype=dtype,
         log_every=log_every,
@@ -313,7 +346,11 @@ def offpolicy_cmd(
         fused_loss=fused_loss,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
+    if dry_run:
+        console.print(config_table("offpolicy", config))
+        return dry_offpolicy(config, force)
     if main:
+        prepare(run_dir)
         console.print(config_table("offpolicy", config))
         record_config(run_dir, "offpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")

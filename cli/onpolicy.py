@@ -15,6 +15,7 @@ import typer
 from accelerate import PartialState
 from transformers import AutoTokenizer
 
+from cli import dryrun
 from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
@@ -35,14 +36,42 @@ from distill import adapters, pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
-from distill.onpolicy.rollout import check_request
-from distill.prompts import EMBEDDED
+from distill.onpolicy.rollout import check_request, check_top_k
+from distill.prompts import EMBEDDED, Prompt
 from distill.rundir import append_metrics, prepare, record_config
+from losses import Divergence
 from teachers.chat import vocab_mismatch
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
 C = onpolicy.Config
+
+
+def dry_onpolicy(
+    config: onpolicy.Config,
+    teacher: str,
+    backend: str,
+    urls: list[str],
+    max_top_k: int,
+    prompts: list[Prompt],
+    force: bool,
+) -> None:
+    """`distill onpolicy --dry-run`: the teacher's top-k limit, the prompts, a changed config."""
+    if not dryrun.pending(teacher):
+        limit = dryrun.teacher_limit(parse_backend(backend), teacher, urls, max_top_k)
+        check_top_k(config.top_k, limit, teacher)
+    if not prompts and config.lmbda < 1.0:
+        raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
+    record_config(config.run_dir, "onpolicy", config, force=force, write=False)
+    g = config.prompts_per_step * config.samples_per_prompt
+    dryrun.finish([
+        f"load the student {config.student}"
+        + (f" with rank-{config.lora_rank} LoRA adapters" if config.lora_rank else ""),
+        f"{config.steps} steps: the student ({config.sampler} sampler) writes {g} responses "
+        f"of up to {config.max_tokens} tokens, teacher {teacher} ({backend}) scores its top "
+        f"{config.top_k}, the student minimises {config.divergence}",
+        f"checkpoint every {config.save_every} steps to {config.run_dir / config.output}",
+    ])  # fmt: skip
 
 
 @app.command("onpolicy")
@@ -70,7 +99,7 @@ def onpolicy_cmd(
     ] = None,
     top_k: Annotated[int, typer.Option(help="teacher log-probs per position")] = C.top_k,
     divergence: Annotated[
-        str, typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd")
+        Divergence, typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd")
     ] = C.divergence,
     beta: Annotated[float, typer.Option(help="JSD(β): 0 forward, 1 reverse")] = C.beta,
     alpha: Annotated[float, typer.Option(help="skew KL mixing weight")] = C.alpha,
@@ -78,9 +107,11 @@ def onpolicy_cmd(
         float, typer.Option(help="share of slots taken from RUN_DIR/teacher_data")
     ] = C.lmbda,
     truncation: Annotated[
-        str, typer.Option(help="responses at --max-tokens: mask, drop or keep")
+        onpolicy.Truncation, typer.Option(help="responses at --max-tokens: mask, drop or keep")
     ] = C.truncation,
-    sampler: Annotated[str, typer.Option(help="auto (vllm on GPUs), hf or vllm")] = C.sampler,
+    sampler: Annotated[
+        onpolicy.SamplerKind, typer.Option(help="auto (vllm on GPUs), hf or vllm")
+    ] = C.sampler,
     sync_every: Annotated[int, typer.Option(help="steps between vLLM weight syncs")] = (
         C.sync_every
     ),
@@ -99,11 +130,12 @@ def onpolicy_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
-    run_dir = prepare(run_dir)
+    run_dir = dryrun.run_dir_for(run_dir)
     student_dir = student or str(run_dir / "offpolicy" / "checkpoint")
-    teacher_path, student_path = resolve_models(teacher, student_dir)
+    teacher_path, student_path = resolve_models(teacher, student_dir, dry_run)
     config = onpolicy.Config(
         run_dir=run_dir,
         student=student_path,
@@ -116,12 +148,12 @@ def onpolicy_cmd(
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         top_k=top_k,
-        divergence=divergence,  # type: ignore[arg-type]  (checked by check_request)
+        divergence=divergence,
         beta=beta,
         alpha=alpha,
         lmbda=lmbda,
-        truncation=truncation,  # type: ignore[arg-type]
-        sampler=sampler,  # type: ignore[arg-type]
+        truncation=truncation,
+        sampler=sampler,
         sync_every=sync_every,
         lr=lr,
         save_every=save_every,
@@ -135,7 +167,7 @@ def onpolicy_cmd(
     train_prompts, _ = prompt_sets(
         prompts, n_prompts, 0 if prompts == EMBEDDED else 1, seed, prompt_column, "answer"
     )
-    if Path(teacher_path).is_dir():
+    if Path(teacher_path).is_dir() and not dryrun.pending(student_path):
         refuse_remote_code(teacher_path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
         teacher_tok = AutoTokenizer.from_pretrained(
             teacher_path, trust_remote_code=trust_remote_code
@@ -147,6 +179,10 @@ def onpolicy_cmd(
                 "that shares the teacher's tokenizer and chat template"
             )
         pipeline.check_parity(teacher_tok, student_path)  # chat template: first differing ids
+    if dry_run:
+        return dry_onpolicy(config, teacher_path, teacher_backend, teacher_url or [],
+                            teacher_max_top_k, train_prompts, force)  # fmt: skip
+    prepare(run_dir)
     the_teacher = make_teacher(
         parse_backend(teacher_backend),
         teacher_path,

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer._click.globals import get_current_context
 
 from cli import defence
 from distill.errors import DistillError
@@ -47,7 +47,7 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            ctx = click.get_current_context(silent=True)
+            ctx = get_current_context(silent=True)
             defence.check_params(ctx.command if ctx else None, kwargs)
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
@@ -62,7 +62,7 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
                 "and its permissions, or pass another"
             )
             raise typer.Exit(2) from None
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own: exit codes
             raise
         except Exception as e:
             crash(e, fn.__name__, kwargs)

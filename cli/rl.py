@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from cli import dryrun
 from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
@@ -59,10 +60,11 @@ def rl_cmd(
     save_every: int = rl.Config.save_every,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """GRPO on the student with answer-correctness reward; device-hours by the same meter."""
-    run_dir = prepare(run_dir)
-    _, student_path = resolve_models(student, student)  # only the student is needed
+    run_dir = dryrun.run_dir_for(run_dir)
+    _, student_path = resolve_models(student, student, dry_run)  # only the student is needed
     train_prompts, held = prompt_sets(
         prompts, n_prompts, eval_prompts, seed, prompt_column, answer_column
     )
@@ -84,6 +86,18 @@ def rl_cmd(
     # the same evaluation settings as `distill run`, so `report compare` finds the same eval set
     eval_config = evaluate.Config(prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1)
     console.print(config_table("rl", config))
+    if dry_run:
+        if not dryrun.pending(student_path):
+            dryrun.tokenizer(student_path, "student")
+        record_config(run_dir, "rl", config, force=force, write=False)
+        record_config(run_dir, "eval", eval_config, force=force, write=False)
+        return dryrun.finish([
+            f"load the student {student_path}",
+            f"{steps} GRPO steps of {prompts_per_step} prompts x {samples_per_prompt} "
+            f"responses from {len(train_prompts)} training prompts; evaluate on {len(held)}",
+            f"checkpoint every {save_every} steps to {run_dir / config.output}",
+        ])  # fmt: skip
+    prepare(run_dir)
     record_config(run_dir, "rl", config, force=force)
     record_config(run_dir, "eval", eval_config, force=force)
     atomic_write_json(

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 import typer
 
+from cli import dryrun
 from cli.render import console, user_errors
 from teachers.protocol import Teacher, TeacherError
 
@@ -83,6 +84,7 @@ def serve(
     max_logprobs: Annotated[int | None, typer.Option(help="largest top-k served")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     print_only: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(help="the same as --print-only")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /health")] = 900.0,
     scale_out: Annotated[
         bool,
@@ -107,7 +109,7 @@ def serve(
         max_model_len=max_model_len,
         enable_scale_out=scale_out,
     )
-    if print_only:
+    if print_only or dry_run:
         print(launch.printable(cmd, cpu))
         return
     url = f"http://{host}:{port}"
@@ -127,11 +129,16 @@ def check(
     teacher: Annotated[str, typer.Option(help="local teacher folder (also the served model)")],
     student: Annotated[str, typer.Option(help="local student folder")],
     teacher_backend: Annotated[str, typer.Option(help="hf, vllm or server")] = "vllm",
-    teacher_url: Annotated[list[str] | None, typer.Option(help="server URL(s)")] = None,
+    teacher_url: Annotated[
+        list[str] | None, typer.Option(help="server URL(s)", callback=dryrun.check_urls)
+    ] = None,
     max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs")] = 20,
     top_k: Annotated[int, typer.Option(help="teacher top-k compared")] = 8,
     n: Annotated[int, typer.Option(help="sequences compared")] = 4,
     atol: Annotated[float, typer.Option(help="largest logprob difference accepted")] = 1e-4,
+    dry_run: Annotated[
+        bool, typer.Option(help="check folders, tokenizers, templates, the server; load no weights")
+    ] = False,
 ) -> None:
     """Template parity, logprob parity (backend vs transformers) and KL(teacher||teacher) = 0."""
     from rich.table import Table
@@ -141,6 +148,14 @@ def check(
     from teachers.hf import HFTeacher
 
     backend_name = parse_backend(teacher_backend)
+    if dry_run:
+        tok_t, tok_s = dryrun.tokenizer(teacher, "teacher"), dryrun.tokenizer(student, "student")
+        check_conversations(tok_t, tok_s, n)
+        limit = dryrun.teacher_limit(backend_name, teacher, teacher_url or (), max_top_k)
+        if not 1 <= top_k <= limit:
+            raise TeacherError(f"--top-k {top_k} is outside 1..{limit}, what the teacher serves")
+        dryrun.finish([f"compare {backend_name} with transformers on {n} conversations x 2 modes"])
+        return
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     convs = check_conversations(tok_t, tok_s, n)
     backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)

@@ -44,7 +44,7 @@ from transformers import (
 
 from distill import adapters, checkpoint
 from distill.accounting import GpuLedger, matmul_params, train_flops
-from distill.batch import Batch, collate, next_token_view, step_batches
+from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.fused_step import ce_topk_loss, choose_head
 from distill.objective import (
@@ -64,6 +64,7 @@ from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, che
 from losses import Divergence
 from students import lora
 
+ThinkBlock = Literal["prompt", "target"]
 Tracker = Literal["none", "all", "tensorboard", "wandb"]
 TRACKERS: tuple[Tracker, ...] = ("none", "all", "tensorboard", "wandb")
 
@@ -85,7 +86,7 @@ class Config:
     kd_weight: Annotated[float, NON_NEGATIVE] = 0.0  # > 0 needs data generated with --store-topk
     kd_divergence: Divergence = "forward_kl"
     # no_think rows: the empty think block as "prompt" or "target"
-    think_block: Literal["prompt", "target"] = "prompt"
+    think_block: ThinkBlock = "prompt"
     dtype: Dtype = "auto"  # bf16 on GPUs that support it, fp32 on CPU
     log_every: Annotated[int, AT_LEAST_1] = 10
     save_every: Annotated[int, AT_LEAST_1] = 50
@@ -138,10 +139,8 @@ def micro_batch_loss(
     return per_token.sum(), ce.detach().sum()
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    """An Accelerator with the requested trackers, refusing ones that are not installed."""
-    if config.report_to not in TRACKERS:
-        raise DistillError(f"--report-to {config.report_to!r}: choose one of {', '.join(TRACKERS)}")
+def trackers(config: Config) -> list[str]:
+    """The accelerate trackers `report_to` names, refusing ones that are not installed."""
     available = {str(t) for t in get_available_trackers()}
     wanted = {"none": [], "all": sorted(available)}.get(config.report_to, [config.report_to])
     missing = [t for t in wanted if t not in available]
@@ -150,11 +149,38 @@ def make_accelerator(config: Config) -> Accelerator:
             f"--report-to {config.report_to}: {missing[0]} is not installed: "
             f"pip install {missing[0]}, or pass --report-to none (metrics.jsonl is always written)"
         )
+    return wanted
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """An Accelerator with the requested trackers, refusing ones that are not installed."""
+    wanted = trackers(config)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         log_with=wanted or None,  # type: ignore[arg-type]
         project_dir=str(config.run_dir / "trackers"),
     )
+
+
+def checked_examples(
+    config: Config, data_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> list[Example]:
+    """The kept teacher responses, refused if another tokenizer wrote them or too few."""
+    vocab_size = len(tokenizer)
+    examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
+    top = max(max(*e.prompt_ids, *e.response_ids) for e in examples)
+    if top >= vocab_size:  # cross-entropy would clamp it: silent training on the wrong token
+        raise DistillError(
+            f"the teacher data in {data_dir} holds token id {top}, but the student's tokenizer "
+            f"has {vocab_size} ids: the data was tokenized by another tokenizer; use a student "
+            "that shares the teacher's tokenizer, or regenerate the data with it"
+        )
+    if len(examples) < config.batch_size:
+        raise DistillError(
+            f"{len(examples)} kept teacher responses are fewer than --batch-size "
+            f"{config.batch_size}: lower --batch-size or generate more data"
+        )
+    return examples
 
 
 def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
@@ -177,8 +203,6 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             f"(one micro-batch per process per step): use --micro-batch-size "
             f"{config.batch_size // world}, or FSDP for accumulation"
         )
-    if config.think_block not in ("prompt", "target"):
-        raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed, sharded)
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -197,19 +221,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
     check_head(student, vocab_size, source)
-    examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
-    top = max(max(*e.prompt_ids, *e.response_ids) for e in examples)
-    if top >= vocab_size:  # cross-entropy would clamp it: silent training on the wrong token
-        raise DistillError(
-            f"the teacher data in {data_dir} holds token id {top}, but the student's tokenizer "
-            f"has {vocab_size} ids: the data was tokenized by another tokenizer; use a student "
-            "that shares the teacher's tokenizer, or regenerate the data with it"
-        )
-    if len(examples) < config.batch_size:
-        raise DistillError(
-            f"{len(examples)} kept teacher responses are fewer than --batch-size "
-            f"{config.batch_size}: lower --batch-size or generate more data"
-        )
+    examples = checked_examples(config, data_dir, tokenizer)
     data_id = fingerprint(data_dir)
     epoch_steps = len(examples) // config.batch_size  # full batches only: no ragged last step
     start = 0

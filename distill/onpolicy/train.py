@@ -118,6 +118,7 @@ class Config:
     def __post_init__(self) -> None:
         check_fields(self)  # ranges and choices, from the field types above
         check_budget(self.thinking_budget, self.max_tokens)
+        check_modes(self.modes, self.think_ratio, 0.0, [])  # the teacher's rows: at train time
 
 
 @dataclass(frozen=True, kw_only=True)
