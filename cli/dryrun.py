@@ -61,18 +61,22 @@ def pending(path: str) -> bool:
     return path in TINY_SHAPES or (not built and path in (str(assets.teacher), str(assets.student)))
 
 
-def tokenizer(path: str, what: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model folder or hub id, loaded from disk only, or a one-line error."""
+def tokenizer(
+    path: str, what: str, trust_remote_code: bool = False, local_only: bool = True
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder or hub id, or a one-line error naming it. A dry run
+    (`local_only`) reads the disk only; a real run may download a hub id's files."""
     if Path(path).is_dir():
         refuse_remote_code(path, trust=trust_remote_code, fix="pass --trust-remote-code")
     try:
         return AutoTokenizer.from_pretrained(
-            path, trust_remote_code=trust_remote_code, local_files_only=True
+            path, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... by case
         raise DistillError(
             f"cannot load the {what} tokenizer from {path!r} ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:200]}): pass a model folder with its tokenizer"
+            f"{' '.join(str(e).split())[:200]}): pass a model folder with its tokenizer, or "
+            "a hub id whose files are reachable or cached"
         ) from None
 
 

@@ -17,7 +17,6 @@ import torch
 import typer
 from accelerate import PartialState
 from rich.table import Table
-from transformers import AutoTokenizer
 
 from cli import dryrun
 from cli.app import app
@@ -183,9 +182,7 @@ def generate(
     for folder in (tokenizer, teacher_path):
         if folder is not None:
             refuse_remote_code(folder, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
-    tok = AutoTokenizer.from_pretrained(
-        tokenizer or teacher_path, trust_remote_code=trust_remote_code
-    )
+    tok = dryrun.tokenizer(tokenizer or teacher_path, "teacher", trust_remote_code, False)
     the_teacher = make_teacher(
         parse_backend(teacher_backend),
         teacher_path,

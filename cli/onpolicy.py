@@ -13,7 +13,6 @@ from typing import Annotated
 
 import typer
 from accelerate import PartialState
-from transformers import AutoTokenizer
 
 from cli import dryrun
 from cli.app import app
@@ -169,10 +168,10 @@ def onpolicy_cmd(
     )
     if Path(teacher_path).is_dir() and not dryrun.pending(student_path):
         refuse_remote_code(teacher_path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
-        teacher_tok = AutoTokenizer.from_pretrained(
-            teacher_path, trust_remote_code=trust_remote_code
+        teacher_tok = dryrun.tokenizer(teacher_path, "teacher", trust_remote_code, dry_run)
+        differ = vocab_mismatch(
+            teacher_tok, dryrun.tokenizer(student_path, "student", False, dry_run)
         )
-        differ = vocab_mismatch(teacher_tok, AutoTokenizer.from_pretrained(student_path))
         if differ is not None:
             raise DistillError(
                 f"teacher and student tokenizers differ: {differ}; distil only into a student "

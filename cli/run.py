@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from transformers import AutoTokenizer
 
 from cli import dryrun
 from cli.app import app
@@ -153,8 +152,8 @@ def run(
     the_teacher = make_teacher(
         parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k
     )
-    teacher_tok = AutoTokenizer.from_pretrained(
-        teacher_path if Path(teacher_path).is_dir() else student_path
+    teacher_tok = dryrun.tokenizer(
+        teacher_path if Path(teacher_path).is_dir() else student_path, "teacher", False, False
     )
     with phase_progress() as bars:
         pipeline.run(
