@@ -35,6 +35,7 @@ from typer.testing import CliRunner
 from cli import app
 from distill import embedded
 from tests.conftest import TinyPair
+from tests.test_reliability_kills import write_teacher_rows
 
 EXAMPLES = int(os.environ.get("DISTILL_FUZZ_EXAMPLES", "12"))
 runner = CliRunner()
@@ -83,8 +84,8 @@ def callback(path: tuple[str, ...]) -> Any:
 ODD_TEXT = ["", " ", "\t", "embedded", "a\x00b", "x" * 300, "café ∑", "-", "--", "--help",
             "../..", "/", "/nonexistent/model", "8B", "0.6B-Base", "Qwen/Qwen3-0.6B",
             "tiny-student", "{}", "'", "prompt", "answer"]  # fmt: skip
-URLS = ["http://127.0.0.1:1", "http://127.0.0.1:99999", "foo:bar", "http://", "ftp://127.0.0.1",
-        "http://[::1", "127.0.0.1:8000", "http://127.0.0.1:0", "https://127.0.0.1:1/v1", ""]  # fmt: skip
+URLS = ["http://127.0.0.1:1", "http://127.0.0.1:99999", "foo:bar", "http://", "ftp://[::1]",
+        "http://[::1", "127.0.0.1:8000", "http://127.0.0.1:0", "https://[::1]:1/v", ""]  # fmt: skip
 INTS = ["0", "1", "2", "3", "7", "64", "-1", "-2", str(2**63 - 1), str(2**63), str(-(2**63) - 1),
         "100000000000000000000000000000", "1.5", "abc", "", "1e3"]  # fmt: skip
 FLOATS = ["nan", "inf", "-inf", "-1", "0", "-0.0", "1", "1.5", "0.5", "1e-9", "1e308", "2e308",
@@ -163,6 +164,9 @@ def argv(path: tuple[str, ...], world: World) -> st.SearchStrategy[list[str]]:
             options.append(st.sampled_from([[flag], [no]]) if flag != "--json" else st.just([flag]))
         else:
             flag = option_name(param, hint)
+            if param.default is inspect.Parameter.empty:  # required: a good value first
+                good = str(world.pair.teacher_dir if "teacher" in flag else world.pair.student_dir)
+                fixed += [flag, good]
             value = values_for(param.name, kind, world)
             options.append(value.map(lambda vs, f=flag: [w for v in vs for w in (f, v)]))
     chosen = st.lists(st.sampled_from(range(len(options))), max_size=6, unique=True)
@@ -196,7 +200,8 @@ def world(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iter
     run = root / "run"
     run.mkdir()
     (run / "witness.txt").write_text("earlier work")
-    (run / "config.json").write_text(json.dumps({"eval": {"prompts": 3}}))
+    write_teacher_rows(run / "teacher_data", tiny_pair.tokenizer, 24)  # offpolicy's input
+    shutil.copytree(tiny_pair.student_dir, run / "offpolicy" / "checkpoint")  # onpolicy's
     prompts = root / "prompts.jsonl"
     prompts.write_text(
         "".join(
@@ -216,34 +221,43 @@ def world(tiny_pair: TinyPair, tmp_path_factory: pytest.TempPathFactory) -> Iter
     print(f"\nfuzz cases tried: {total}; by command and exit code: {TRIED}")
 
 
+def check(path: tuple[str, ...], world: World, args: list[str]) -> None:
+    """One command line: exit 0 or 2, no traceback, nothing written."""
+    before = snapshot(world.root)
+    entries = sorted(os.listdir(world.root))
+    result = runner.invoke(app, args)
+    codes = TRIED.setdefault(" ".join(path), {})
+    codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
+    out = result.output
+    assert result.exit_code in (0, 2), f"exit {result.exit_code} for {args}:\n{out[-3000:]}"
+    assert "Traceback" not in out, f"traceback for {args}:\n{out[-3000:]}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{args}: {result.exception!r}"
+    )
+    if result.exit_code == 2:
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, f"{args}:\n{out[-3000:]}"
+    assert sorted(os.listdir(world.root)) == entries, f"{args} created files"
+    assert snapshot(world.root) == before, f"{args} changed files"
+
+
 @pytest.mark.parametrize("path", commands(), ids=lambda p: " ".join(p))
 def test_fuzzed_command_line(path: tuple[str, ...], world: World) -> None:
     """Exit 0 or 2, no traceback, nothing written, for every drawn command line."""
+    names = set(inspect.signature(callback(path)).parameters) - {"run_dir", "dry_run"}
+    if not names:  # nothing to draw (report show RUN_DIR): the one command line there is
+        check(path, world, [*path, str(world.run_dir)])
+        return
 
     @settings(
         max_examples=EXAMPLES,
         derandomize=True,  # seeded: the same cases on every run
         deadline=None,
         database=None,
-        suppress_health_check=list(HealthCheck),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     )
     @given(args=argv(path, world))
     def case(args: list[str]) -> None:
-        before = snapshot(world.root)
-        entries = sorted(os.listdir(world.root))
-        result = runner.invoke(app, args)
-        codes = TRIED.setdefault(" ".join(path), {})
-        codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
-        out = result.output
-        assert result.exit_code in (0, 2), f"exit {result.exit_code} for {args}:\n{out[-3000:]}"
-        assert "Traceback" not in out, f"traceback for {args}:\n{out[-3000:]}"
-        assert result.exception is None or isinstance(result.exception, SystemExit), (
-            f"{args}: {result.exception!r}"
-        )
-        if result.exit_code == 2:
-            errors = [line for line in out.splitlines() if line.startswith("error:")]
-            assert len(errors) == 1 or "Usage:" in out, f"{args}:\n{out[-3000:]}"
-        assert sorted(os.listdir(world.root)) == entries, f"{args} created files"
-        assert snapshot(world.root) == before, f"{args} changed files"
+        check(path, world, args)
 
     case()
