@@ -14,8 +14,8 @@ already written is touched: every file of a run is replaced atomically (distill/
 crash leaves the old file or the new one, and the log is a new file. `DISTILL_DEBUG=1` also
 prints the traceback on the console.
 
-The phase is the ledger phase the exception passed through (`with ledger.phase("teacher.score")`,
-found in the traceback's frames), else the command's setup: what the user needs to tell "the
+The phase is the ledger phase the exception passed through (`with ledger.phase("teacher.score")`
+records its name on it), else the command's setup: what the user needs to tell "the
 teacher server died while scoring" from "a model failed to load".
 """
 
@@ -66,16 +66,10 @@ def check_param(name: str, value: Any, param: Any) -> None:
 
 
 def phase_of(exc: BaseException, command: str) -> str:
-    """`command/ledger-phase` of the innermost ledger phase the exception left, or `command`."""
-    found = None
-    tb = exc.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        if frame.f_code.co_name == "phase" and frame.f_code.co_filename.endswith("accounting.py"):
-            name = frame.f_locals.get("name")
-            found = name if isinstance(name, str) else found
-        tb = tb.tb_next
-    return f"{command} ({found})" if found else f"{command} setup"
+    """`command (ledger phase)` of the innermost ledger phase the exception left, or
+    `command setup` (`GpuLedger.phase` records its name on the exception)."""
+    found = exc.__dict__.get("distill_phase")
+    return f"{command} ({found})" if isinstance(found, str) else f"{command} setup"
 
 
 def write_log(exc: BaseException, phase: str, run_dir: Path | None) -> Path:

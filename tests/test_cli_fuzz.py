@@ -119,7 +119,7 @@ def values_for(name: str, kind: Any, world: World) -> st.SearchStrategy[list[str
     """Strategy of argv words (value only) for one option of type `kind`."""
     pair = world.pair
     good = [str(pair.teacher_dir), str(pair.student_dir), str(world.prompts), str(world.root)]
-    text = st.sampled_from(ODD_TEXT + good) | st.text(max_size=8)
+    text = st.sampled_from(good) | st.sampled_from(ODD_TEXT) | st.text(max_size=8)
     if "url" in name:
         return st.lists(st.sampled_from(URLS) | st.text(max_size=12), min_size=1, max_size=2)
     if kind is bool:
