@@ -44,7 +44,11 @@ def usage_line(e: UsageError) -> str:
         names = [c.strip().strip("'") for c in choice["of"].split(",")]
         listed = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
         return f"{choice['opt']} {choice['value']} is unknown: choose {listed}"
-    if " is not in the range " in problem:
+    if (
+        " is not in the range " in problem
+        or "Input should be greater" in problem
+        or ("Input should be less" in problem)
+    ):
         return f"{problem}: pass a value in that range"
     return f"{problem}: see `{command} --help`"
 

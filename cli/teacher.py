@@ -80,7 +80,7 @@ def parse_backend(name: str) -> TeacherBackend:
 def serve(
     teacher: Annotated[str, typer.Option(help="32B, 235B-A22B, or a local model folder")],
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 8000,
+    port: Annotated[int, typer.Option(help="port; 0 picks a free one", min=0, max=65535)] = 8000,
     max_logprobs: Annotated[int | None, typer.Option(help="largest top-k served")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     print_only: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
@@ -99,7 +99,13 @@ def serve(
 
     preset = launch.resolve_preset(teacher)
     cpu = launch.on_cpu()
-    port = port or launch.free_port(host)
+    try:
+        port = port or launch.free_port(host)
+    except OSError as e:  # an address that is not this machine's, or not an address at all
+        raise TeacherError(
+            f"--host {host!r} cannot be bound ({e.strerror or e}): pass an address of this "
+            "machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     cmd = launch.serve_command(
         preset,
         host=host,
@@ -132,9 +138,9 @@ def check(
     teacher_url: Annotated[
         list[str] | None, typer.Option(help="server URL(s)", callback=dryrun.check_urls)
     ] = None,
-    max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs")] = 20,
-    top_k: Annotated[int, typer.Option(help="teacher top-k compared")] = 8,
-    n: Annotated[int, typer.Option(help="sequences compared")] = 4,
+    max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs", min=1)] = 20,
+    top_k: Annotated[int, typer.Option(help="teacher top-k compared", min=1)] = 8,
+    n: Annotated[int, typer.Option(help="sequences compared", min=1)] = 4,
     atol: Annotated[float, typer.Option(help="largest logprob difference accepted")] = 1e-4,
     dry_run: Annotated[
         bool, typer.Option(help="check folders, tokenizers, templates, the server; load no weights")
