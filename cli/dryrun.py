@@ -72,6 +72,8 @@ def tokenizer(
         return AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
+    except DistillError:
+        raise
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... by case
         raise DistillError(
             f"cannot load the {what} tokenizer from {path!r} ({type(e).__name__}: "

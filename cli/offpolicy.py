@@ -43,7 +43,6 @@ from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
-from losses import Divergence
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
@@ -292,7 +291,7 @@ def offpolicy_cmd(
     kd_weight: Annotated[
         float, typer.Option(help="weight of the top-k KD term (needs --store-topk data)")
     ] = offpolicy.Config.kd_weight,
-    kd_divergence: Divergence = offpolicy.Config.kd_divergence,
+    kd_divergence: offpolicy.Divergence = offpolicy.Config.kd_divergence,
     think_block: Annotated[
         offpolicy.ThinkBlock,
         typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'"),

@@ -38,7 +38,6 @@ from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import check_request, check_top_k
 from distill.prompts import EMBEDDED, Prompt
 from distill.rundir import append_metrics, prepare, record_config
-from losses import Divergence
 from teachers.chat import vocab_mismatch
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
@@ -98,7 +97,8 @@ def onpolicy_cmd(
     ] = None,
     top_k: Annotated[int, typer.Option(help="teacher log-probs per position")] = C.top_k,
     divergence: Annotated[
-        Divergence, typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd")
+        onpolicy.Divergence,
+        typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd"),
     ] = C.divergence,
     beta: Annotated[float, typer.Option(help="JSD(β): 0 forward, 1 reverse")] = C.beta,
     alpha: Annotated[float, typer.Option(help="skew KL mixing weight")] = C.alpha,

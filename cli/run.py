@@ -39,7 +39,6 @@ from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import check_top_k
 from distill.prompts import EMBEDDED
 from distill.rundir import prepare, record_config
-from losses import Divergence
 
 
 @app.command()
@@ -67,7 +66,7 @@ def run(
         int, typer.Option(help="teacher log-probs per position")
     ] = onpolicy.Config.top_k,
     divergence: Annotated[
-        Divergence, typer.Option(help="on-policy divergence")
+        onpolicy.Divergence, typer.Option(help="on-policy divergence")
     ] = onpolicy.Config.divergence,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
