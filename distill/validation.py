@@ -14,7 +14,7 @@ overflows), every str is non-empty. A combination of fields (`--thinking-budget`
 `--max-tokens`) is checked in the config's own `__post_init__`, after `check_fields`.
 
 Messages name the command-line flag (`--field-name`), the value and the fix, as the CLI prints
-them: `error: --lr -0.001 must be > 0: pass a value in that range`.
+them: `error: --lr -0.001 must be >= 0: pass a value in that range`.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ def test_dry_run_checks_everything_and_writes_nothing(tiny_pair: TinyPair, run_d
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
-        (["--lr", "-0.001"], "--lr -0.001 must be > 0"),
+        (["--lr", "-0.001"], "--lr -0.001 must be >= 0"),
         (["--lr", "nan"], "--lr nan is not finite"),
         (["--seed", "-1"], "--seed -1 must lie in [0, 2**63)"),
         (["--kd-divergence", "hellinger"], "--kd-divergence 'hellinger' is unknown: choose"),

@@ -78,7 +78,7 @@ class Config:
     steps: Annotated[int, AT_LEAST_1] = 100
     batch_size: Annotated[int, AT_LEAST_1] = 16  # sequences per optimizer step (all processes)
     micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # per forward/backward on one process
-    lr: Annotated[float, POSITIVE] = 1e-3
+    lr: Annotated[float, NON_NEGATIVE] = 1e-3
     warmup_steps: int = 10
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     weight_decay: Annotated[float, NON_NEGATIVE] = 0.0

@@ -59,6 +59,7 @@ from distill.rundir import append_metrics, prepare
 from distill.validation import (
     AT_LEAST_1,
     FRACTION,
+    NON_NEGATIVE,
     POSITIVE,
     Range,
     check_budget,
@@ -101,7 +102,7 @@ class Config:
     # steps between weight pushes into a vllm sampler (hf: always current)
     sync_every: Annotated[int, AT_LEAST_1] = 1
     # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
-    lr: Annotated[float, POSITIVE] = 1e-4
+    lr: Annotated[float, NON_NEGATIVE] = 1e-4
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0

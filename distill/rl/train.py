@@ -63,7 +63,7 @@ class Config:
     format_weight: Annotated[float, NON_NEGATIVE] = 0.0
     scale_by_std: bool = True  # GRPO; False: Dr. GRPO (centred rewards only)
     # by its own objective: 2e-4 left the mean reward flat and drifted the policy
-    lr: Annotated[float, POSITIVE] = 5e-5
+    lr: Annotated[float, NON_NEGATIVE] = 5e-5
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0
