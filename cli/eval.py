@@ -12,14 +12,16 @@ prints them. A rerun with the same model, prompts and settings reads the stored 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
+from cli import dryrun
 from cli.app import app
 from cli.render import config_table, console, user_errors
 from cli.resolve import ModesOpt, PromptsOpt, RunDir, SoftSwitchOpt, resolve_modes
@@ -33,7 +35,9 @@ from students.load import load_student, resolve_student
 from students.sample import HFSampler
 from teachers.chat import GenerateFn
 
-STAGE_CHOICES = ("latest", "before", "after_offpolicy", "after_onpolicy")
+Stage = Literal["latest", "before", "after_offpolicy", "after_onpolicy"]
+STAGE_CHOICES: tuple[Stage, ...] = ("latest", "before", "after_offpolicy", "after_onpolicy")
+EvalSampler = Literal["hf", "vllm"]
 
 
 def parse_ints(text: str, option: str) -> tuple[int, ...]:
@@ -167,6 +171,32 @@ def _k(key: str) -> int:
     return int(key.split("@")[1])
 
 
+def dry_eval(
+    config: evaluate.PassConfig,
+    path: str,
+    sampler: str,
+    n_prompts: int,
+    stored: bool,
+    run_dir: Path,
+    name: str,
+) -> None:
+    """`distill eval --dry-run`: the model's tokenizer and the sampler, nothing generated."""
+    console.print(config_table(f"eval {name}: {path}", config))
+    if stored:
+        return dryrun.finish([f"print the stored result {evaluate.result_path(run_dir, name)}"])
+    dryrun.tokenizer(path, "model")
+    if sampler == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise DistillError(
+            "--sampler vllm needs vLLM: pip install 'distill[vllm]', or --sampler hf"
+        )
+    budgets = f" and the budget curve at {list(config.budgets)}" if config.budgets else ""
+    dryrun.finish([
+        f"sample {config.n} responses per prompt and mode ({', '.join(config.modes)}) for "
+        f"{n_prompts} prompts with {path} ({sampler}): pass@{list(config.ks)}{budgets}",
+        f"write {evaluate.result_path(run_dir, name)}",
+    ])  # fmt: skip
+
+
 @app.command("eval")
 @user_errors
 def eval_command(
@@ -174,7 +204,7 @@ def eval_command(
     model: Annotated[
         str | None, typer.Option(help="model folder, Qwen3 size or hub id (default: --stage)")
     ] = None,
-    stage: Annotated[str, typer.Option(help=", ".join(STAGE_CHOICES))] = "latest",
+    stage: Annotated[Stage, typer.Option(help=", ".join(STAGE_CHOICES))] = "latest",
     prompts: PromptsOpt = EMBEDDED,
     prompt_column: str = "prompt",
     answer_column: Annotated[str, typer.Option(help="column of reference answers")] = "answer",
@@ -188,12 +218,14 @@ def eval_command(
         str | None, typer.Option(help="budgets for the curve, e.g. 64,128,256")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="write the budget curve as a PNG")] = None,
-    sampler: Annotated[str, typer.Option(help="hf or vllm")] = "hf",
+    sampler: Annotated[EvalSampler, typer.Option(help="hf or vllm")] = "hf",
     name: Annotated[str | None, typer.Option(help="result name (default: the stage)")] = None,
     seed: int = 0,
     force: Annotated[bool, typer.Option(help="replace a result with other settings")] = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """pass@1 / pass@k per mode on verifiable prompts, and accuracy against thinking budget."""
+    run_dir = dryrun.run_dir_for(run_dir)
     if plot is not None and thinking_budget is None:
         raise DistillError("--plot draws the budget curve: pass --thinking-budget too")
     config = evaluate.PassConfig(
@@ -223,6 +255,8 @@ def eval_command(
         "config": config,
     }  # fmt: skip
     result = evaluate.stored_result(run_dir, result_name, header, force)
+    if dry_run:
+        return dry_eval(config, path, sampler, len(items), result is not None, run_dir, result_name)
     if result is not None:
         console.print(f"[dim]{evaluate.result_path(run_dir, result_name)} is up to date[/]")
     else:

@@ -18,8 +18,8 @@ import torch
 import typer
 from accelerate import PartialState
 from rich.table import Table
-from transformers import AutoTokenizer
 
+from cli import dryrun
 from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
@@ -37,13 +37,14 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
-from distill import adapters
+from distill import adapters, checkpoint
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
+from distill.objective import Dtype
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.offpolicy.filters import VERDICTS
-from distill.prompts import EMBEDDED, embedded_prompts, load_prompts
+from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
 from teachers.chat import MODES
 from teachers.hf import REMOTE_CODE_FIX
@@ -121,7 +122,7 @@ def generate(
     store_topk: Annotated[int, typer.Option(help="also store the teacher's top-k (0: off)")] = 0,
     max_prompt_tokens: int = gen.Config.max_prompt_tokens,
     overlong: Annotated[
-        str, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
+        gen.Overlong, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
     ] = gen.Config.overlong,
     repetition_threshold: Annotated[
         float, typer.Option(help="repeated 4-gram share above which a response is dropped")
@@ -142,11 +143,14 @@ def generate(
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
     teacher_gpus: TeacherGpusOpt = None,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
     held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
-    run_dir = prepare(run_dir)
-    teacher_path = resolve_models(EMBEDDED, EMBEDDED)[0] if teacher == EMBEDDED else teacher
+    run_dir = dryrun.run_dir_for(run_dir)
+    teacher_path = (
+        resolve_models(EMBEDDED, EMBEDDED, dry_run)[0] if teacher == EMBEDDED else teacher
+    )
     config = gen.Config(
         run_dir=run_dir,
         modes=MODES,  # resolved below, once the template is loaded (`--modes auto`)
@@ -169,6 +173,10 @@ def generate(
         rows = load_prompts(
             prompts, prompt_column=prompt_column, answer_column=answer_column, limit=n_prompts
         )
+    if dry_run:
+        return dry_generate(config, modes, teacher_path, teacher_backend, teacher_url, tokenizer,
+                            trust_remote_code, rows, force)  # fmt: skip
+    prepare(run_dir)
     if teacher_backend != "server" and not Path(teacher_path).is_dir():
         raise DistillError(
             f"teacher {teacher_path!r} is not a model folder: pass a folder written by "
@@ -177,9 +185,7 @@ def generate(
     for folder in (tokenizer, teacher_path):
         if folder is not None:
             refuse_remote_code(folder, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
-    tok = AutoTokenizer.from_pretrained(
-        tokenizer or teacher_path, trust_remote_code=trust_remote_code
-    )
+    tok = dryrun.tokenizer(tokenizer or teacher_path, "teacher", trust_remote_code, False)
     resolved = resolve_modes(
         modes, tok, soft_switch=soft_switch, thinking_budget=thinking_budget is not None
     )
@@ -215,6 +221,71 @@ def generate(
     gen.check_usable(summary)
 
 
+def dry_generate(
+    config: gen.Config,
+    modes: str,
+    teacher: str,
+    backend: str,
+    urls: list[str] | None,
+    tokenizer: str | None,
+    trust_remote_code: bool,
+    rows: list[Prompt],
+    force: bool,
+) -> None:
+    """`distill generate --dry-run`: the checks of a real run, up to the first response."""
+    name = teacher
+    budget = config.thinking_budget is not None
+    if not dryrun.pending(teacher):
+        limit = dryrun.teacher_limit(
+            parse_backend(backend), teacher, urls or [], config.store_topk or None
+        )
+        tok = dryrun.tokenizer(tokenizer or teacher, "teacher", trust_remote_code)
+        resolved = resolve_modes(modes, tok, soft_switch=config.soft_switch, thinking_budget=budget)
+        config = replace(config, modes=resolved)
+        gen.check_config(config)
+        gen.check_inputs(config, teacher, limit, tok, rows)
+        name = f"{teacher} ({backend})"
+    else:  # the embedded pair, not built yet: its template is Qwen3's (modes think, no_think)
+        config = replace(config, modes=resolve_modes(modes))
+    console.print(config_table("generate", config))
+    record_config(config.run_dir, "generate", config, force=force, write=False)
+    shown = "one mode each" if config.think_ratio is not None else " and ".join(config.modes)
+    dryrun.finish([
+        *(["build the embedded teacher (once, 2-3 CPU-minutes)"] if name == teacher else []),
+        f"teacher {name} answers {len(rows)} prompts ({shown}), "
+        f"{config.samples_per_prompt} sample(s) each, up to {config.max_tokens} tokens",
+        f"filter, write shards of {config.shard_size} to {config.run_dir / config.output}",
+    ])  # fmt: skip
+
+
+def dry_offpolicy(config: offpolicy.Config, force: bool) -> None:
+    """`distill offpolicy --dry-run`: trackers, student tokenizer and head, the teacher data."""
+    offpolicy.trackers(config)
+    data_dir = config.data_dir or config.run_dir / "teacher_data"
+    resume = checkpoint.latest(config.run_dir / config.output / "checkpoint")
+    source = str(resume) if resume else config.student
+    n = "the"
+    if not dryrun.pending(source):
+        tok = dryrun.tokenizer(source, "student")
+        width = dryrun.model_config(source, "student").get("vocab_size")
+        if isinstance(width, int) and width < len(tok):
+            raise DistillError(
+                f"model {source} has {width} output rows but its tokenizer {len(tok)} ids: use "
+                "a folder whose config vocab_size covers its tokenizer"
+            )
+        n = str(len(offpolicy.checked_examples(config, data_dir, tok)))
+    elif not data_dir.is_dir():
+        raise DistillError(f"no teacher data in {data_dir}: run `distill generate` first")
+    record_config(config.run_dir, "offpolicy", config, force=force, write=False)
+    dryrun.finish([
+        f"{'resume from ' + str(resume) if resume else 'load ' + config.student}"
+        + (f" with rank-{config.lora_rank} LoRA adapters" if config.lora_rank else ""),
+        f"{config.steps} steps of {config.batch_size} sequences on {n} kept teacher responses "
+        f"from {data_dir}",
+        f"checkpoint every {config.save_every} steps to {config.run_dir / config.output}",
+    ])  # fmt: skip
+
+
 @app.command("offpolicy")
 @user_errors
 def offpolicy_cmd(
@@ -238,30 +309,32 @@ def offpolicy_cmd(
     kd_weight: Annotated[
         float, typer.Option(help="weight of the top-k KD term (needs --store-topk data)")
     ] = offpolicy.Config.kd_weight,
-    kd_divergence: str = offpolicy.Config.kd_divergence,
+    kd_divergence: offpolicy.Divergence = offpolicy.Config.kd_divergence,
     think_block: Annotated[
-        str, typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'")
+        offpolicy.ThinkBlock,
+        typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'"),
     ] = offpolicy.Config.think_block,
     dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
+        Dtype, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ] = offpolicy.Config.dtype,
     log_every: int = offpolicy.Config.log_every,
     save_every: int = offpolicy.Config.save_every,
     report_to: Annotated[
-        str, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
+        offpolicy.Tracker, typer.Option(help="accelerate trackers: none, all, tensorboard, wandb")
     ] = offpolicy.Config.report_to,
     seed: int = offpolicy.Config.seed,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: bool = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
     # Under `accelerate launch` only rank 0 writes and prints. cpu= must match the trainer's
     # Accelerator: the state is shared, and only cpu=True turns a CPU launch into gloo DDP.
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    run_dir = prepare(run_dir) if main else run_dir
-    _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student)
+    run_dir = dryrun.run_dir_for(run_dir)
+    _, student_path = resolve_models(EMBEDDED if student == EMBEDDED else student, student, dry_run)
     config = offpolicy.Config(
         run_dir=run_dir,
         student=student_path,
@@ -275,7 +348,7 @@ def offpolicy_cmd(
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         kd_weight=kd_weight,
-        kd_divergence=kd_divergence,  # type: ignore[arg-type]
+        kd_divergence=kd_divergence,
         think_block=think_block,
         dtype=dtype,
         log_every=log_every,
@@ -287,7 +360,11 @@ def offpolicy_cmd(
         fused_loss=fused_loss,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
+    if dry_run:
+        console.print(config_table("offpolicy", config))
+        return dry_offpolicy(config, force)
     if main:
+        prepare(run_dir)
         console.print(config_table("offpolicy", config))
         record_config(run_dir, "offpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")

@@ -14,8 +14,8 @@ from typing import Annotated
 
 import typer
 from accelerate import PartialState
-from transformers import AutoTokenizer
 
+from cli import dryrun
 from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
@@ -38,17 +38,45 @@ from distill import adapters, pipeline
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
-from distill.onpolicy.rollout import check_request
-from distill.prompts import EMBEDDED
+from distill.onpolicy.rollout import check_request, check_top_k
+from distill.prompts import EMBEDDED, Prompt
 from distill.rundir import append_metrics, prepare, record_config
+from distill.sampling import SamplerKind
 from teachers.chat import vocab_mismatch
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
 C = onpolicy.Config
 # The student's sampler, shared with `distill rl` (distill/sampling.py): the same flags on both.
-SamplerOpt = Annotated[str, typer.Option(help="auto (vllm on GPUs), hf or vllm")]
-SyncEveryOpt = Annotated[int, typer.Option(help="steps between vLLM weight syncs")]
+SamplerOpt = Annotated[SamplerKind, typer.Option(help="auto (vllm on GPUs), hf or vllm")]
+SyncEveryOpt = Annotated[int, typer.Option(help="steps between vLLM weight syncs", min=1)]
+
+
+def dry_onpolicy(
+    config: onpolicy.Config,
+    teacher: str,
+    backend: str,
+    urls: list[str],
+    max_top_k: int,
+    prompts: list[Prompt],
+    force: bool,
+) -> None:
+    """`distill onpolicy --dry-run`: the teacher's top-k limit, the prompts, a changed config."""
+    if not dryrun.pending(teacher):
+        limit = dryrun.teacher_limit(parse_backend(backend), teacher, urls, max_top_k)
+        check_top_k(config.top_k, limit, teacher)
+    if not prompts and config.lmbda < 1.0:
+        raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
+    record_config(config.run_dir, "onpolicy", config, force=force, write=False)
+    g = config.prompts_per_step * config.samples_per_prompt
+    dryrun.finish([
+        f"load the student {config.student}"
+        + (f" with rank-{config.lora_rank} LoRA adapters" if config.lora_rank else ""),
+        f"{config.steps} steps: the student ({config.sampler} sampler) writes {g} responses "
+        f"of up to {config.max_tokens} tokens, teacher {teacher} ({backend}) scores its top "
+        f"{config.top_k}, the student minimises {config.divergence}",
+        f"checkpoint every {config.save_every} steps to {config.run_dir / config.output}",
+    ])  # fmt: skip
 
 
 @app.command("onpolicy")
@@ -77,7 +105,8 @@ def onpolicy_cmd(
     ] = None,
     top_k: Annotated[int, typer.Option(help="teacher log-probs per position")] = C.top_k,
     divergence: Annotated[
-        str, typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd")
+        onpolicy.Divergence,
+        typer.Option(help="reverse_kl, forward_kl, jsd, skew_rkl, skew_fkl or tvd"),
     ] = C.divergence,
     beta: Annotated[float, typer.Option(help="JSD(β): 0 forward, 1 reverse")] = C.beta,
     alpha: Annotated[float, typer.Option(help="skew KL mixing weight")] = C.alpha,
@@ -85,7 +114,7 @@ def onpolicy_cmd(
         float, typer.Option(help="share of slots taken from RUN_DIR/teacher_data")
     ] = C.lmbda,
     truncation: Annotated[
-        str, typer.Option(help="responses at --max-tokens: mask, drop or keep")
+        onpolicy.Truncation, typer.Option(help="responses at --max-tokens: mask, drop or keep")
     ] = C.truncation,
     sampler: SamplerOpt = C.sampler,
     sync_every: SyncEveryOpt = C.sync_every,
@@ -105,12 +134,13 @@ def onpolicy_cmd(
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
     teacher_gpus: TeacherGpusOpt = None,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
     held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
-    run_dir = prepare(run_dir)
+    run_dir = dryrun.run_dir_for(run_dir)
     student_dir = student or str(run_dir / "offpolicy" / "checkpoint")
-    teacher_path, student_path = resolve_models(teacher, student_dir)
+    teacher_path, student_path = resolve_models(teacher, student_dir, dry_run)
     config = onpolicy.Config(
         run_dir=run_dir,
         student=student_path,
@@ -120,7 +150,7 @@ def onpolicy_cmd(
         micro_batch_size=micro_batch_size,
         modes=resolve_modes(
             modes,
-            student_path,
+            None if dryrun.pending(student_path) else student_path,  # not built: Qwen3's modes
             soft_switch=soft_switch,
             thinking_budget=thinking_budget is not None,
         ),
@@ -129,12 +159,12 @@ def onpolicy_cmd(
         max_tokens=max_tokens,
         thinking_budget=thinking_budget,
         top_k=top_k,
-        divergence=divergence,  # type: ignore[arg-type]  (checked by check_request)
+        divergence=divergence,
         beta=beta,
         alpha=alpha,
         lmbda=lmbda,
-        truncation=truncation,  # type: ignore[arg-type]
-        sampler=sampler,  # type: ignore[arg-type]
+        truncation=truncation,
+        sampler=sampler,
         sync_every=sync_every,
         lr=lr,
         save_every=save_every,
@@ -148,18 +178,22 @@ def onpolicy_cmd(
     train_prompts, _ = prompt_sets(
         prompts, n_prompts, 0 if prompts == EMBEDDED else 1, seed, prompt_column, "answer"
     )
-    if Path(teacher_path).is_dir():
+    if Path(teacher_path).is_dir() and not dryrun.pending(student_path):
         refuse_remote_code(teacher_path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
-        teacher_tok = AutoTokenizer.from_pretrained(
-            teacher_path, trust_remote_code=trust_remote_code
+        teacher_tok = dryrun.tokenizer(teacher_path, "teacher", trust_remote_code, dry_run)
+        differ = vocab_mismatch(
+            teacher_tok, dryrun.tokenizer(student_path, "student", False, dry_run)
         )
-        differ = vocab_mismatch(teacher_tok, AutoTokenizer.from_pretrained(student_path))
         if differ is not None:
             raise DistillError(
                 f"teacher and student tokenizers differ: {differ}; distil only into a student "
                 "that shares the teacher's tokenizer and chat template"
             )
         pipeline.check_parity(teacher_tok, student_path)  # chat template: first differing ids
+    if dry_run:
+        return dry_onpolicy(config, teacher_path, teacher_backend, teacher_url or [],
+                            teacher_max_top_k, train_prompts, force)  # fmt: skip
+    prepare(run_dir)
     the_teacher = make_teacher(
         parse_backend(teacher_backend),
         teacher_path,

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from cli.dryrun import check_urls
 from cli.render import console
 from cli.teacher import BACKENDS
 from distill import embedded
@@ -26,7 +27,9 @@ StudentOpt = Annotated[
 ]
 PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet file")]
 BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
-UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
+UrlOpt = Annotated[
+    list[str] | None, typer.Option(help="vLLM server URL (repeatable)", callback=check_urls)
+]
 ModesOpt = Annotated[
     str,
     typer.Option(
@@ -46,15 +49,25 @@ TeacherGpusOpt = Annotated[
 ]
 
 
-def resolve_models(teacher: str, student: str) -> tuple[str, str]:
+def resolve_models(teacher: str, student: str, dry_run: bool = False) -> tuple[str, str]:
     """'embedded' builds (or reuses) the cached tiny pair; a student may also be a Qwen3 size
-    ('8B', '8B-Base'), a hub id, a local folder, or a tiny preset on the teacher's tokenizer."""
+    ('8B', '8B-Base'), a hub id, a local folder, or a tiny preset on the teacher's tokenizer.
+
+    A dry run builds nothing: an embedded pair not built yet is returned as its future folders
+    (`embedded.cached`), and `dryrun.pending` tells the command to skip checks of those."""
     if student not in (EMBEDDED, *TINY_SHAPES):
         student = resolve_student(student)  # fail fast, before a minute of embedded build
     if EMBEDDED in (teacher, student):
+        assets, built = embedded.cached()
+        if dry_run and not built:
+            teacher = str(assets.teacher) if teacher == EMBEDDED else teacher
+            student = str(assets.student) if student == EMBEDDED else student
+            return teacher, student
         assets = embedded.build(log=lambda s: console.print(f"[dim]{s}[/]"))
         teacher = str(assets.teacher) if teacher == EMBEDDED else teacher
         student = str(assets.student) if student == EMBEDDED else student
+    if dry_run and student in TINY_SHAPES:  # built on first use, into the cache: not now
+        return teacher, student
     student = resolve_student(
         student,
         tokenizer_from=teacher if Path(teacher).is_dir() else None,

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from cli import dryrun
 from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.onpolicy import SamplerOpt, SyncEveryOpt
@@ -76,10 +77,11 @@ def rl_cmd(
     lora_rank: LoraRankOpt = rl.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = rl.Config.lora_alpha,
     fused_loss: FusedLossOpt = rl.Config.fused_loss,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """GRPO on the student with answer-correctness reward; device-hours by the same meter."""
-    run_dir = prepare(run_dir)
-    _, student_path = resolve_models(student, student)  # only the student is needed
+    run_dir = dryrun.run_dir_for(run_dir)
+    _, student_path = resolve_models(student, student, dry_run)  # only the student is needed
     train_prompts, held = prompt_sets(
         prompts, n_prompts, eval_prompts, seed, prompt_column, answer_column
     )
@@ -89,7 +91,11 @@ def rl_cmd(
         steps=steps,
         prompts_per_step=prompts_per_step,
         samples_per_prompt=samples_per_prompt,
-        modes=resolve_modes(modes, student_path, soft_switch=soft_switch),
+        modes=resolve_modes(
+            modes,
+            None if dryrun.pending(student_path) else student_path,
+            soft_switch=soft_switch,
+        ),
         soft_switch=soft_switch,
         max_tokens=max_tokens,
         format_weight=format_weight,
@@ -98,7 +104,7 @@ def rl_cmd(
         eval_every=eval_every,
         save_every=save_every,
         seed=seed,
-        sampler=sampler,  # type: ignore[arg-type]  (checked by check_request)
+        sampler=sampler,
         sync_every=sync_every,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
@@ -111,6 +117,18 @@ def rl_cmd(
         prompts=eval_prompts, max_tokens=max_tokens, seed=seed + 1, soft_switch=soft_switch
     )
     console.print(config_table("rl", config))
+    if dry_run:
+        if not dryrun.pending(student_path):
+            dryrun.tokenizer(student_path, "student")
+        record_config(run_dir, "rl", config, force=force, write=False)
+        record_config(run_dir, "eval", eval_config, force=force, write=False)
+        return dryrun.finish([
+            f"load the student {student_path}",
+            f"{steps} GRPO steps of {prompts_per_step} prompts x {samples_per_prompt} "
+            f"responses from {len(train_prompts)} training prompts; evaluate on {len(held)}",
+            f"checkpoint every {save_every} steps to {run_dir / config.output}",
+        ])  # fmt: skip
+    prepare(run_dir)
     record_config(run_dir, "rl", config, force=force)
     record_config(run_dir, "eval", eval_config, force=force)
     atomic_write_json(

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from transformers import AutoTokenizer
 
+from cli import dryrun
 from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
@@ -37,8 +37,9 @@ from distill import adapters, evaluate, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
+from distill.onpolicy.rollout import check_top_k
 from distill.prompts import EMBEDDED
-from distill.rundir import prepare
+from distill.rundir import prepare, record_config
 
 
 @app.command()
@@ -67,7 +68,7 @@ def run(
         int, typer.Option(help="teacher log-probs per position")
     ] = onpolicy.Config.top_k,
     divergence: Annotated[
-        str, typer.Option(help="on-policy divergence")
+        onpolicy.Divergence, typer.Option(help="on-policy divergence")
     ] = onpolicy.Config.divergence,
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
@@ -77,13 +78,15 @@ def run(
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+    dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
-    run_dir = prepare(run_dir)
-    teacher_path, student_path = resolve_models(teacher, student)
+    run_dir = dryrun.run_dir_for(run_dir)
+    teacher_path, student_path = resolve_models(teacher, student, dry_run)
+    template_from = teacher_path if Path(teacher_path).is_dir() else student_path
     mode_tuple = resolve_modes(
         modes,
-        teacher_path if Path(teacher_path).is_dir() else student_path,
+        None if dryrun.pending(template_from) else template_from,  # not built: Qwen3's modes
         soft_switch=soft_switch,
         thinking_budget=thinking_budget is not None,
     )
@@ -119,7 +122,7 @@ def run(
         soft_switch=soft_switch,
         max_tokens=max_tokens,
         top_k=top_k,
-        divergence=divergence,  # type: ignore[arg-type]
+        divergence=divergence,
         seed=seed,
         lora_rank=lora_rank,  # fresh adapters on the merged off-policy checkpoint
         lora_alpha=lora_alpha,
@@ -136,11 +139,31 @@ def run(
         ("onpolicy", on_config),
     ):
         console.print(config_table(title, cfg))
+    if dry_run:
+        if not dryrun.pending(teacher_path) and not dryrun.pending(student_path):
+            limit = dryrun.teacher_limit(
+                parse_backend(teacher_backend), teacher_path, teacher_url or [], top_k
+            )
+            check_top_k(top_k, limit, teacher_path)
+            tok = dryrun.tokenizer(teacher_path if Path(teacher_path).is_dir() else student_path,
+                                   "teacher")  # fmt: skip
+            gen.check_inputs(gen_config, teacher_path, limit, tok, train_prompts)
+            pipeline.check_parity(tok, student_path)
+        for name, cfg in (("generate", gen_config), ("offpolicy", off_config),
+                          ("onpolicy", on_config), ("eval", eval_config)):  # fmt: skip
+            record_config(run_dir, name, cfg, force=force, write=False)
+        return dryrun.finish([
+            f"teacher {teacher_path} ({teacher_backend}) answers {len(train_prompts)} prompts",
+            f"off-policy: {offpolicy_steps} steps on the student {student_path}",
+            f"on-policy: {onpolicy_steps} steps ({divergence}), then evaluation on "
+            f"{len(held)} held-out prompts and the report, all in {run_dir}",
+        ])  # fmt: skip
+    prepare(run_dir)
     the_teacher = make_teacher(
         parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k
     )
-    teacher_tok = AutoTokenizer.from_pretrained(
-        teacher_path if Path(teacher_path).is_dir() else student_path
+    teacher_tok = dryrun.tokenizer(
+        teacher_path if Path(teacher_path).is_dir() else student_path, "teacher", False, False
     )
     with phase_progress() as bars:
         pipeline.run(

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from cli.render import console, user_errors
-from students.load import check_architecture, resolve_student
+from students.load import check_architecture, load_config, resolve_student
 from students.presets import (
     PRESETS,
     Optimizer,
@@ -102,14 +102,12 @@ def students(
             highlight=False,
         )
         return
-    from transformers import AutoConfig
-
     source = resolve_student(model)
     if size is not None:
         check_architecture(source, size)
         console.print(f"{source} has the architecture of Qwen3-{size}", highlight=False)
         return
-    found = identify(AutoConfig.from_pretrained(source))
+    found = identify(load_config(source))
     console.print(
         f"{source}: " + (f"Qwen3-{found.size}" if found else "not one of the Qwen3 sizes"),
         highlight=False,

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import torch
 import typer
 
+from cli import dryrun
 from cli.render import console, user_errors
 from teachers.protocol import Teacher, TeacherError
 
@@ -108,10 +109,11 @@ def parse_backend(name: str) -> TeacherBackend:
 def serve(
     teacher: Annotated[str, typer.Option(help="32B, 235B-A22B, or a local model folder")],
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port; 0 picks a free one")] = 8000,
+    port: Annotated[int, typer.Option(help="port; 0 picks a free one", min=0, max=65535)] = 8000,
     max_logprobs: Annotated[int | None, typer.Option(help="largest top-k served")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
     print_only: Annotated[bool, typer.Option(help="print the command, start nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(help="the same as --print-only")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for /health")] = 900.0,
     scale_out: Annotated[
         bool,
@@ -126,7 +128,13 @@ def serve(
 
     preset = launch.resolve_preset(teacher)
     cpu = launch.on_cpu()
-    port = port or launch.free_port(host)
+    try:
+        port = port or launch.free_port(host)
+    except OSError as e:  # an address that is not this machine's, or not an address at all
+        raise TeacherError(
+            f"--host {host!r} cannot be bound ({e.strerror or e}): pass an address of this "
+            "machine, e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
     cmd = launch.serve_command(
         preset,
         host=host,
@@ -136,7 +144,7 @@ def serve(
         max_model_len=max_model_len,
         enable_scale_out=scale_out,
     )
-    if print_only:
+    if print_only or dry_run:
         print(launch.printable(cmd, cpu))
         return
     url = f"http://{host}:{port}"
@@ -156,19 +164,28 @@ def check(
     teacher: Annotated[str, typer.Option(help="local teacher folder (also the served model)")],
     student: Annotated[str, typer.Option(help="local student folder")],
     teacher_backend: Annotated[str, typer.Option(help="hf, vllm or server")] = "vllm",
-    teacher_url: Annotated[list[str] | None, typer.Option(help="server URL(s)")] = None,
-    max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs")] = 20,
-    top_k: Annotated[int, typer.Option(help="teacher top-k compared")] = 8,
-    n: Annotated[int, typer.Option(help="conversations compared")] = 4,
+    teacher_url: Annotated[
+        list[str] | None, typer.Option(help="server URL(s)", callback=dryrun.check_urls)
+    ] = None,
+    max_top_k: Annotated[int, typer.Option(help="the server's --max-logprobs", min=1)] = 20,
+    top_k: Annotated[int, typer.Option(help="teacher top-k compared", min=1)] = 8,
+    n: Annotated[int, typer.Option(help="conversations compared", min=1)] = 4,
     atol: Annotated[
         float | None,
-        typer.Option(help="largest logprob difference accepted (default: by the teacher's dtype)"),
+        typer.Option(
+            help="largest logprob difference accepted (default: by the teacher's dtype)", min=0
+        ),
     ] = None,
     prompts: Annotated[
         str, typer.Option(help="'generic' (built-in conversations) or your .jsonl/.parquet")
     ] = "generic",
     prompt_column: str = "prompt",
-    max_tokens: Annotated[int, typer.Option(help="greedy tokens the teacher continues")] = 16,
+    max_tokens: Annotated[
+        int, typer.Option(help="greedy tokens the teacher continues", min=1)
+    ] = 16,
+    dry_run: Annotated[
+        bool, typer.Option(help="check folders, tokenizers, templates, the server; load no weights")
+    ] = False,
 ) -> None:
     """Template parity, logprob parity (backend vs transformers), KL(teacher||student)."""
     from rich.table import Table
@@ -184,12 +201,23 @@ def check(
     from teachers.hf import HFTeacher
 
     backend_name = parse_backend(teacher_backend)
-    tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     if prompts == "generic":
         source = [list(c) for c in GENERIC_CONVERSATIONS]
     else:
         source = [list(p.messages) for p in load_prompts(prompts, prompt_column=prompt_column)]
-    convs = check_conversations(tok_t, tok_s, source[: max(n, 1)])
+    if dry_run:
+        tok_t, tok_s = dryrun.tokenizer(teacher, "teacher"), dryrun.tokenizer(student, "student")
+        check_conversations(tok_t, tok_s, source[:n])
+        limit = dryrun.teacher_limit(backend_name, teacher, teacher_url or (), max_top_k)
+        if not 1 <= top_k <= limit:
+            raise TeacherError(f"--top-k {top_k} is outside 1..{limit}, what the teacher serves")
+        dryrun.finish([
+            f"compare {backend_name} with transformers on {min(n, len(source))} conversations, "
+            f"and KL(teacher || student) on them"
+        ])  # fmt: skip
+        return
+    tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
+    convs = check_conversations(tok_t, tok_s, source[:n])
     backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)
     reference = HFTeacher.from_pretrained(teacher)
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()

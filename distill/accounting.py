@@ -221,6 +221,9 @@ class GpuLedger:
         self._stack.append((name, devices, is_teacher))
         try:
             yield meter
+        except BaseException as e:
+            e.__dict__.setdefault("distill_phase", name)  # innermost: the CLI's crash line names it
+            raise
         finally:
             self._charge(time.perf_counter())
             self._stack.pop()

@@ -156,14 +156,20 @@ def sft(
     return float(loss.detach())
 
 
-def build(recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> Assets:
-    """Return the cached assets for `recipe`, building them first if needed (2-3 CPU-minutes)."""
+def cached(recipe: Recipe = Recipe()) -> tuple[Assets, bool]:
+    """(where `recipe`'s assets live, whether they are built); builds nothing."""
     weights = {k: v for k, v in recipe.__dict__.items() if k != "check_problems"}  # the cache key
     digest = hashlib.sha256(json.dumps(weights, sort_keys=True).encode()).hexdigest()
-    key = f"{VERSION}-{digest[:10]}"
-    root = cache_root() / "embedded" / key
+    root = cache_root() / "embedded" / f"{VERSION}-{digest[:10]}"
     assets = Assets(teacher=root / "teacher", student=root / "student")
-    if (root / "done.json").exists():
+    return assets, (root / "done.json").exists()
+
+
+def build(recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> Assets:
+    """Return the cached assets for `recipe`, building them first if needed (2-3 CPU-minutes)."""
+    assets, built = cached(recipe)
+    root = assets.teacher.parent
+    if built:
         return assets
     shutil.rmtree(root, ignore_errors=True)  # a half-built folder from a killed build
     started = time.monotonic()

@@ -17,7 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from distill.objective import topk_divergence
 from distill.offpolicy.filters import verify
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import atomic_write_json, config_dict, read_json
+from distill.validation import AT_LEAST_1, Flag, check_fields
 from losses import Divergence
 from students.sample import sample
 from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt, think_end_token
@@ -61,11 +62,14 @@ def decode(tokenizer: PreTrainedTokenizerBase, ids: np.ndarray) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    prompts: int = 32
-    top_k: int = 16
-    max_tokens: int = 256
+    prompts: Annotated[int, AT_LEAST_1] = 32
+    top_k: Annotated[int, AT_LEAST_1] = 16
+    max_tokens: Annotated[int, AT_LEAST_1] = 256
     seed: int = 1234
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @torch.no_grad()
@@ -176,11 +180,12 @@ def accuracy(
 class PassConfig:
     """Sampled evaluation: `n` samples per prompt and mode, pass@k for each k in `ks`."""
 
-    n: int = 8
+    n: Annotated[int, AT_LEAST_1] = 8
     ks: tuple[int, ...] = (1, 4, 8)
     modes: tuple[Mode, ...] = MODES
-    max_tokens: int = 256
-    budgets: tuple[int, ...] = ()  # thinking budgets of the curve (thinking mode)
+    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    # thinking budgets of the curve (thinking mode)
+    budgets: Annotated[tuple[int, ...], AT_LEAST_1, Flag("--thinking-budget")] = ()
     budget_sentence: str = BUDGET_SENTENCE
     think_sampling: SamplingParams = THINKING_SAMPLING  # the paper's presets per mode
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
@@ -198,6 +203,7 @@ class PassConfig:
             )
         if any(b < 1 for b in self.budgets):
             raise DistillError(f"--thinking-budget values must be >= 1 token, got {self.budgets}")
+        check_fields(self)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
@@ -69,6 +70,9 @@ def lr_at(step: int, *, lr: float, steps: int, warmup: int, min_ratio: float) ->
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # a trainer's weights and compute
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from distill.accounting import BANDWIDTH, PEAK_FLOPS, forward_flops, train_flops
 from distill.architectures import Architecture, architecture
 from distill.errors import DistillError
+from distill.validation import check_fields
 
 MEMORY_BYTES = {"H100": 80e9, "H200": 141e9, "A100": 80e9, "L40S": 48e9}
 
@@ -50,6 +51,7 @@ class Assumptions:
     sampling_throughput: float = 0.0
 
     def check(self) -> None:
+        check_fields(self)  # finite numbers, non-negative counts
         if self.gpu not in PEAK_FLOPS:
             raise DistillError(f"--gpu {self.gpu!r} is not one of {', '.join(PEAK_FLOPS)}")
         if not (0 < self.mfu <= 1 and 0 < self.bandwidth_utilisation <= 1):

@@ -75,8 +75,12 @@ def config_dict(config: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
-def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -> None:
+def record_config(
+    run_dir: Path, phase: str, config: Any, force: bool = False, write: bool = True
+) -> None:
     """Write `phase`'s resolved config into config.json; refuse a changed one unless `force`.
+
+    `write=False` (a dry run) only refuses.
 
     A rerun into the same directory resumes, so it must mean the same run: otherwise finished
     shards or checkpoints from the old config would be mixed with new ones.
@@ -99,8 +103,9 @@ def record_config(run_dir: Path, phase: str, config: Any, force: bool = False) -
             f"{run_dir} already holds a {phase} run with a different config "
             f"(changed: {', '.join(changed)}): use a new --run-dir, or --force to overwrite"
         )
-    configs[phase] = new
-    atomic_write_json(path, configs)
+    if write:
+        configs[phase] = new
+        atomic_write_json(path, configs)
 
 
 def _defaults(config: Any) -> dict[str, Any]:

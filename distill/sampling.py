@@ -28,15 +28,6 @@ from teachers.chat import ALL_MODES, BUDGET_SENTENCE, Mode, generate_with_budget
 from teachers.protocol import Generation, SamplingParams
 
 SamplerKind = Literal["auto", "hf", "vllm"]
-SAMPLERS = ("auto", "hf", "vllm")
-
-
-def check(kind: str, sync_every: int) -> None:
-    """Refuse a sampler request before anything is loaded or written."""
-    if kind not in SAMPLERS:
-        raise DistillError(f"--sampler {kind!r}: choose auto, hf or vllm")
-    if sync_every < 1:
-        raise DistillError(f"--sync-every {sync_every}: use 1 or more (steps between syncs)")
 
 
 def token_id(tokenizer: PreTrainedTokenizerBase, token: str | None, role: str | None) -> int:

@@ -18,6 +18,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -98,12 +99,23 @@ def build_tiny(name: str, tokenizer_from: str, cache: Path, seed: int = 0) -> Pa
     return out
 
 
+def load_config(source: str) -> PretrainedConfig:
+    """config.json of a model folder or hub id, or a StudentError naming it and the fix."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as e:  # not found, not reachable, not a model config
+        raise StudentError(
+            f"cannot read the config of {source!r} ({' '.join(str(e).split())[:200]}): pass a "
+            "local model folder, or a hub id whose files are reachable or cached"
+        ) from None
+
+
 def check_architecture(source: str, size: str) -> None:
     """Refuse a model whose config.json does not have the architecture of Qwen3-`size`."""
     found = find_preset(size)
     if found is None:
         raise StudentError(f"unknown Qwen3 size {size!r}: choose one of {', '.join(PRESETS)}")
-    config = AutoConfig.from_pretrained(source)
+    config = load_config(source)
     diff = architecture_mismatch(config, found[0])
     if diff is not None:
         raise StudentError(

@@ -430,7 +430,7 @@ def on(run: Path, pair: TinyPair, *extra: str, student: Path | None = None) -> l
     ("extra", "needle"),
     [
         (["--divergence", "hellinger"], "--divergence 'hellinger' is unknown"),
-        (["--lmbda", "1.5"], "is not a fraction"),
+        (["--lmbda", "1.5"], "must lie in [0, 1]"),
         (["--truncation", "cut"], "choose mask, drop or keep"),
     ],
 )

@@ -74,7 +74,7 @@ def test_bad_lora_options_exit_2_before_recording(
     (tmp_path / "witness").write_text("earlier work")
     refused(off(tmp_path, tiny_pair.student_dir, "--lora-alpha", "8"), tmp_path,
             "--lora-alpha needs --lora-rank > 0")  # fmt: skip
-    refused(on(tmp_path, tiny_pair, "--lora-rank", "-2"), tmp_path, "positive rank")
+    refused(on(tmp_path, tiny_pair, "--lora-rank", "-2"), tmp_path, "--lora-rank -2 must lie in")
     monkeypatch.setitem(sys.modules, "peft", None)  # as where peft is not installed
     for args in (off(tmp_path, tiny_pair.student_dir), on(tmp_path, tiny_pair)):
         refused([*args, "--lora-rank", "4"], tmp_path, "pip install 'distill[peft]'")

@@ -107,9 +107,9 @@ def test_the_flag_reaches_the_loaders(
         seen.append(kwargs.get("trust_remote_code"))
         raise DistillError("stopped before loading")
 
-    import cli.offpolicy
+    import cli.dryrun
 
-    monkeypatch.setattr(cli.offpolicy.AutoTokenizer, "from_pretrained", tokenizer_loader)
+    monkeypatch.setattr(cli.dryrun.AutoTokenizer, "from_pretrained", tokenizer_loader)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "What is 2+3?"}\n')
     result = runner.invoke(app, ["generate", "--run-dir", str(tmp_path / "run"), "--teacher",

@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +38,7 @@ from distill.offpolicy.dataset import (
 from distill.offpolicy.filters import VERDICTS, repetition_score, verdict
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_bytes, config_dict
+from distill.validation import AT_LEAST_1, FRACTION, check_budget, check_fields
 from teachers.chat import (
     ALL_MODES,
     BUDGET_SENTENCE,
@@ -63,26 +65,34 @@ Key = tuple[int, Mode, int]  # (prompt index, mode, sample index); the row key u
 __all__ = ["SCHEMA", "TOPK_FIELDS", "VERDICTS", "count_verdicts", "read_rows", "row_key", "schema"]
 
 
+Overlong = Literal["drop", "truncate"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     run_dir: Path
     output: str = "teacher_data"  # sub-folder of run_dir for the shards
     modes: tuple[Mode, ...] = MODES  # every prompt in each of these modes
-    think_ratio: float | None = None  # instead: this share of prompts in think mode, the rest not
+    # instead of both modes: this share of prompts in think mode, the rest not
+    think_ratio: Annotated[float, FRACTION] | None = None
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
-    samples_per_prompt: int = 1
-    max_tokens: int = 512
-    thinking_budget: int | None = None  # thinking tokens before the stop sentence is inserted
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 1
+    max_tokens: Annotated[int, AT_LEAST_1] = 512
+    # thinking tokens before the stop sentence is inserted
+    thinking_budget: Annotated[int, AT_LEAST_1] | None = None
     budget_sentence: str = BUDGET_SENTENCE
     store_topk: int = 0  # > 0: also store the teacher's top-k log-probs of its own responses
-    max_prompt_tokens: int = 1024
-    overlong: str = "drop"  # "drop" or "truncate" prompts longer than max_prompt_tokens
-    shard_size: int = 64
-    repetition_threshold: float = 0.5
+    max_prompt_tokens: Annotated[int, AT_LEAST_1] = 1024
+    overlong: Overlong = "drop"  # prompts longer than max_prompt_tokens
+    shard_size: Annotated[int, AT_LEAST_1] = 64
+    repetition_threshold: Annotated[float, FRACTION] = 0.5
     seed: int = 0
     # Paper presets by mode (FACTS.md); temperature 0 in both gives greedy data.
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
+
+    def __post_init__(self) -> None:
+        check_config(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,17 +108,10 @@ class Summary:
 
 def check_config(config: Config) -> None:
     """Refuse settings that cannot mean anything, naming the flag to change."""
-    if config.overlong not in ("drop", "truncate"):
-        raise DistillError(f"--overlong {config.overlong!r}: choose drop or truncate")
-    if config.think_ratio is not None:
-        if not 0.0 <= config.think_ratio <= 1.0:
-            raise DistillError(f"--think-ratio {config.think_ratio} must lie in [0, 1]")
-        if tuple(config.modes) != MODES:
-            raise DistillError("--think-ratio picks a mode per prompt: leave --modes at both")
-    if config.samples_per_prompt < 1 or config.shard_size < 1 or config.max_tokens < 1:
-        raise DistillError("--samples-per-prompt, --shard-size and --max-tokens must be >= 1")
-    if config.thinking_budget is not None and config.thinking_budget < 1:
-        raise DistillError(f"--thinking-budget {config.thinking_budget} must be >= 1")
+    check_fields(config)  # choices and ranges, from the field types
+    if config.think_ratio is not None and tuple(config.modes) != MODES:
+        raise DistillError("--think-ratio picks a mode per prompt: leave --modes at both")
+    check_budget(config.thinking_budget, config.max_tokens)
 
 
 def prompt_modes(n: int, config: Config) -> list[tuple[Mode, ...]]:
@@ -153,16 +156,14 @@ def fit_prompt(
     return None  # the template and the other messages alone exceed the limit
 
 
-def generate(
+def check_inputs(
     config: Config,
-    teacher: Teacher,
+    teacher_name: str,
+    max_top_k: int,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
-    ledger: GpuLedger,
-    progress: ProgressFn | None = None,
-    force: bool = False,
-) -> Summary:
-    """Write every missing shard of teacher responses; return counts by mode and verdict."""
+) -> None:
+    """What `generate` checks before it writes anything (`distill generate --dry-run` too)."""
     check_config(config)
     if not prompts:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
@@ -174,24 +175,37 @@ def generate(
                 "unique or drop it (rows are then numbered)"
             )
         seen.add(p.id)
-    if config.store_topk > teacher.max_top_k:
+    if config.store_topk > max_top_k:
         raise DistillError(
-            f"--store-topk {config.store_topk} is above what teacher {teacher.name} serves "
-            f"({teacher.max_top_k}): lower --store-topk, or restart the server with a larger "
+            f"--store-topk {config.store_topk} is above what teacher {teacher_name} serves "
+            f"({max_top_k}): lower --store-topk, or restart the server with a larger "
             "--max-logprobs"
         )
-    out = config.run_dir / config.output
-    settings = {k: v for k, v in config_dict(config).items() if k != "run_dir"}
-    claim(out, teacher.name, settings, prompts, force)
-    for stale in out.glob(".shard-*.tmp"):  # left by a writer killed mid-write; never read
-        stale.unlink()
-
     check_modes(
         config.modes,
         tokenizer,
         soft_switch=config.soft_switch,
         thinking_budget=config.thinking_budget is not None,
     )
+
+
+def generate(
+    config: Config,
+    teacher: Teacher,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    ledger: GpuLedger,
+    progress: ProgressFn | None = None,
+    force: bool = False,
+) -> Summary:
+    """Write every missing shard of teacher responses; return counts by mode and verdict."""
+    check_inputs(config, teacher.name, teacher.max_top_k, tokenizer, prompts)
+    out = config.run_dir / config.output
+    settings = {k: v for k, v in config_dict(config).items() if k != "run_dir"}
+    claim(out, teacher.name, settings, prompts, force)
+    for stale in out.glob(".shard-*.tmp"):  # left by a writer killed mid-write; never read
+        stale.unlink()
+
     modes_of = prompt_modes(len(prompts), config)
     fitted: dict[tuple[int, Mode], tuple[list[int], tuple[Message, ...]]] = {}
     dropped: set[int] = set()

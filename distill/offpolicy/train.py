@@ -30,6 +30,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import torch
 from accelerate import Accelerator
@@ -43,10 +44,11 @@ from transformers import (
 
 from distill import adapters, checkpoint, manifest
 from distill.accounting import GpuLedger, matmul_params, train_flops
-from distill.batch import Batch, collate, next_token_view, step_batches
+from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
 from distill.fused_step import ce_topk_loss, choose_head
 from distill.objective import (
+    Dtype,
     LogFn,
     cross_entropy,
     global_target_tokens,
@@ -58,10 +60,13 @@ from distill.objective import (
 )
 from distill.offpolicy.examples import fingerprint, load_examples
 from distill.rundir import append_metrics, config_dict
+from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from losses import Divergence
 from students import lora
 
-TRACKERS = ("none", "all", "tensorboard", "wandb")
+ThinkBlock = Literal["prompt", "target"]
+Tracker = Literal["none", "all", "tensorboard", "wandb"]
+TRACKERS: tuple[Tracker, ...] = ("none", "all", "tensorboard", "wandb")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,25 +75,34 @@ class Config:
     student: str  # a from_pretrained folder (or hub id where the network allows)
     data_dir: Path | None = None  # default: RUN_DIR/teacher_data
     output: str = "offpolicy"  # sub-folder of run_dir for checkpoints
-    steps: int = 100
-    batch_size: int = 16  # sequences per optimizer step (all processes)
-    micro_batch_size: int = 8  # sequences per forward/backward on one process
-    lr: float = 1e-3
+    steps: Annotated[int, AT_LEAST_1] = 100
+    batch_size: Annotated[int, AT_LEAST_1] = 16  # sequences per optimizer step (all processes)
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8  # per forward/backward on one process
+    lr: Annotated[float, NON_NEGATIVE] = 1e-3
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    kd_weight: float = 0.0  # > 0 needs data generated with --store-topk
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    grad_clip: Annotated[float, POSITIVE] = 1.0
+    kd_weight: Annotated[float, NON_NEGATIVE] = 0.0  # > 0 needs data generated with --store-topk
     kd_divergence: Divergence = "forward_kl"
-    think_block: str = "prompt"  # no_think rows: the empty think block as "prompt" or "target"
-    dtype: str = "auto"  # bf16 on GPUs that support it, fp32 on CPU
-    log_every: int = 10
-    save_every: int = 50
-    report_to: str = "none"  # accelerate trackers: none, all, tensorboard, wandb
+    # no_think rows: the empty think block as "prompt" or "target"
+    think_block: ThinkBlock = "prompt"
+    dtype: Dtype = "auto"  # bf16 on GPUs that support it, fp32 on CPU
+    log_every: Annotated[int, AT_LEAST_1] = 10
+    save_every: Annotated[int, AT_LEAST_1] = 50
+    report_to: Tracker = "none"  # accelerate trackers
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
-    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # CE (+ KD) from hidden states in chunks, no (B, T, V) logits
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices, from the field types above
+        if self.batch_size % self.micro_batch_size != 0:
+            raise DistillError(
+                f"--batch-size {self.batch_size} must be a multiple of --micro-batch-size "
+                f"{self.micro_batch_size}: every process runs the same number of micro-batches"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,10 +139,8 @@ def micro_batch_loss(
     return per_token.sum(), ce.detach().sum()
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    """An Accelerator with the requested trackers, refusing ones that are not installed."""
-    if config.report_to not in TRACKERS:
-        raise DistillError(f"--report-to {config.report_to!r}: choose one of {', '.join(TRACKERS)}")
+def trackers(config: Config) -> list[str]:
+    """The accelerate trackers `report_to` names, refusing ones that are not installed."""
     available = {str(t) for t in get_available_trackers()}
     wanted = {"none": [], "all": sorted(available)}.get(config.report_to, [config.report_to])
     missing = [t for t in wanted if t not in available]
@@ -137,11 +149,38 @@ def make_accelerator(config: Config) -> Accelerator:
             f"--report-to {config.report_to}: {missing[0]} is not installed: "
             f"pip install {missing[0]}, or pass --report-to none (metrics.jsonl is always written)"
         )
+    return wanted
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    """An Accelerator with the requested trackers, refusing ones that are not installed."""
+    wanted = trackers(config)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         log_with=wanted or None,  # type: ignore[arg-type]
         project_dir=str(config.run_dir / "trackers"),
     )
+
+
+def checked_examples(
+    config: Config, data_dir: Path, tokenizer: PreTrainedTokenizerBase
+) -> list[Example]:
+    """The kept teacher responses, refused if another tokenizer wrote them or too few."""
+    vocab_size = len(tokenizer)
+    examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
+    top = max(max(*e.prompt_ids, *e.response_ids) for e in examples)
+    if top >= vocab_size:  # cross-entropy would clamp it: silent training on the wrong token
+        raise DistillError(
+            f"the teacher data in {data_dir} holds token id {top}, but the student's tokenizer "
+            f"has {vocab_size} ids: the data was tokenized by another tokenizer; use a student "
+            "that shares the teacher's tokenizer, or regenerate the data with it"
+        )
+    if len(examples) < config.batch_size:
+        raise DistillError(
+            f"{len(examples)} kept teacher responses are fewer than --batch-size "
+            f"{config.batch_size}: lower --batch-size or generate more data"
+        )
+    return examples
 
 
 def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
@@ -164,8 +203,6 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             f"(one micro-batch per process per step): use --micro-batch-size "
             f"{config.batch_size // world}, or FSDP for accumulation"
         )
-    if config.think_block not in ("prompt", "target"):
-        raise DistillError(f"--think-block {config.think_block!r}: choose prompt or target")
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed, sharded)
     config.run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,19 +221,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
     )
     check_head(student, vocab_size, source)
-    examples = load_examples(data_dir, config.kd_weight > 0, tokenizer, config.think_block)
-    top = max(max(*e.prompt_ids, *e.response_ids) for e in examples)
-    if top >= vocab_size:  # cross-entropy would clamp it: silent training on the wrong token
-        raise DistillError(
-            f"the teacher data in {data_dir} holds token id {top}, but the student's tokenizer "
-            f"has {vocab_size} ids: the data was tokenized by another tokenizer; use a student "
-            "that shares the teacher's tokenizer, or regenerate the data with it"
-        )
-    if len(examples) < config.batch_size:
-        raise DistillError(
-            f"{len(examples)} kept teacher responses are fewer than --batch-size "
-            f"{config.batch_size}: lower --batch-size or generate more data"
-        )
+    examples = checked_examples(config, data_dir, tokenizer)
     data_id = fingerprint(data_dir)
     epoch_steps = len(examples) // config.batch_size  # full batches only: no ragged last step
     start = 0

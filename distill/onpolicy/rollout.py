@@ -14,13 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from distill import sampling
 from distill.errors import DistillError
 from distill.offpolicy.generate import read_rows
 from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
 from distill.sampling import mode_params, mode_presets, sample_modes
-from losses import DIVERGENCES
 from students.sample import Sampler
 from teachers.chat import ALL_MODES, Mode, render_prompt
 from teachers.protocol import Generation, Teacher, TopK
@@ -28,7 +26,13 @@ from teachers.protocol import Generation, Teacher, TopK
 if TYPE_CHECKING:
     from distill.onpolicy.train import Config
 
-TRUNCATIONS = ("mask", "drop", "keep")
+
+def check_top_k(top_k: int, max_top_k: int, teacher_name: str) -> None:
+    if top_k < 1 or top_k > max_top_k:
+        raise DistillError(
+            f"--top-k {top_k} is outside 1..{max_top_k}, what teacher {teacher_name} serves: "
+            "lower --top-k, or raise the teacher's limit (vLLM: --max-logprobs / max_top_k)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,32 +56,10 @@ class OffPolicyRow:
 
 
 def check_request(config: Config, teacher: Teacher, prompts: Sequence[Prompt]) -> None:
-    """Refuse bad settings before any model is loaded or anything is written."""
-    if config.top_k < 1 or config.top_k > teacher.max_top_k:
-        raise DistillError(
-            f"--top-k {config.top_k} is outside 1..{teacher.max_top_k}, what teacher "
-            f"{teacher.name} serves: lower --top-k, or raise the teacher's limit (vLLM: "
-            "--max-logprobs / max_top_k)"
-        )
-    if config.divergence not in DIVERGENCES:
-        raise DistillError(
-            f"--divergence {config.divergence!r} is unknown: choose one of "
-            f"{', '.join(sorted(DIVERGENCES))}"
-        )
-    if config.truncation not in TRUNCATIONS:
-        raise DistillError(f"--truncation {config.truncation!r}: choose mask, drop or keep")
-    sampling.check(config.sampler, config.sync_every)
-    if not 0.0 <= config.lmbda <= 1.0:
-        raise DistillError(f"--lmbda {config.lmbda} is not a fraction: pass a value in [0, 1]")
-    if not 0.0 <= config.beta <= 1.0 or not 0.0 <= config.alpha < 1.0:
-        raise DistillError(
-            f"--beta {config.beta} / --alpha {config.alpha}: beta must be in [0, 1], alpha in "
-            "[0, 1)"
-        )
-    if min(config.steps, config.prompts_per_step, config.samples_per_prompt) < 1:
-        raise DistillError("--steps, --prompts-per-step and --samples-per-prompt must be >= 1")
-    if config.micro_batch_size < 1:
-        raise DistillError("--micro-batch-size must be >= 1")
+    """Refuse what the config alone cannot: the teacher's top-k limit, an empty prompt set.
+
+    Ranges and choices were checked when the config was built (`Config.__post_init__`)."""
+    check_top_k(config.top_k, teacher.max_top_k, teacher.name)
     if not prompts and config.lmbda < 1.0:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
 

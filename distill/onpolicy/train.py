@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.fused_step import choose_head, topk_loss
 from distill.objective import (
+    Dtype,
     LogFn,
     global_target_tokens,
     lr_at,
@@ -55,6 +56,15 @@ from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
 from distill.rundir import append_metrics, prepare
 from distill.sampling import SamplerKind, make_sampler, sync_due
+from distill.validation import (
+    AT_LEAST_1,
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    check_budget,
+    check_fields,
+)
 from losses import Divergence
 from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
@@ -68,38 +78,48 @@ class Config:
     run_dir: Path
     student: str  # usually RUN_DIR/offpolicy/checkpoint
     output: str = "onpolicy"
-    steps: int = 50
-    prompts_per_step: int = 8  # slots per step; each gives G sequences
-    samples_per_prompt: int = 2  # G
-    micro_batch_size: int = 8
+    steps: Annotated[int, AT_LEAST_1] = 50
+    prompts_per_step: Annotated[int, AT_LEAST_1] = 8  # slots per step; each gives G sequences
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 2  # G
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 8
     modes: tuple[Mode, ...] = MODES
-    think_ratio: float = 0.5  # exact share of on-policy prompts in thinking mode (both modes on)
+    # exact share of on-policy prompts in thinking mode (both modes on)
+    think_ratio: Annotated[float, FRACTION] = 0.5
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
-    max_tokens: int = 256
-    thinking_budget: int | None = None  # thinking tokens before the budget sentence is forced
+    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    # thinking tokens before the budget sentence is forced
+    thinking_budget: Annotated[int, AT_LEAST_1] | None = None
     budget_sentence: str = BUDGET_SENTENCE
-    top_k: int = 16  # teacher log-probs per position (vLLM: <= its max_logprobs)
+    top_k: Annotated[int, AT_LEAST_1] = 16  # teacher log-probs per position (vLLM: <= max_logprobs)
     divergence: Divergence = "reverse_kl"
-    beta: float = 0.5  # JSD(β): 0 forward KL, 1 reverse KL (TRL's convention)
-    alpha: float = 0.1  # skew KL mixing weight
-    lmbda: float = 0.0  # share of slots filled from the teacher's dataset (GKD's mixing)
+    beta: Annotated[float, FRACTION] = 0.5  # JSD(β): 0 forward KL, 1 reverse KL (TRL's convention)
+    alpha: Annotated[float, Range(lo=0, hi=1, hi_open=True)] = 0.1  # skew KL mixing weight
+    # share of slots filled from the teacher's dataset (GKD's mixing)
+    lmbda: Annotated[float, FRACTION] = 0.0
     data_dir: Path | None = None  # teacher rows for lmbda > 0; default RUN_DIR/teacher_data
     truncation: Truncation = "keep"  # responses at max_tokens: trained / no loss / not used
     sampler: SamplerKind = "auto"  # auto: vllm with CUDA and vllm installed, else hf
-    sync_every: int = 1  # steps between weight pushes into a vllm sampler (hf: always current)
-    lr: float = 1e-4  # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
+    # steps between weight pushes into a vllm sampler (hf: always current)
+    sync_every: Annotated[int, AT_LEAST_1] = 1
+    # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
+    lr: Annotated[float, NON_NEGATIVE] = 1e-4
     warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    log_every: int = 1
-    save_every: int = 25
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    grad_clip: Annotated[float, POSITIVE] = 1.0
+    dtype: Dtype = "auto"
+    log_every: Annotated[int, AT_LEAST_1] = 1
+    save_every: Annotated[int, AT_LEAST_1] = 25
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
-    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices, from the field types above
+        check_budget(self.thinking_budget, self.max_tokens)
+        check_modes(self.modes, self.think_ratio, 0.0, [])  # the teacher's rows: at train time
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from distill.batch import Batch, Example, collate, next_token_view
 from distill.errors import DistillError
 from distill.fused_step import choose_head, policy_gradient_loss
 from distill.objective import (
+    Dtype,
     LogFn,
     cross_entropy,
     global_target_tokens,
@@ -58,6 +60,7 @@ from distill.sampling import (
     sample_modes,
     sync_due,
 )
+from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from students.sample import Sampler
 from teachers.chat import MODES, Mode, render_prompt
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
@@ -68,32 +71,38 @@ class Config:
     run_dir: Path
     student: str  # usually the off-policy checkpoint, the starting point of on-policy too
     output: str = "rl"
-    steps: int = 50
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 8  # G: the group each advantage is relative to
-    micro_batch_size: int = 16
+    steps: Annotated[int, AT_LEAST_1] = 50
+    prompts_per_step: Annotated[int, AT_LEAST_1] = 4
+    samples_per_prompt: Annotated[int, AT_LEAST_1] = 8  # G: the group each advantage is relative to
+    micro_batch_size: Annotated[int, AT_LEAST_1] = 16
     modes: tuple[Mode, ...] = MODES
-    think_ratio: float = 0.5  # share of prompts in thinking mode when both modes are on
+    think_ratio: Annotated[float, FRACTION] = 0.5  # share in thinking mode when both modes are on
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
-    max_tokens: int = 256
-    format_weight: float = 0.0  # reward for a well-formed response, on top of correctness
+    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    # reward for a well-formed response, on top of correctness
+    format_weight: Annotated[float, NON_NEGATIVE] = 0.0
     scale_by_std: bool = True  # GRPO; False: Dr. GRPO (centred rewards only)
-    lr: float = 5e-5  # by its own objective: 2e-4 left the mean reward flat and drifted the policy
+    # by its own objective: 2e-4 left the mean reward flat and drifted the policy
+    lr: Annotated[float, NON_NEGATIVE] = 5e-5
     warmup_steps: int = 5
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    dtype: str = "auto"
-    log_every: int = 5
-    save_every: int = 25
+    min_lr_ratio: Annotated[float, FRACTION] = 0.1
+    grad_clip: Annotated[float, POSITIVE] = 1.0
+    dtype: Dtype = "auto"
+    log_every: Annotated[int, AT_LEAST_1] = 5
+    save_every: Annotated[int, AT_LEAST_1] = 25
     eval_every: int = 0  # 0: evaluate before the first step and after the last only
     seed: int = 0
     sampler: SamplerKind = "auto"  # as on-policy: vllm with CUDA and vllm installed, else hf
-    sync_every: int = 1  # steps between weight pushes into a vllm sampler (hf: always current)
+    # steps between weight pushes into a vllm sampler (hf: always current)
+    sync_every: Annotated[int, AT_LEAST_1] = 1
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
-    lora_alpha: int | None = None  # LoRA scale = alpha / rank; None: alpha = 2 x rank
+    lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
+
+    def __post_init__(self) -> None:
+        check_fields(self)  # ranges and choices, from the field types above
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,17 +159,13 @@ def logits_loss(
 
 
 def check_request(config: Config, prompts: Sequence[Prompt]) -> None:
-    """Refuse bad settings before any model is loaded or anything is written."""
+    """Refuse what the config alone cannot (its ranges and choices were checked when it was
+    built): a training prompt without a reference answer."""
     if any(p.answer is None for p in prompts):
         raise DistillError(
             "RL needs a reference answer for every training prompt (the reward checks it): "
             "pass --answer-column naming the answers, or filter out prompts without one"
         )
-    sampling.check(config.sampler, config.sync_every)
-    if min(config.steps, config.prompts_per_step, config.samples_per_prompt) < 1:
-        raise DistillError("--steps, --prompts-per-step and --samples-per-prompt must be >= 1")
-    if config.micro_batch_size < 1:
-        raise DistillError("--micro-batch-size must be >= 1")
 
 
 def train(
