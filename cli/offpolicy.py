@@ -24,10 +24,12 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
     BackendOpt,
+    GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     StudentOpt,
+    TeacherDtypeOpt,
     TeacherOpt,
     UrlOpt,
     resolve_models,
@@ -139,6 +141,7 @@ def generate(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    teacher_dtype: TeacherDtypeOpt = "auto",
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
     run_dir = prepare(run_dir)
@@ -183,6 +186,7 @@ def generate(
         teacher_url or [],
         max_top_k=store_topk or None,
         trust_remote_code=trust_remote_code,
+        dtype=teacher_dtype,
     )
     record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")
@@ -246,6 +250,7 @@ def offpolicy_cmd(
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: bool = False,
+    gradient_checkpointing: GradCheckpointOpt = offpolicy.Config.gradient_checkpointing,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
     # Under `accelerate launch` only rank 0 writes and prints. cpu= must match the trainer's
@@ -269,6 +274,7 @@ def offpolicy_cmd(
         kd_divergence=kd_divergence,  # type: ignore[arg-type]
         think_block=think_block,
         dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
         log_every=log_every,
         save_every=save_every,
         report_to=report_to,

@@ -21,9 +21,12 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
     BackendOpt,
+    DtypeOpt,
+    GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
+    TeacherDtypeOpt,
     TeacherOpt,
     UrlOpt,
     prompt_sets,
@@ -99,6 +102,12 @@ def onpolicy_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    dtype: DtypeOpt = C.dtype,
+    teacher_dtype: TeacherDtypeOpt = "auto",
+    warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
+        C.warmup_steps
+    ),
+    gradient_checkpointing: GradCheckpointOpt = C.gradient_checkpointing,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
     run_dir = prepare(run_dir)
@@ -129,6 +138,9 @@ def onpolicy_cmd(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         fused_loss=fused_loss,
+        dtype=dtype,
+        warmup_steps=warmup_steps,
+        gradient_checkpointing=gradient_checkpointing,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     console.print(config_table("onpolicy", config))
@@ -153,6 +165,7 @@ def onpolicy_cmd(
         teacher_url or [],
         max_top_k=teacher_max_top_k,
         trust_remote_code=trust_remote_code,
+        dtype=teacher_dtype,
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)

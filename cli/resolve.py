@@ -13,6 +13,7 @@ from cli.teacher import BACKENDS
 from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
+from students.dtype import HELP as DTYPE_HELP
 from students.load import resolve_student
 from students.tiny import TINY_SHAPES
 from teachers.chat import MODES, Mode
@@ -27,6 +28,17 @@ PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet f
 BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
 UrlOpt = Annotated[list[str] | None, typer.Option(help="vLLM server URL (repeatable)")]
 ModesOpt = Annotated[str, typer.Option(help="think, no_think, or both")]
+TeacherDtypeOpt = Annotated[
+    str, typer.Option(help=f"the teacher's dtype (hf, vllm backends): {DTYPE_HELP}")
+]
+DtypeOpt = Annotated[str, typer.Option(help=f"the student's training dtype: {DTYPE_HELP}")]
+GradCheckpointOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="recompute each layer's activations in the backward: far less memory, ~30% slower",
+    ),
+]
 TeacherGpusOpt = Annotated[
     int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
 ]

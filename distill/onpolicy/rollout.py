@@ -23,6 +23,7 @@ from distill.offpolicy.generate import read_rows
 from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
 from losses import DIVERGENCES
+from students.dtype import resolve_name
 from students.sample import HFSampler, Sampler
 from teachers.chat import MODES, Mode, generate_with_budget, render_prompt
 from teachers.protocol import Generation, Teacher, TopK
@@ -144,7 +145,10 @@ def make_sampler(
     limit = int(json.loads((Path(source) / "config.json").read_text())["max_position_embeddings"])
     try:
         return VLLMSampler.from_pretrained(
-            source, max_model_len=min(limit, longest + config.max_tokens + extra), seed=config.seed
+            source,
+            max_model_len=min(limit, longest + config.max_tokens + extra),
+            seed=config.seed,
+            dtype=resolve_name(config.dtype, config.student),  # the student's training dtype
         )
     except ImportError as e:
         raise DistillError(str(e)) from None

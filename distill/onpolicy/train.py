@@ -91,7 +91,8 @@ class Config:
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    dtype: str = "auto"
+    dtype: str = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: int = 1
     save_every: int = 25
     seed: int = 0
@@ -206,7 +207,13 @@ def train(
             f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
         )
     # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
+    student = adapters.load(
+        config.student,
+        resume,
+        resolve_dtype(config.dtype, config.student),
+        lora_config,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
     check_head(student, vocab_size, source)
     n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
@@ -349,7 +356,7 @@ def train(
             if accelerator.is_main_process:
                 model = accelerator.unwrap_model(student)
                 state = {**trainer_state(optimizer, step, config), **adapters.state(model)}
-                checkpoint.save(out, adapters.export(model), tokenizer, state)
+                checkpoint.save(out, adapters.export(model, config.student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     close = getattr(sampler, "close", None)
     if owned and close is not None:

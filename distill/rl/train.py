@@ -135,7 +135,8 @@ def train(
     resume = checkpoint.latest(out)
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
-    student = AutoModelForCausalLM.from_pretrained(source, dtype=resolve_dtype(config.dtype))
+    dtype = resolve_dtype(config.dtype, config.student)
+    student = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     pad_id, vocab_size = int(tokenizer.pad_token_id), len(tokenizer)
     n_params = matmul_params(student)
     optimizer = torch.optim.AdamW(
