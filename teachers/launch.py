@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from students import dtype as dtypes
+from students.engines import start_watchdog
 from teachers.protocol import TeacherError
 
 # Environment variable holding the server's API key (client and server). Its value is never logged.
@@ -202,11 +203,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_server(
     cmd: list[str], env: dict[str, str], log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start the server in its own process group, so a caller can stop it and its workers."""
+    """Start the server in its own process group, so a caller can stop it and its workers.
+
+    A watchdog (students/engines.py) stops the server's process tree when this process dies,
+    however it dies (SIGTERM, SIGKILL, OOM): no orphaned server holding the teacher's memory.
+    """
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with proc)
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
+    start_watchdog([proc.pid])
+    return proc
 
 
 def wait_healthy(
