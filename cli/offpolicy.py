@@ -31,6 +31,7 @@ from cli.resolve import (
     StudentOpt,
     TeacherDtypeOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     resolve_models,
     resolve_modes,
@@ -142,6 +143,7 @@ def generate(
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
     teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
 ) -> None:
     """The teacher answers the prompts; responses are filtered and written as parquet shards."""
     run_dir = prepare(run_dir)
@@ -187,6 +189,7 @@ def generate(
         max_top_k=store_topk or None,
         trust_remote_code=trust_remote_code,
         dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json")

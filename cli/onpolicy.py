@@ -28,6 +28,7 @@ from cli.resolve import (
     RunDir,
     TeacherDtypeOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
@@ -104,6 +105,7 @@ def onpolicy_cmd(
     ] = False,
     dtype: DtypeOpt = C.dtype,
     teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
     warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
         C.warmup_steps
     ),
@@ -166,6 +168,7 @@ def onpolicy_cmd(
         max_top_k=teacher_max_top_k,
         trust_remote_code=trust_remote_code,
         dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)

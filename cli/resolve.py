@@ -39,6 +39,13 @@ GradCheckpointOpt = Annotated[
         help="recompute each layer's activations in the backward: far less memory, ~30% slower",
     ),
 ]
+TeacherParamsOpt = Annotated[
+    int,
+    typer.Option(
+        help="the teacher's parameters in matrix products, for the ledger's FLOPs (2·N per "
+        "token); 0: from its config (a local folder or a Qwen3 hub id)"
+    ),
+]
 TeacherGpusOpt = Annotated[
     int, typer.Option(help="GPUs a remote teacher holds for the whole run (0: in-process)")
 ]

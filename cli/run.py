@@ -27,6 +27,7 @@ from cli.resolve import (
     TeacherDtypeOpt,
     TeacherGpusOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
@@ -77,6 +78,7 @@ def run(
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
     teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
     run_dir = prepare(run_dir)
@@ -134,6 +136,7 @@ def run(
         teacher_url or [],
         max_top_k=top_k,
         dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     teacher_tok = AutoTokenizer.from_pretrained(
         teacher_path if Path(teacher_path).is_dir() else student_path

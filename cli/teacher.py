@@ -31,15 +31,33 @@ def make_teacher(
     max_top_k: int | None = None,
     trust_remote_code: bool = False,
     dtype: str = "auto",
+    n_params: int = 0,
 ) -> Teacher:
     """A teacher behind the protocol; `model` is a local folder (hf, vllm) or the served name.
 
     `max_top_k` is the server's `--max-logprobs` (default 20) for `server`, the engine's
     `max_logprobs` for `vllm`, and ignored for `hf` (it serves the full width). `dtype`
     (`--teacher-dtype`): the weights' dtype in `hf` and `vllm`; a server runs in the dtype it
-    was started with (`distill teacher serve --dtype`).
+    was started with (`distill teacher serve --dtype`). `n_params` (`--teacher-params`): the
+    teacher's N for the ledger's FLOPs (2·N per token); 0 reads it from the model's config.
     """
     check_name(dtype, "--teacher-dtype")
+    if n_params < 0:
+        raise TeacherError(f"--teacher-params {n_params}: use 0 (from the config) or a count")
+    teacher = _make(backend, model, urls, max_top_k, trust_remote_code, dtype)
+    if n_params:
+        teacher.matmul_params = n_params  # type: ignore[attr-defined]  (every backend has it)
+    return teacher
+
+
+def _make(
+    backend: TeacherBackend,
+    model: str,
+    urls: Sequence[str],
+    max_top_k: int | None,
+    trust_remote_code: bool,
+    dtype: str,
+) -> Teacher:
     if backend == "hf":
         from teachers.hf import HFTeacher
 

@@ -11,9 +11,10 @@ holding ~10 GiB each. `EngineGuard` prevents that and reports deaths:
             reach the engine's direct child of distill, not the processes it started;
   memory    a daemon thread samples the RSS of every engine process (peak and last), so a death
             can say how much the process held, and a benchmark can read the peaks;
-  deaths    `calls(...)` turns an exception raised while an engine process is gone (vLLM's
-            EngineDeadError, a broken pipe) into `EngineDied`: one `error:` line naming the
-            process, its pid and its memory, with the fix (rerun: the run resumes).
+  deaths    when one engine process dies the guard stops the rest of its tree (a surviving
+            worker would leave vLLM's client waiting forever); `calls(...)` then turns the
+            error raised (vLLM's EngineDeadError) into `EngineDied`: one `error:` line naming
+            the process, its pid and its memory, with the fix (rerun: the run resumes).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ class Seen:
     """What the guard last saw of one engine process."""
 
     name: str
+    proc: psutil.Process
     peak_rss: int = 0
     last_rss: int = 0
     alive: bool = True
@@ -97,6 +99,7 @@ class EngineGuard:
     roots: list[psutil.Process]
     seen: dict[int, Seen] = field(default_factory=dict)
     watchdog: subprocess.Popen[bytes] | None = None
+    on_death: Callable[[], None] | None = None  # wakes a call blocked on the dead engine
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
@@ -143,7 +146,7 @@ class EngineGuard:
                 zombie = p.status() == psutil.STATUS_ZOMBIE
             except psutil.Error:
                 continue
-            s = self.seen.setdefault(p.pid, Seen(name=name))
+            s = self.seen.setdefault(p.pid, Seen(name=name, proc=p))
             s.last_rss = rss if not zombie else s.last_rss
             s.peak_rss = max(s.peak_rss, s.last_rss)
         for pid, s in self.seen.items():
@@ -152,6 +155,20 @@ class EngineGuard:
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             self.sample()
+            if any(not s.alive for s in self.seen.values()):
+                self._kill_rest()
+                if self.on_death is not None:
+                    self.on_death()
+                return
+
+    def _kill_rest(self) -> None:
+        """One engine process died: stop the others. A worker that outlives its EngineCore keeps
+        the core's exit pipe open, so vLLM's client never notices the death and a call hangs;
+        with the whole tree gone it raises EngineDeadError, which `calls` turns into one line."""
+        for s in self.seen.values():
+            if s.alive:
+                with suppress(psutil.Error):
+                    s.proc.kill()
 
     def peak_rss(self) -> dict[str, int]:
         """Peak RSS in bytes of each engine process seen, by 'name (pid)'."""
@@ -188,6 +205,22 @@ class EngineGuard:
         if self.watchdog is not None and self.watchdog.poll() is None:
             self.watchdog.terminate()
             self.watchdog.wait()
+
+
+def wake_blocked_call(llm: object) -> None:
+    """Make a `vllm.LLM` call that waits on a dead engine raise EngineDeadError.
+
+    vLLM 0.32's sync client notices the death and shuts down, but its output thread then exits
+    without a word, and a call already waiting on the output queue waits forever: give it the
+    error it would have raised.
+    """
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    queue = getattr(client, "outputs_queue", None)
+    put = getattr(queue, "put_nowait", None)
+    if put is not None:
+        put(EngineDeadError())
 
 
 def start_watchdog(pids: Sequence[int]) -> subprocess.Popen[bytes]:

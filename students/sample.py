@@ -73,8 +73,14 @@ def _sample_chunk(
         attn[i, P - len(p) :] = 1
     positions = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P)
     cache = DynamicCache()
+    # logits_to_keep=1: the prefill's head runs on the last position only; the full (B, P, V)
+    # logits were P x 151,936 floats per prompt at real vocabulary size, all but one unused.
     logits = model(
-        input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=positions,
+        past_key_values=cache,
+        logits_to_keep=1,
     ).logits[:, -1, :vocab_size]  # (B, V): padded head rows are never sampled
     tokens = torch.empty((B, params.max_tokens), dtype=torch.long, device=device)
     seen = torch.zeros((B, vocab_size), dtype=torch.bool, device=device)  # for presence penalty

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from students import dtype as dtypes
 from students import lora
-from students.engines import EngineGuard
+from students.engines import EngineGuard, wake_blocked_call
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ class VLLMSampler:
     ) -> None:
         self.llm = llm
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
+        if guard is not None:
+            guard.on_death = lambda: wake_blocked_call(llm)
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.width = int(llm.llm_engine.model_config.get_vocab_size())
         self.syncs = 0

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from students import dtype as dtypes
+from students.presets import config_matmul_params
 from students.sample import sample
 from teachers.protocol import (
     Generation,
@@ -42,6 +43,7 @@ class HFTeacher:
         self.eos_id, self.pad_id = eos_id, pad_id
         self._name = name
         self.batch_size, self.chunk = batch_size, chunk
+        self.matmul_params = config_matmul_params(model.config)  # FLOPs: 2·N per scored token
 
     @classmethod
     def from_pretrained(

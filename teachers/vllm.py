@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from students import dtype as dtypes
-from students.engines import EngineGuard
+from students.engines import EngineGuard, wake_blocked_call
+from students.presets import folder_matmul_params
 from teachers.protocol import (
     Generation,
     SamplingParams,
@@ -48,9 +49,13 @@ class VLLMTeacher:
         eos_id: int,
         max_top_k: int,
         guard: EngineGuard | None = None,
+        matmul_params: int = 0,
     ) -> None:
         self.llm = llm
+        self.matmul_params = matmul_params  # FLOPs: 2·N per scored or generated token
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
+        if guard is not None:
+            guard.on_death = lambda: wake_blocked_call(llm)
         self._name, self._vocab_size, self.eos_id = name, vocab_size, eos_id
         self._max_top_k = max_top_k
         self._width = int(llm.llm_engine.model_config.get_vocab_size())
@@ -111,6 +116,7 @@ class VLLMTeacher:
             eos_id=int(tokenizer.eos_token_id),
             max_top_k=max_top_k,
             guard=guards[0],
+            matmul_params=folder_matmul_params(path),
         )
 
     def close(self) -> None:

@@ -29,7 +29,13 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, PreTrainedModel
 
 from distill import adapters, checkpoint
-from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
+from distill.accounting import (
+    GpuLedger,
+    forward_flops,
+    matmul_params,
+    teacher_flops,
+    train_flops,
+)
 from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.fused_step import choose_head, topk_loss
@@ -267,7 +273,7 @@ def train(
             scores = teacher.score(seqs, plens, config.top_k) if seqs else []
             rollouts = [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
             n_scored = sum(len(s) for s in seqs)
-            meter.add(n_scored)
+            meter.add(n_scored, teacher_flops(teacher, n_scored))
             t_score = time.perf_counter() - t0
         examples = build_examples(rollouts, config.truncation)
         forced = [r.generation.forced for r in rollouts]
