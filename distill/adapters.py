@@ -84,7 +84,7 @@ def export(model: PreTrainedModel, student: str | None = None) -> PreTrainedMode
     merged = lora.merged_model(model)
     if student is not None:
         # Merges keep the input's dtype: a bf16 base trained under --dtype float32 saves bf16.
-        merged = merged.to(dtypes.TORCH[dtypes.checkpoint_dtype(student)])
+        torch.nn.Module.to(merged, dtypes.TORCH[dtypes.checkpoint_dtype(student)])
     return merged
 
 

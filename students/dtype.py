@@ -19,6 +19,8 @@ from students.presets import StudentError
 
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[DTypeName, ...] = ("auto", "float32", "bfloat16", "float16")
+Concrete = Literal["float32", "bfloat16", "float16"]
+CONCRETE: tuple[Concrete, ...] = ("float32", "bfloat16", "float16")
 TORCH: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -34,14 +36,17 @@ def check_name(name: str, option: str = "--dtype") -> DTypeName:
     raise StudentError(f"{option} {name!r} is not a dtype: use one of {', '.join(DTYPE_NAMES)}")
 
 
-def checkpoint_dtype(path: str | Path) -> str:
+def checkpoint_dtype(path: str | Path) -> Concrete:
     """The dtype a checkpoint folder was saved in ('float32' when it records none)."""
     config = Path(path) / "config.json"
     if not config.exists():
         return "float32"
     data = json.loads(config.read_text())
     name = data.get("dtype") or data.get("torch_dtype") or "float32"
-    return name if name in TORCH else "float32"
+    for concrete in CONCRETE:
+        if concrete == name:
+            return concrete
+    return "float32"
 
 
 def device_supports(name: str, cuda: bool) -> bool:
@@ -53,11 +58,11 @@ def device_supports(name: str, cuda: bool) -> bool:
     return True
 
 
-def resolve_name(name: str, checkpoint: str | Path | None, *, cuda: bool | None = None) -> str:
+def resolve_name(name: str, checkpoint: str | Path | None, *, cuda: bool | None = None) -> Concrete:
     """The concrete dtype name for `name` ('auto' read from `checkpoint`)."""
-    name = check_name(name)
-    if name != "auto":
-        return name
+    asked = check_name(name)
+    if asked != "auto":
+        return asked
     cuda = torch.cuda.is_available() if cuda is None else cuda
     own = checkpoint_dtype(checkpoint) if checkpoint is not None else "float32"
     return own if device_supports(own, cuda) else "float32"

@@ -195,7 +195,7 @@ class VLLMSampler:
         self.syncs += 1
 
 
-def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> str:
+def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
     """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
     it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
     return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)
