@@ -25,13 +25,16 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
     BackendOpt,
+    GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
     StudentOpt,
+    TeacherDtypeOpt,
     TeacherGpusOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     resolve_models,
     resolve_modes,
@@ -142,6 +145,8 @@ def generate(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
     teacher_gpus: TeacherGpusOpt = None,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
@@ -198,6 +203,8 @@ def generate(
         teacher_url or [],
         max_top_k=store_topk or None,
         trust_remote_code=trust_remote_code,
+        dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)
@@ -327,6 +334,7 @@ def offpolicy_cmd(
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: bool = False,
+    gradient_checkpointing: GradCheckpointOpt = offpolicy.Config.gradient_checkpointing,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """Fine-tune the student on the kept teacher responses (resumes from its checkpoint)."""
@@ -351,6 +359,7 @@ def offpolicy_cmd(
         kd_divergence=kd_divergence,
         think_block=think_block,
         dtype=dtype,
+        gradient_checkpointing=gradient_checkpointing,
         log_every=log_every,
         save_every=save_every,
         report_to=report_to,

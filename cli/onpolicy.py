@@ -22,12 +22,16 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
     BackendOpt,
+    DtypeOpt,
+    GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
+    TeacherDtypeOpt,
     TeacherGpusOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
@@ -133,6 +137,13 @@ def onpolicy_cmd(
     trust_remote_code: Annotated[
         bool, typer.Option(help="run Python code shipped in the teacher's folder (auto_map)")
     ] = False,
+    dtype: DtypeOpt = C.dtype,
+    teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
+    warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
+        C.warmup_steps
+    ),
+    gradient_checkpointing: GradCheckpointOpt = C.gradient_checkpointing,
     teacher_gpus: TeacherGpusOpt = None,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
@@ -172,6 +183,9 @@ def onpolicy_cmd(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         fused_loss=fused_loss,
+        dtype=dtype,
+        warmup_steps=warmup_steps,
+        gradient_checkpointing=gradient_checkpointing,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     console.print(config_table("onpolicy", config))
@@ -200,6 +214,8 @@ def onpolicy_cmd(
         teacher_url or [],
         max_top_k=teacher_max_top_k,
         trust_remote_code=trust_remote_code,
+        dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     check_request(config, the_teacher, train_prompts)  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)

@@ -93,6 +93,11 @@ def config_table(title: str, config: Any) -> Table:
     table.add_column("value")
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value) and hasattr(value, "max_tokens"):
+            # A sampling preset runs with the config's --max-tokens: show that, not its default.
+            effective = getattr(config, "max_tokens", None)
+            if effective is not None:
+                value = dataclasses.replace(value, max_tokens=effective)  # type: ignore[type-var]
         table.add_row(
             field.name, json.dumps(value, default=str) if not isinstance(value, str) else value
         )

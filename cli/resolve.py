@@ -15,6 +15,8 @@ from cli.teacher import BACKENDS
 from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
+from students.dtype import HELP as DTYPE_HELP
+from students.dtype import DTypeName
 from students.load import resolve_student
 from students.tiny import TINY_SHAPES
 from teachers.chat import MODE_CHOICES, MODES, Mode, check_modes, detect_format, modes_for
@@ -39,6 +41,25 @@ ModesOpt = Annotated[
 ]
 SoftSwitchOpt = Annotated[
     bool, typer.Option(help="switch modes by /think, /no_think in the user turn")
+]
+TeacherDtypeOpt = Annotated[
+    DTypeName, typer.Option(help=f"the teacher's dtype (hf, vllm backends): {DTYPE_HELP}")
+]
+DtypeOpt = Annotated[DTypeName, typer.Option(help=f"the student's training dtype: {DTYPE_HELP}")]
+GradCheckpointOpt = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="recompute each layer's activations in the backward: far less memory, ~30% slower",
+    ),
+]
+TeacherParamsOpt = Annotated[
+    int,
+    typer.Option(
+        help="the teacher's parameters in matrix products, for the ledger's FLOPs (2·N per "
+        "token); 0: from its config (a local folder or a Qwen3 hub id)",
+        min=0,
+    ),
 ]
 TeacherGpusOpt = Annotated[
     list[int] | None,

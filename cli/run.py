@@ -25,8 +25,10 @@ from cli.resolve import (
     RunDir,
     SoftSwitchOpt,
     StudentOpt,
+    TeacherDtypeOpt,
     TeacherGpusOpt,
     TeacherOpt,
+    TeacherParamsOpt,
     UrlOpt,
     prompt_sets,
     resolve_models,
@@ -78,6 +80,8 @@ def run(
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
+    teacher_dtype: TeacherDtypeOpt = "auto",
+    teacher_params: TeacherParamsOpt = 0,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
@@ -160,7 +164,12 @@ def run(
         ])  # fmt: skip
     prepare(run_dir)
     the_teacher = make_teacher(
-        parse_backend(teacher_backend), teacher_path, teacher_url or [], max_top_k=top_k
+        parse_backend(teacher_backend),
+        teacher_path,
+        teacher_url or [],
+        max_top_k=top_k,
+        dtype=teacher_dtype,
+        n_params=teacher_params,
     )
     teacher_tok = dryrun.tokenizer(
         teacher_path if Path(teacher_path).is_dir() else student_path, "teacher", False, False

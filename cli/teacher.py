@@ -8,6 +8,7 @@ distill teacher check --teacher ./teacher --student ./student --teacher-backend 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
@@ -15,6 +16,8 @@ import typer
 
 from cli import dryrun
 from cli.render import console, user_errors
+from students.dtype import HELP as DTYPE_HELP
+from students.dtype import DTypeName, check_name, resolve
 from teachers.protocol import Teacher, TeacherError
 
 TeacherBackend = Literal["hf", "vllm", "server"]
@@ -30,21 +33,43 @@ def make_teacher(
     *,
     max_top_k: int | None = None,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
+    n_params: int = 0,
 ) -> Teacher:
     """A teacher behind the protocol; `model` is a local folder (hf, vllm) or the served name.
 
     `max_top_k` is the server's `--max-logprobs` (default 20) for `server`, the engine's
-    `max_logprobs` for `vllm`, and ignored for `hf` (it serves the full width).
+    `max_logprobs` for `vllm`, and ignored for `hf` (it serves the full width). `dtype`
+    (`--teacher-dtype`): the weights' dtype in `hf` and `vllm`; a server runs in the dtype it
+    was started with (`distill teacher serve --dtype`). `n_params` (`--teacher-params`): the
+    teacher's N for the ledger's FLOPs (2·N per token); 0 reads it from the model's config.
     """
+    check_name(dtype, "--teacher-dtype")
+    if n_params < 0:
+        raise TeacherError(f"--teacher-params {n_params}: use 0 (from the config) or a count")
+    teacher = _make(backend, model, urls, max_top_k, trust_remote_code, dtype)
+    if n_params:
+        teacher.matmul_params = n_params  # type: ignore[attr-defined]  (every backend has it)
+    return teacher
+
+
+def _make(
+    backend: TeacherBackend,
+    model: str,
+    urls: Sequence[str],
+    max_top_k: int | None,
+    trust_remote_code: bool,
+    dtype: str,
+) -> Teacher:
     if backend == "hf":
         from teachers.hf import HFTeacher
 
-        return HFTeacher.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return HFTeacher.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
     if backend == "vllm":
         from teachers.vllm import VLLMTeacher  # lazy: vllm is an optional extra
 
         return VLLMTeacher.from_pretrained(
-            model, max_top_k=max_top_k or 20, trust_remote_code=trust_remote_code
+            model, max_top_k=max_top_k or 20, dtype=dtype, trust_remote_code=trust_remote_code
         )
     if backend == "server":
         from teachers.server import ServerTeacher
@@ -122,6 +147,7 @@ def serve(
             "prompt_logprob_token_ids where the model runner supports it (GPUs), else fall back"
         ),
     ] = False,
+    dtype: Annotated[str, typer.Option(help=DTYPE_HELP)] = "auto",
 ) -> None:
     """Start a vLLM server for a teacher, wait until healthy, print its URL, keep it running."""
     from teachers import launch
@@ -143,6 +169,7 @@ def serve(
         max_logprobs=max_logprobs,
         max_model_len=max_model_len,
         enable_scale_out=scale_out,
+        dtype=dtype,
     )
     if print_only or dry_run:
         print(launch.printable(cmd, cpu))
@@ -183,6 +210,7 @@ def check(
     max_tokens: Annotated[
         int, typer.Option(help="greedy tokens the teacher continues", min=1)
     ] = 16,
+    teacher_dtype: Annotated[DTypeName, typer.Option(help=DTYPE_HELP)] = "auto",
     dry_run: Annotated[
         bool, typer.Option(help="check folders, tokenizers, templates, the server; load no weights")
     ] = False,
@@ -218,13 +246,16 @@ def check(
         return
     tok_t, tok_s = AutoTokenizer.from_pretrained(teacher), AutoTokenizer.from_pretrained(student)
     convs = check_conversations(tok_t, tok_s, source[:n])
-    backend = make_teacher(backend_name, teacher, teacher_url or (), max_top_k=max_top_k)
-    reference = HFTeacher.from_pretrained(teacher)
+    backend = make_teacher(
+        backend_name, teacher, teacher_url or (), max_top_k=max_top_k, dtype=teacher_dtype
+    )
+    reference = HFTeacher.from_pretrained(teacher, dtype="float32")  # the exact reference
     student_model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     report = logprob_parity(
         backend, reference, reference.model, student_model, tok_t, convs, top_k, max_tokens
     )
-    dtype = next(reference.model.parameters()).dtype
+    # The reference is fp32: the difference measured is the backend's rounding at its dtype.
+    dtype = resolve(teacher_dtype, teacher if Path(teacher).is_dir() else None)
     tol = atol if atol is not None else TOLERANCE.get(dtype, TOLERANCE[torch.bfloat16])
     diff = max(report.max_actual_diff, report.max_topk_diff)
 

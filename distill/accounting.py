@@ -111,6 +111,13 @@ def train_flops(
     return forward + 2.0 * n_params * tokens + 2.0 * trainable * tokens + 2.0 * attention
 
 
+def teacher_flops(teacher: object, tokens: int) -> float:
+    """Forward FLOPs of a teacher over `tokens` scored or generated tokens: 2·N per token, with
+    the N every backend reports as `matmul_params` (from its config, or --teacher-params);
+    a teacher that reports none (a test fake, an unknown served model) counts 0."""
+    return forward_flops(int(getattr(teacher, "matmul_params", 0) or 0), tokens)
+
+
 def matmul_params(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Parameters of a transformers model that take part in matrix products (see forward_flops):
     the matrices, less an untied input embedding (a lookup); norm scales and biases are not.

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.errors import DistillError
+from students import dtype as dtypes
 from students import lora
 
 
@@ -50,14 +51,24 @@ def settings(rank: int, alpha: int | None, seed: int, sharded: bool = False) -> 
 
 
 def load(
-    student: str, resume: Path | None, dtype: torch.dtype, config: lora.Config | None
+    student: str,
+    resume: Path | None,
+    dtype: torch.dtype,
+    config: lora.Config | None,
+    *,
+    gradient_checkpointing: bool = False,
 ) -> PreTrainedModel:
-    """The model to train: the checkpoint (else `student`) in full, or `student` wrapped."""
-    if config is None:
-        source = str(resume) if resume else student
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    base = AutoModelForCausalLM.from_pretrained(student, dtype=dtype)
-    return lora.wrap(base, config)
+    """The model to train: the checkpoint (else `student`) in full, or `student` wrapped.
+
+    `gradient_checkpointing`: keep only each layer's input for the backward and recompute the
+    rest (activation memory ~ layers x tokens x hidden instead of ~10x that). Non-reentrant, so
+    it works with a frozen embedding under LoRA without forcing input gradients.
+    """
+    source = str(resume) if resume and config is None else student
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model if config is None else lora.wrap(model, config)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -65,9 +76,16 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def export(model: PreTrainedModel) -> PreTrainedModel:
-    """What a checkpoint folder holds: the model itself, or a plain model of the merged weights."""
-    return lora.merged_model(model) if lora.is_wrapped(model) else model
+def export(model: PreTrainedModel, student: str | None = None) -> PreTrainedModel:
+    """What a checkpoint folder holds: the model itself (in its training dtype), or a plain model
+    of the merged weights in the dtype of the `student` checkpoint the adapters were put on."""
+    if not lora.is_wrapped(model):
+        return model
+    merged = lora.merged_model(model)
+    if student is not None:
+        # Merges keep the input's dtype: a bf16 base trained under --dtype float32 saves bf16.
+        torch.nn.Module.to(merged, dtypes.TORCH[dtypes.checkpoint_dtype(student)])
+    return merged
 
 
 def state(model: PreTrainedModel) -> dict[str, Any]:

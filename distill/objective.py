@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
 
 import torch
 from accelerate import Accelerator
 
 from distill.batch import Batch, next_token_view
 from losses import Divergence, divergence, topk_support
+from students import dtype as dtypes
 
 LogFn = Callable[[str, int, int, Mapping[str, float]], None]  # (phase, step, total, metrics)
 
@@ -72,12 +72,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]  # a trainer's weights and compute
+Dtype = dtypes.DTypeName  # a trainer's weights and compute: auto, float32, bfloat16, float16
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """'auto': bf16 on a CUDA device that supports it, fp32 elsewhere (CPU training stays fp32)."""
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def resolve_dtype(name: str, checkpoint: str | None = None) -> torch.dtype:
+    """The student's training dtype: 'auto' is `checkpoint`'s own where the device supports it
+    (students/dtype.py), so a bf16 checkpoint trains, and is saved, in bf16; fp32 otherwise."""
+    return dtypes.resolve(name, checkpoint)

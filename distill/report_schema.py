@@ -161,7 +161,7 @@ def from_run_dir(run_dir: Path) -> RunReport:
             f"{run_dir}: no ledger.json, so no phase was metered "
             f"({', '.join(expected) or 'no phase recorded in config.json'}): device-hours unknown"
         )
-    if not evals:
+    if not evals and not any((run_dir / "eval").glob("*.json")):  # `distill eval` results
         problems.append(f"{run_dir}: no eval.json: no evaluation metrics to compare")
     stage_hours = {s: marks[s] for s in evals if s in marks}
     if len(stage_hours) < len(evals) and len(points) == len(evals):

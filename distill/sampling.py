@@ -61,13 +61,15 @@ def make_sampler(
     modes: Sequence[Mode],
     max_tokens: int,
     seed: int,
+    dtype: str | None = None,
     soft_switch: bool = False,
     budget_sentence: str = BUDGET_SENTENCE,
 ) -> Sampler:
     """The sampler for `model` (the unwrapped training model; `source` its folder on disk).
 
     A vLLM engine is sized for the longest rendered prompt plus `max_tokens` plus the budget
-    sentence a thinking budget may force in.
+    sentence a thinking budget may force in, and runs in `dtype` (the student's training dtype
+    name: the weights it receives at each sync are in that dtype).
     """
     eos_id, pad_id = token_id(tokenizer, "<|im_end|>", "eos"), token_id(tokenizer, None, "pad")
     if resolve_sampler(kind) == "hf":
@@ -82,7 +84,10 @@ def make_sampler(
     limit = int(json.loads((Path(source) / "config.json").read_text())["max_position_embeddings"])
     try:
         return VLLMSampler.from_pretrained(
-            source, max_model_len=min(limit, longest + max_tokens + extra), seed=seed
+            source,
+            max_model_len=min(limit, longest + max_tokens + extra),
+            seed=seed,
+            dtype=dtype,
         )
     except ImportError as e:
         raise DistillError(str(e)) from None

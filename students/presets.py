@@ -17,6 +17,7 @@ and AdamW keeps two states per trainable parameter (8-bit AdamW: one byte each),
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -174,6 +175,40 @@ def count_params(config: PretrainedConfig) -> ParamCount:
     routed = int(getattr(config, "num_experts_per_tok", 0) or 0)
     active = total - experts + (experts * routed // n_experts if n_experts else 0)
     return ParamCount(total=total, embedding=embedding, active=active)
+
+
+def config_matmul_params(config: PretrainedConfig) -> int:
+    """Parameters in matrix products per token (2·N FLOPs each, distill/accounting.py): every
+    matrix on the meta device, less an untied input embedding (a lookup); MoE: active experts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    seen: set[int] = set()
+    total = experts = 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or p.dim() < 2:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if ".experts." in name or name.endswith(".experts"):
+            experts += p.numel()
+    tied = head is not None and head.weight is emb.weight
+    n_experts = int(getattr(config, "num_experts", 0) or 0)
+    routed = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    active = total - experts + (experts * routed // n_experts if n_experts else 0)
+    return active if tied else active - emb.weight.numel()
+
+
+def folder_matmul_params(model: str | Path) -> int:
+    """`config_matmul_params` of a local folder's config.json, or of a Qwen3 hub id; 0 unknown."""
+    from transformers import AutoConfig
+
+    if (Path(model) / "config.json").exists():
+        return config_matmul_params(AutoConfig.from_pretrained(model))
+    found = find_preset(str(model))
+    return config_matmul_params(preset_config(found[0])) if found else 0
 
 
 def lora_params(config: PretrainedConfig, rank: int, targets: tuple[str, ...]) -> int:

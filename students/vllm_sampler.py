@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from students import dtype as dtypes
 from students import lora
+from students.engines import EngineGuard, wake_blocked_call
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -84,8 +87,13 @@ def load_weights_in_place(worker: object, packed: list[tuple[str, bytes, list[in
 class VLLMSampler:
     """Samples the student with vLLM; `sync(model)` pushes the training weights into the engine."""
 
-    def __init__(self, llm: LLM, *, vocab_size: int, eos_id: int) -> None:
+    def __init__(
+        self, llm: LLM, *, vocab_size: int, eos_id: int, guard: EngineGuard | None = None
+    ) -> None:
         self.llm = llm
+        self.guard = guard  # the engine's processes: die with distill, deaths as one line
+        if guard is not None:
+            guard.on_death = lambda: wake_blocked_call(llm)
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.width = int(llm.llm_engine.model_config.get_vocab_size())
         self.syncs = 0
@@ -106,21 +114,28 @@ class VLLMSampler:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-        llm = LLM(
-            model=str(path),
-            max_model_len=max_model_len,
-            seed=seed,
-            # On CPU (vllm-cpu, shared/ASSETS.md): fp32, eager, a tenth of host RAM.
-            dtype=engine_dtype(dtype, on_cpu),
-            enforce_eager=on_cpu,
-            gpu_memory_utilization=0.1 if on_cpu else 0.9,
-        )
+        with EngineGuard.around("vLLM student sampler") as guards:
+            llm = LLM(
+                model=str(path),
+                max_model_len=max_model_len,
+                seed=seed,
+                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
+                dtype=engine_dtype(dtype, path, on_cpu),
+                enforce_eager=on_cpu,
+                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+            )
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(llm, vocab_size=len(tokenizer), eos_id=int(tokenizer.eos_token_id))
+        eos_id = int(tokenizer.eos_token_id)
+        return cls(llm, vocab_size=len(tokenizer), eos_id=eos_id, guard=guards[0])
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
+        if self.guard is not None:
+            self.guard.close()
+
+    def _calls(self) -> AbstractContextManager[None]:
+        return self.guard.calls() if self.guard is not None else nullcontext()
 
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
@@ -145,7 +160,8 @@ class VLLMSampler:
             for i in range(len(prompts))
         ]
         token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
-        outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)
+        with self._calls():
+            outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -172,20 +188,14 @@ class VLLMSampler:
             # bf16 has no numpy dtype: ship its bits as int16 and let the worker reinterpret them
             raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
             packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
-        self.llm.collective_rpc(load_weights_in_place, args=(packed,))
+        with self._calls():
+            self.llm.collective_rpc(load_weights_in_place, args=(packed,))
         # Cached KV blocks were computed with the old weights: a hit would mix two policies.
         self.llm.reset_prefix_cache()
         self.syncs += 1
 
 
-EngineDType = Literal["auto", "float16", "bfloat16", "float32"]
-
-
-def engine_dtype(dtype: str | None, on_cpu: bool) -> EngineDType:
-    """The engine's dtype: as asked, else fp32 on CPU and the checkpoint's own on GPUs."""
-    if dtype is None:
-        return "float32" if on_cpu else "auto"
-    for known in ("auto", "float16", "bfloat16", "float32"):
-        if dtype == known:
-            return known
-    raise ValueError(f"dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
+    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
+    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
+    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)

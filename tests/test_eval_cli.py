@@ -44,6 +44,7 @@ def test_report_shows_eval_results(evaluated: Path) -> None:
     result = runner.invoke(app, ["report", "show", str(evaluated)])
     assert result.exit_code == 0, result.output
     assert "pass@k by mode: tiny" in result.output
+    assert "no eval.json" not in result.output  # its results are this run's evaluations
 
 
 def test_eval_without_answers_exits_2(tiny_pair: TinyPair, tmp_path: Path) -> None:

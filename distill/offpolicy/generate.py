@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from distill.accounting import GpuLedger
+from distill.accounting import GpuLedger, teacher_flops
 from distill.errors import DistillError
 from distill.offpolicy.dataset import (
     SCHEMA,
@@ -302,7 +302,8 @@ def _generate_shard(
                 )
             else:
                 gens = teacher.generate(prompt_ids, params)
-            meter.add(sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True)))
+            n_gen = sum(len(p) + len(g.token_ids) for p, g in zip(prompt_ids, gens, strict=True))
+            meter.add(n_gen, teacher_flops(teacher, n_gen))
         scores: list[TopK | None] = [None] * len(keys)
         if config.store_topk > 0:
             sequences = [p + g.token_ids.tolist() for p, g in zip(prompt_ids, gens, strict=True)]
@@ -310,7 +311,8 @@ def _generate_shard(
                 scores = list(
                     teacher.score(sequences, [len(p) for p in prompt_ids], config.store_topk)
                 )
-                meter.add(sum(len(s) for s in sequences))
+                n_scored = sum(len(s) for s in sequences)
+                meter.add(n_scored, teacher_flops(teacher, n_scored))
         for key, ids, gen, topk in zip(keys, prompt_ids, gens, scores, strict=True):
             prompt = prompts[key[0]]
             messages = fitted[key[0], mode][1]

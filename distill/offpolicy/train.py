@@ -87,7 +87,8 @@ class Config:
     kd_divergence: Divergence = "forward_kl"
     # no_think rows: the empty think block as "prompt" or "target"
     think_block: ThinkBlock = "prompt"
-    dtype: Dtype = "auto"  # bf16 on GPUs that support it, fp32 on CPU
+    dtype: Dtype = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 10
     save_every: Annotated[int, AT_LEAST_1] = 50
     report_to: Tracker = "none"  # accelerate trackers
@@ -212,7 +213,13 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
     # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
+    student = adapters.load(
+        config.student,
+        resume,
+        resolve_dtype(config.dtype, config.student),
+        lora_config,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     vocab_size = len(tokenizer)
     n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
     n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
@@ -336,7 +343,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
         if (step + 1) % config.save_every == 0 or step == config.steps - 1:
             if not accelerator.is_main_process:  # before _save's barrier: rank 0 merges it after
                 ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
-            _save(accelerator, student, optimizer, tokenizer, out, step, epoch_steps, data_id)
+            where = (out, config.student)  # LoRA merges are saved in the student's own dtype
+            _save(accelerator, student, optimizer, tokenizer, where, step, epoch_steps, data_id)
             if accelerator.is_main_process:
                 ledger.save(config.run_dir / "ledger.json")
     accelerator.end_training()
@@ -348,12 +356,14 @@ def _save(
     student: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     tokenizer: PreTrainedTokenizerBase,
-    out: Path,
+    where: tuple[Path, str],
     step: int,
     epoch_steps: int,
     data_id: str,
 ) -> None:
-    """Every process joins (FSDP/ZeRO-3 gather weights, RNG states are gathered); rank 0 writes."""
+    """Every process joins (FSDP/ZeRO-3 gather weights, RNG states are gathered); rank 0 writes
+    `where` = (checkpoint folder, the student it started from)."""
+    out, student_source = where
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(student)
     # LoRA checkpoints are merged from the unwrapped model (sharded runs are refused for LoRA).
@@ -368,5 +378,7 @@ def _save(
             "data": {"epoch": epoch, "position": position, "fingerprint": data_id},
             **adapters.state(model),
         }
-        checkpoint.save(out, adapters.export(model), tokenizer, state, state_dict=weights)
+        checkpoint.save(
+            out, adapters.export(model, student_source), tokenizer, state, state_dict=weights
+        )
     accelerator.wait_for_everyone()

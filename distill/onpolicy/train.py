@@ -29,7 +29,13 @@ from accelerate import Accelerator
 from transformers import AutoTokenizer, PreTrainedModel
 
 from distill import adapters, checkpoint, manifest, sampling
-from distill.accounting import GpuLedger, forward_flops, matmul_params, train_flops
+from distill.accounting import (
+    GpuLedger,
+    forward_flops,
+    matmul_params,
+    teacher_flops,
+    train_flops,
+)
 from distill.batch import Example, collate
 from distill.errors import DistillError
 from distill.fused_step import choose_head, topk_loss
@@ -66,6 +72,7 @@ from distill.validation import (
     check_fields,
 )
 from losses import Divergence
+from students.dtype import resolve_name
 from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
@@ -106,7 +113,8 @@ class Config:
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0
-    dtype: Dtype = "auto"
+    dtype: Dtype = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 1
     save_every: Annotated[int, AT_LEAST_1] = 25
     seed: int = 0
@@ -226,7 +234,13 @@ def train(
             f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
         )
     # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
+    student = adapters.load(
+        config.student,
+        resume,
+        resolve_dtype(config.dtype, config.student),
+        lora_config,
+        gradient_checkpointing=config.gradient_checkpointing,
+    )
     vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
     check_head(student, vocab_size, source)
     n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
@@ -252,6 +266,7 @@ def train(
             modes=config.modes,
             max_tokens=config.max_tokens,
             seed=config.seed,
+            dtype=resolve_name(config.dtype, config.student),  # the training dtype
             soft_switch=config.soft_switch,
             budget_sentence=config.budget_sentence,
         )
@@ -301,7 +316,7 @@ def train(
             scores = teacher.score(seqs, plens, config.top_k) if seqs else []
             rollouts = [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
             n_scored = sum(len(s) for s in seqs)
-            meter.add(n_scored)
+            meter.add(n_scored, teacher_flops(teacher, n_scored))
             t_score = time.perf_counter() - t0
         examples = build_examples(rollouts, config.truncation)
         forced = [r.generation.forced for r in rollouts]
@@ -390,7 +405,7 @@ def train(
             if accelerator.is_main_process:
                 model = accelerator.unwrap_model(student)
                 state = {**trainer_state(optimizer, step, config), **adapters.state(model)}
-                checkpoint.save(out, adapters.export(model), tokenizer, state)
+                checkpoint.save(out, adapters.export(model, config.student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     if owned:
         sampling.close(sampler)

@@ -61,6 +61,7 @@ from distill.sampling import (
     sync_due,
 )
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
+from students.dtype import resolve_name
 from students.sample import Sampler
 from teachers.chat import MODES, Mode, render_prompt
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
@@ -196,7 +197,8 @@ def train(
     source = str(resume) if resume else config.student
     tokenizer = AutoTokenizer.from_pretrained(source)
     # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(config.student, resume, resolve_dtype(config.dtype), lora_config)
+    dtype = resolve_dtype(config.dtype, config.student)
+    student = adapters.load(config.student, resume, dtype, lora_config)
     pad_id, vocab_size = int(tokenizer.pad_token_id), len(tokenizer)
     n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
     n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
@@ -229,6 +231,7 @@ def train(
             modes=config.modes,
             max_tokens=config.max_tokens,
             seed=config.seed,
+            dtype=resolve_name(config.dtype, config.student),  # the training dtype
             soft_switch=config.soft_switch,
         )
     if accelerator.is_main_process:  # what `report compare` checks against distillation runs
@@ -364,7 +367,7 @@ def train(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = {"optimizer": optimizer.state_dict(), "step": step, **adapters.state(model)}
-                checkpoint.save(out, adapters.export(model), tokenizer, state)
+                checkpoint.save(out, adapters.export(model, config.student), tokenizer, state)
                 ledger.save(config.run_dir / "ledger.json")
     if owned:
         sampling.close(sampler)
