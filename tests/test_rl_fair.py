@@ -204,7 +204,7 @@ def test_cli_refuses_a_bad_sampler_before_recording_anything(
             "--n-prompts", "4", "--eval-prompts", "2", "--sampler", "trl"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "error: --sampler 'trl': choose auto, hf or vllm" in result.output
+    assert "error: --sampler 'trl' is unknown: choose auto, hf or vllm" in result.output
     assert not (run_dir / "config.json").exists()
 
 
