@@ -89,6 +89,7 @@ class Seen:
     peak_rss: int = 0
     last_rss: int = 0
     alive: bool = True
+    vital: bool = True  # its end is the engine's death (see `sample`)
 
 
 @dataclass
@@ -125,9 +126,7 @@ class EngineGuard:
         out: list[EngineGuard] = []
         yield out
         new = [
-            p.pid
-            for p in psutil.Process().children()
-            if p.pid not in before and not _resource_tracker(p)
+            p.pid for p in psutil.Process().children() if p.pid not in before and _engine_process(p)
         ]
         out.append(cls.start(label, new))
 
@@ -149,13 +148,17 @@ class EngineGuard:
             s = self.seen.setdefault(p.pid, Seen(name=name, proc=p))
             s.last_rss = rss if not zombie else s.last_rss
             s.peak_rss = max(s.peak_rss, s.last_rss)
+        roots = {r.pid for r in self.roots}
         for pid, s in self.seen.items():
+            # Only the engine's own processes count: a root or a process vLLM titled (EngineCore,
+            # Worker). Short-lived helpers under them (a compiler, a probe) come and go.
+            s.vital = pid in roots or s.name.startswith("VLLM")
             s.alive = _running(pid, self.roots)
 
     def _poll(self) -> None:
         while not self._stop.wait(POLL_S):
             self.sample()
-            if any(not s.alive for s in self.seen.values()):
+            if any(s.vital and not s.alive for s in self.seen.values()):
                 self._kill_rest()
                 if self.on_death is not None:
                     self.on_death()
@@ -178,7 +181,7 @@ class EngineGuard:
         """'NAME (pid N, X GiB at last look)' of an engine process that stopped, else None."""
         self.sample()
         for pid, s in self.seen.items():
-            if not s.alive:
+            if s.vital and not s.alive:
                 return f"{s.name} (pid {pid}, {s.last_rss / GIB:.1f} GiB at last look)"
         return None
 
@@ -235,12 +238,18 @@ def start_watchdog(pids: Sequence[int]) -> subprocess.Popen[bytes]:
     )
 
 
-def _resource_tracker(p: psutil.Process) -> bool:
-    """multiprocessing's helper of this process, started lazily: it exits with us on its own."""
+def _engine_process(p: psutil.Process) -> bool:
+    """A process vLLM started (its EngineCore titles itself `VLLM::EngineCore`), not another
+    child that happened to start during the block: multiprocessing's resource tracker or
+    forkserver, a short-lived helper. Guarding those would read their normal exit as the engine's
+    death and stop a healthy engine."""
     try:
-        return "multiprocessing.resource_tracker" in " ".join(p.cmdline())
+        name, cmdline = p.name(), " ".join(p.cmdline())
     except psutil.Error:
         return False
+    if "multiprocessing.resource_tracker" in cmdline or "multiprocessing.forkserver" in cmdline:
+        return False
+    return name.startswith("VLLM") or "vllm" in cmdline.lower()
 
 
 def _running(pid: int, roots: list[psutil.Process]) -> bool:
