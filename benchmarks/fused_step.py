@@ -8,7 +8,7 @@ A tiny Qwen3 (2 layers, hidden 1,024, 16/8 heads of 128) with Qwen3's 151,936-ro
 The step is the loop's `student.train` micro-batch: forward, reverse KL on a random teacher
 top-k (K=16) over the response tokens (the second half of each row), the diagnostics, backward.
 Three paths, so that fusion and row selection are measured apart:
-- `fused`: what `distill/onpolicy/train.py` runs (`fused_step.topk_loss`), with one
+- `fused`: what `distill/onpolicy/train.py` runs (`fused_loss.topk_loss`), with one
   `losses.Workspace` kept across steps as the loop keeps it;
 - `logits_rows` (the fair baseline): the same backbone, then full (N, V) logits of the response
   rows only (the rows the fused path projects) + `topk_support`/`divergence` + the diagnostics;
@@ -85,8 +85,8 @@ PATHS = ("fused", "logits_rows", "logits_all")
 
 def step(model, batch, measured, path: str, workspace=None) -> float:  # noqa: ANN001
     from distill.batch import next_token_view
-    from distill.fused_step import last_hidden, topk_loss
-    from distill.objective import topk_divergence
+    from distill.fused_loss import last_hidden, topk_loss
+    from distill.logits_loss import topk_divergence
     from distill.onpolicy.metrics import Diagnostics, accumulate, accumulate_rows
     from losses import divergence, topk_support
 

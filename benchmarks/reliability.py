@@ -80,8 +80,8 @@ def faults(root: Path, pair, rates: list[float], figures: dict, out: Path) -> No
     from typer.testing import CliRunner
 
     from cli import app
-    from distill.offpolicy.generate import read_rows
     from distill.rundir import read_metrics
+    from distill.teacher_data import read_rows
     from teachers import launch
     from teachers.server import ServerTeacher
     from tests import test_reliability_faults as f

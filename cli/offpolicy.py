@@ -43,12 +43,12 @@ from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_me
 from distill import adapters, checkpoint
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
-from distill.objective import Dtype
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
-from distill.offpolicy.filters import VERDICTS
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
+from distill.teacher_data import VERDICTS
+from students.dtype import DTypeName as Dtype
 from teachers.chat import MODES
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code

@@ -217,7 +217,9 @@ def onpolicy_cmd(
         dtype=teacher_dtype,
         n_params=teacher_params,
     )
-    check_request(config, the_teacher, train_prompts)  # before config.json records anything
+    check_request(
+        config.top_k, config.lmbda, the_teacher, train_prompts
+    )  # before config.json records anything
     record_config(run_dir, "onpolicy", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)
     with phase_progress() as bars:

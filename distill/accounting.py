@@ -148,10 +148,11 @@ class PhaseTotals:
 
 @dataclass
 class Meter:
-    """What a phase reports while it runs: tokens and FLOPs it processed."""
+    """What a phase reports while it runs (tokens, FLOPs it processed); after it, its wall time."""
 
     tokens: int = 0
     flops: float = 0.0
+    seconds: float = 0.0  # set when the phase ends: the body's wall-clock, nested phases included
 
     def add(self, tokens: int, flops: float = 0.0) -> None:
         self.tokens += tokens
@@ -232,7 +233,9 @@ class GpuLedger:
             e.__dict__.setdefault("distill_phase", name)  # innermost: the CLI's crash line names it
             raise
         finally:
-            self._charge(time.perf_counter())
+            end = time.perf_counter()
+            meter.seconds = end - now
+            self._charge(end)
             self._stack.pop()
             totals = self.phases.setdefault(name, PhaseTotals())
             totals.tokens += meter.tokens

@@ -26,7 +26,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.batch import Example, collate, next_token_view
-from distill.objective import cross_entropy, lr_at, set_lr
+from distill.logits_loss import cross_entropy
+from distill.loop import lr_at, set_lr
 from distill.rundir import atomic_write_json
 from distill.tasks import corpus, is_correct, problems, response_text
 from students.sample import sample

@@ -27,12 +27,12 @@ from distill.accounting import GpuLedger, forward_flops
 from distill.answers import judge
 from distill.batch import Example, collate
 from distill.errors import DistillError
-from distill.objective import topk_divergence
-from distill.offpolicy.filters import verify
+from distill.logits_loss import topk_divergence
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import atomic_write_json, config_dict, read_json
+from distill.tasks import verify
 from distill.validation import AT_LEAST_1, Flag, check_fields
-from losses import Divergence
+from losses import Divergence, DivergenceSpec
 from students.sample import sample
 from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt, think_end_token
 from teachers.chat import generate_with_budget as budgeted
@@ -89,7 +89,9 @@ def mean_divergence(
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask
         ).logits  # (B, T, V)
-        per_token, mask = topk_divergence(logits, batch, kind, vocab_size)  # (B, T-1)
+        per_token, mask = topk_divergence(
+            logits, batch, DivergenceSpec(kind), vocab_size
+        )  # (B, T-1)
         total += float(per_token.sum())
         count += int(mask.sum())
     return total / max(count, 1)

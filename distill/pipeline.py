@@ -20,13 +20,13 @@ from distill import evaluate, manifest
 from distill.accounting import GpuLedger
 from distill.batch import Example
 from distill.errors import DistillError
-from distill.objective import LogFn, no_log
+from distill.loop import LogFn, no_log
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
-from distill.offpolicy.generate import read_rows
 from distill.onpolicy import train as onpolicy
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json, read_json, record_config
+from distill.teacher_data import read_rows
 from teachers.chat import Mode, template_mismatch
 from teachers.protocol import Teacher, TopK
 

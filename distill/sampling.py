@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
 from distill.prompts import Prompt
+from distill.seeds import derive_seed
 from students.sample import HFSampler, Sampler
 from teachers.chat import ALL_MODES, BUDGET_SENTENCE, Mode, generate_with_budget, render_prompt
 from teachers.protocol import Generation, SamplingParams
@@ -122,7 +123,7 @@ def mode_params(
         mode: replace(
             presets[mode],
             max_tokens=max_tokens,
-            seed=seed * 1_000_003 + step * 2 + (mode == "think"),
+            seed=derive_seed(seed, step * 2 + (mode == "think")),
         )
         for mode in presets
     }

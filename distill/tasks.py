@@ -126,6 +126,21 @@ def is_correct(text: str, answer: int) -> bool:
     return extract_answer(text) == answer
 
 
+def verify(answer_text: str, reference: str) -> bool:
+    """Is the final answer right? Integers by exact match, anything else by math-verify."""
+    got = extract_answer(answer_text)
+    try:
+        if got is not None and int(reference) == got:
+            return True
+    except ValueError:
+        pass
+    from math_verify import parse
+    from math_verify import verify as math_verify
+
+    gold, pred = parse(f"${reference}$"), parse(answer_text.split("</think>")[-1])
+    return bool(gold and pred and math_verify(gold, pred))
+
+
 def corpus(n: int = 2000, seed: int = 0) -> list[str]:
     """Text to train the embedded tokenizer on: chat-rendered prompts and both modes' responses."""
     out = [BUDGET_SENTENCE] * 50

@@ -18,8 +18,11 @@ a C++ kernel (`losses/dense_cpu.cpp`), built on first use through torch's cpp_ex
 """
 
 from losses.divergences import (
+    ALPHA,
+    BETA,
     DIVERGENCES,
     Divergence,
+    DivergenceSpec,
     divergence,
     forward_kl,
     jsd,
@@ -43,9 +46,12 @@ from losses.vocab import check_heads, shared_vocab_size
 from losses.workspace import Workspace
 
 __all__ = [
+    "ALPHA",
+    "BETA",
     "DIVERGENCES",
     "ESTIMATORS",
     "Divergence",
+    "DivergenceSpec",
     "Estimator",
     "TeacherData",
     "TeacherHidden",

@@ -8,11 +8,31 @@ gradients for the chunked path; the tests pin the two to each other.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
+BETA = 0.5  # JSD(β)'s default: 0 is forward KL, 1 reverse KL (TRL's convention)
+ALPHA = 0.1  # the skew KLs' default mixing weight
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """One divergence with its parameter, as a loop's Config chose it: the losses' one input.
+
+    Ranges are checked where the Config is built (distill/validation.py).
+    """
+
+    kind: Divergence = "reverse_kl"
+    beta: float = BETA  # used by jsd only
+    alpha: float = ALPHA  # used by skew_fkl and skew_rkl only
+
+    def __call__(self, log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+        """Per-position values (...) on a common support (..., S)."""
+        return divergence(self.kind, log_s, log_t, beta=self.beta, alpha=self.alpha)
+
 
 # -inf (zero mass) is replaced by this before any arithmetic, so 0 * log 0 terms are exact zeros
 # in value and in gradient instead of NaN (logsumexp's backward of all -inf is NaN, and 0 * NaN
@@ -56,7 +76,7 @@ def reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
     return _kl(finite(log_s), finite(log_t))
 
 
-def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = BETA) -> torch.Tensor:
     """Generalized JSD(β) = β KL(p_t‖m) + (1-β) KL(p_s‖m), m = β p_t + (1-β) p_s.
 
     TRL's (and Liger's) convention at the ends: β=0 is forward KL(p_t‖p_s), β=1 reverse
@@ -75,7 +95,7 @@ def jsd(log_s: torch.Tensor, log_t: torch.Tensor, beta: float = 0.5) -> torch.Te
     return beta * _kl(log_t, log_m) + (1 - beta) * _kl(log_s, log_m)
 
 
-def skew_forward_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+def skew_forward_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
     """DistiLLM's skew KL: KL(p_t‖α p_t + (1-α) p_s); α=0 is forward KL. Bounded by -log α."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
@@ -85,7 +105,7 @@ def skew_forward_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1
     return _kl(log_t, log_mix(log_t, log_s, alpha))
 
 
-def skew_reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = 0.1) -> torch.Tensor:
+def skew_reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
     """DistiLLM's skew reverse KL: KL(p_s‖α p_s + (1-α) p_t); α=0 is reverse KL."""
     if not 0.0 <= alpha < 1.0:
         raise ValueError(f"skew alpha must be in [0, 1), got {alpha}")
@@ -115,8 +135,8 @@ def divergence(
     log_s: torch.Tensor,
     log_t: torch.Tensor,
     *,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: float = BETA,
+    alpha: float = ALPHA,
 ) -> torch.Tensor:
     """Dispatch by name with the one parameter each divergence takes."""
     if kind == "jsd":

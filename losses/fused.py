@@ -33,7 +33,7 @@ import torch
 
 from losses import native
 from losses.chunk import dense_chunk, sampled_chunk, topk_chunk
-from losses.divergences import DIVERGENCES, Divergence
+from losses.divergences import ALPHA, BETA, DIVERGENCES, Divergence
 from losses.logits import logits_into, matmul_out_dtype
 from losses.sampled import ESTIMATORS, Estimator
 from losses.support import check_head, topk_teacher_logprobs, valid_ids
@@ -379,8 +379,8 @@ def fused_linear_divergence(
     kind: Divergence | Estimator,
     *,
     vocab_size: int,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: float = BETA,
+    alpha: float = ALPHA,
     chunk_size: int = 256,
     compile: bool = False,
     exact_logits: bool = False,
@@ -416,8 +416,8 @@ def fused_linear_divergence_sum(
     token_weight: torch.Tensor,
     *,
     vocab_size: int,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: float = BETA,
+    alpha: float = ALPHA,
     chunk_size: int = 256,
     compile: bool = False,
     exact_logits: bool = False,

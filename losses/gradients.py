@@ -14,7 +14,7 @@ probabilities and log-ratios it holds; tests/test_losses_native.py pins it to th
 
 import torch
 
-from losses.divergences import Divergence, at_family_end, finite, log_mix
+from losses.divergences import ALPHA, BETA, Divergence, at_family_end, finite, log_mix
 
 
 def value_and_grad(
@@ -22,8 +22,8 @@ def value_and_grad(
     log_s: torch.Tensor,
     log_t: torch.Tensor,
     *,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    beta: float = BETA,
+    alpha: float = ALPHA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(D(p_s, p_t) (...), ∂D/∂log p_s (..., S)) for fp32 log-probabilities on one support."""
     ls, lt = finite(log_s), finite(log_t)

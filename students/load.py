@@ -149,6 +149,18 @@ def load_student(
     return model, tokenizer
 
 
+def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
+    """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
+    head = model.get_output_embeddings()
+    rows = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
+    if rows < vocab_size:
+        raise StudentError(
+            f"model {source} has {rows} output rows but its tokenizer {vocab_size} ids: the "
+            "weights and tokenizer belong to different models; use a folder whose config "
+            "vocab_size covers its tokenizer"
+        )
+
+
 def tokenizer_mismatch(
     teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase
 ) -> str | None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distill.offpolicy.filters import VERDICTS, repetition_score, verdict, verify
+from distill.offpolicy.filters import repetition_score, verdict
+from distill.tasks import verify
+from distill.teacher_data import VERDICTS
 
 
 def judge(answer: str, reference: str | None = "12", **kw: object) -> tuple[str, bool | None]:

@@ -10,6 +10,7 @@ import datasets
 import numpy as np
 import pytest
 
+from distill import teacher_data
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.offpolicy import generate as gen
@@ -75,7 +76,7 @@ def test_rows_follow_the_schema_and_load_with_datasets(tmp_path, tiny_pair, teac
     ds = datasets.load_dataset(
         "parquet", data_dir=str(tmp_path / "teacher_data"), split="train", cache_dir=str(tmp_path)
     )
-    assert set(ds.column_names) == {f.name for f in gen.schema(3)}
+    assert set(ds.column_names) == {f.name for f in teacher_data.schema(3)}
     assert len(set(ds["key"])) == 12
     for row in ds:
         assert isinstance(row, dict)
@@ -86,7 +87,9 @@ def test_rows_follow_the_schema_and_load_with_datasets(tmp_path, tiny_pair, teac
         assert row["messages"][-1]["role"] == "user"
         expected = render_prompt(tiny_pair.tokenizer, row["messages"], row["mode"])
         assert row["prompt_ids"] == expected
-        assert row["finish_reason"] in ("stop", "length") and row["verdict"] in gen.VERDICTS
+        assert (
+            row["finish_reason"] in ("stop", "length") and row["verdict"] in teacher_data.VERDICTS
+        )
         # Stored top-k are the teacher's own scores of its response (TopK alignment).
         assert np.allclose(row["topk_actual_logprobs"][0], np.max(row["topk_logprobs"][0]), atol=10)
 
@@ -95,7 +98,7 @@ def test_think_ratio_gives_each_prompt_one_mode_at_the_exact_share(tmp_path, tin
     prompts = embedded_prompts(10, 0, "train")
     config = small(tmp_path, think_ratio=0.3, think_sampling=GREEDY, no_think_sampling=GREEDY)
     gen.generate(config, Scripted([5, 6, EOS]), tiny_pair.tokenizer, prompts, GpuLedger())
-    rows = gen.read_rows(tmp_path / "teacher_data", ["prompt_id", "mode"])
+    rows = teacher_data.read_rows(tmp_path / "teacher_data", ["prompt_id", "mode"])
     assert [r["mode"] for r in rows].count("think") == 3 and len(rows) == 10
     assert len({r["prompt_id"] for r in rows}) == 10
     with pytest.raises(DistillError, match="think-ratio"):
@@ -114,7 +117,7 @@ def test_budget_forces_the_sentence_and_an_unanswered_budget_is_truncated(
     teacher = Scripted(thinking * 3, after)  # phase 1 never closes the block by itself
     config = small(tmp_path, modes=("think",), thinking_budget=6, max_tokens=60)
     summary = gen.generate(config, teacher, tok, prompts, GpuLedger())
-    row = gen.read_rows(tmp_path / "teacher_data")[0]
+    row = teacher_data.read_rows(tmp_path / "teacher_data")[0]
     sentence = tok.encode(BUDGET_SENTENCE, add_special_tokens=False)
     forced = np.asarray(row["forced"])
     assert forced.sum() == len(sentence) and not forced[:6].any() and teacher.calls[0] == 6
@@ -160,7 +163,11 @@ def test_overlong_prompts_are_dropped_or_truncated_with_a_count(tmp_path, tiny_p
     config = small(tmp_path / "cut", max_prompt_tokens=limit, overlong="truncate")
     cut = gen.generate(config, Scripted([5, EOS]), tok, [*short, long], GpuLedger())
     assert cut.truncated_prompts == 1 and cut.dropped_prompts == 0 and cut.rows == 6
-    rows = [r for r in gen.read_rows(tmp_path / "cut" / "teacher_data") if r["prompt_id"] == "long"]
+    rows = [
+        r
+        for r in teacher_data.read_rows(tmp_path / "cut" / "teacher_data")
+        if r["prompt_id"] == "long"
+    ]
     for r in rows:
         assert len(r["prompt_ids"]) <= limit  # type: ignore[arg-type]
         assert r["messages"][0]["content"].endswith("How many?")  # type: ignore[index]
@@ -179,7 +186,7 @@ def test_duplicate_prompt_ids_and_zero_usable_rows_are_named(tmp_path, tiny_pair
     assert summary.kept == 0
     with pytest.raises(DistillError, match="'truncated' filter.*--max-tokens"):
         gen.check_usable(summary)
-    assert len(gen.read_rows(tmp_path / "teacher_data")) == 4  # the rows stay on disk
+    assert len(teacher_data.read_rows(tmp_path / "teacher_data")) == 4  # the rows stay on disk
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_keeps_the_data(tmp_path, tiny_pair) -> None:

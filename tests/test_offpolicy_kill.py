@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distill.offpolicy import generate as gen
+from distill import teacher_data
 from distill.prompts import embedded_prompts
 
 SHARD_SIZE = 3
@@ -43,7 +43,7 @@ def argv(run_dir: Path, teacher: Path, prompts: Path) -> list[str]:
 
 
 def rows(run_dir: Path) -> list[dict[str, object]]:
-    return gen.read_rows(run_dir / "teacher_data")
+    return teacher_data.read_rows(run_dir / "teacher_data")
 
 
 def test_sigkill_at_seeded_moments_then_rerun_equals_an_uninterrupted_run(

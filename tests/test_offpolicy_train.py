@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distill import teacher_data
 from distill.accounting import GpuLedger
 from distill.batch import Example, collate
 from distill.errors import DistillError
-from distill.objective import global_target_tokens
-from distill.offpolicy import generate as gen
+from distill.loop import global_target_tokens
 from distill.offpolicy import train as offpolicy
 from distill.tasks import problems, response_text
 from teachers.chat import render_prompt
@@ -39,8 +39,8 @@ def write_data(directory: Path, tokenizer, n: int, teacher: HFTeacher | None = N
             text = text if mode == "think" else text.split("</think>\n\n", 1)[1]
             response = tokenizer.encode(text, add_special_tokens=False) + [eos]
             row = {
-                **dict.fromkeys(f.name for f in gen.SCHEMA),
-                "key": gen.row_key(p.id, mode, 0),
+                **dict.fromkeys(f.name for f in teacher_data.SCHEMA),
+                "key": teacher_data.row_key(p.id, mode, 0),
                 "prompt_id": p.id,
                 "mode": mode,
                 "sample": 0,
@@ -60,7 +60,7 @@ def write_data(directory: Path, tokenizer, n: int, teacher: HFTeacher | None = N
                 }
             rows.append(row)
     directory.mkdir(parents=True, exist_ok=True)
-    schema = gen.schema(4 if teacher is not None else 0)
+    schema = teacher_data.schema(4 if teacher is not None else 0)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), directory / "shard-00000.parquet")
 
 

@@ -18,10 +18,11 @@ from distill import evaluate
 from distill.accounting import GpuLedger
 from distill.batch import collate
 from distill.errors import DistillError
-from distill.objective import topk_divergence
+from distill.logits_loss import topk_divergence
 from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import Rollout
 from distill.prompts import embedded_prompts
+from losses import DivergenceSpec
 from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3
 from teachers.chat import render_prompt
 from teachers.hf import HFTeacher
@@ -125,14 +126,14 @@ def test_prompt_and_forced_tokens_carry_no_loss() -> None:
         expect[1, 2:5] = second_trained
         assert torch.equal(batch.loss_mask, expect), truncation
         # Changing the teacher at prompt and forced positions changes nothing.
-        per_token, _ = topk_divergence(logits, batch, "reverse_kl", 500)
+        per_token, _ = topk_divergence(logits, batch, DivergenceSpec("reverse_kl"), 500)
         assert batch.teacher_logprobs is not None and batch.teacher_ids is not None
         moved = replace(
             batch,
             teacher_ids=torch.where(expect[..., None], batch.teacher_ids, 7),
             teacher_logprobs=torch.where(expect[..., None], batch.teacher_logprobs, -0.01),
         )
-        again, _ = topk_divergence(logits, moved, "reverse_kl", 500)
+        again, _ = topk_divergence(logits, moved, DivergenceSpec("reverse_kl"), 500)
         assert torch.equal(per_token, again)
         assert bool((per_token[~expect[:, 1:]] == 0).all())
 

@@ -28,8 +28,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from distill.offpolicy.generate import read_rows
 from distill.rundir import read_metrics
+from distill.teacher_data import read_rows
 from teachers import launch
 from teachers.server import ServerConfig, ServerTeacher
 from tests.conftest import TinyPair

@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
 
-from distill.offpolicy.generate import read_rows
 from distill.prompts import embedded_prompts
 from distill.rundir import read_metrics
+from distill.teacher_data import read_rows
 from teachers.chat import MODES, render_prompt
 from tests.conftest import TinyPair
 

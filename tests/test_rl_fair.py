@@ -19,7 +19,7 @@ from cli import app
 from distill import evaluate
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
-from distill.fused_step import policy_gradient_loss
+from distill.fused_loss import policy_gradient_loss
 from distill.prompts import embedded_prompts
 from distill.report_schema import SCHEMA, export, from_run_dir, validate
 from distill.rl import train as rl
@@ -28,7 +28,7 @@ from students.sample import sample
 from teachers.chat import Mode
 from teachers.protocol import Generation, SamplingParams
 from tests.conftest import TinyPair
-from tests.test_fused_step import _assert_close, _batch, _grads, _student
+from tests.test_fused_loss import _assert_close, _batch, _grads, _student
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

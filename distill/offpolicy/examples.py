@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.batch import Example
 from distill.errors import DistillError
-from distill.offpolicy.dataset import read_rows
+from distill.teacher_data import read_rows
 from teachers.chat import render_prompt
 from teachers.protocol import TopK
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from distill.tasks import extract_answer
-
-VERDICTS = ("kept", "truncated", "empty", "repetitive", "wrong")
+from distill.tasks import verify
 
 
 def repetition_score(token_ids: Sequence[int], n: int = 4) -> float:
@@ -29,21 +27,6 @@ def repetition_score(token_ids: Sequence[int], n: int = 4) -> float:
     grams = [tuple(token_ids[i : i + n]) for i in range(len(token_ids) - n + 1)]
     counts = Counter(grams)
     return sum(c - 1 for c in counts.values()) / len(grams)
-
-
-def verify(answer_text: str, reference: str) -> bool:
-    """Is the final answer right? Integers by exact match, anything else by math-verify."""
-    got = extract_answer(answer_text)
-    try:
-        if got is not None and int(reference) == got:
-            return True
-    except ValueError:
-        pass
-    from math_verify import parse
-    from math_verify import verify as math_verify
-
-    gold, pred = parse(f"${reference}$"), parse(answer_text.split("</think>")[-1])
-    return bool(gold and pred and math_verify(gold, pred))
 
 
 def verdict(

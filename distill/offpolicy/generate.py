@@ -25,19 +25,17 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.accounting import GpuLedger, teacher_flops
 from distill.errors import DistillError
-from distill.offpolicy.dataset import (
-    SCHEMA,
-    TOPK_FIELDS,
+from distill.offpolicy.filters import repetition_score, verdict
+from distill.prompts import Prompt
+from distill.rundir import atomic_write_bytes, config_dict
+from distill.seeds import derive_seed
+from distill.teacher_data import (
     claim,
     count_verdicts,
-    read_rows,
     read_shard,
     row_key,
     schema,
 )
-from distill.offpolicy.filters import VERDICTS, repetition_score, verdict
-from distill.prompts import Prompt
-from distill.rundir import atomic_write_bytes, config_dict
 from distill.validation import AT_LEAST_1, FRACTION, check_budget, check_fields
 from teachers.chat import (
     ALL_MODES,
@@ -61,8 +59,6 @@ from teachers.protocol import (
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 Key = tuple[int, Mode, int]  # (prompt index, mode, sample index); the row key uses the prompt id
-# Re-exported: callers read the data through this module (pipeline, trainer, CLI).
-__all__ = ["SCHEMA", "TOPK_FIELDS", "VERDICTS", "count_verdicts", "read_rows", "row_key", "schema"]
 
 
 Overlong = Literal["drop", "truncate"]
@@ -287,7 +283,7 @@ def _generate_shard(
         params = replace(
             base,
             max_tokens=config.max_tokens,
-            seed=config.seed * 1_000_003 + index * 7 + (mode == "think"),
+            seed=derive_seed(config.seed, index * 7 + (mode == "think")),
         )
         prompt_ids = [fitted[i, mode][0] for i, _, _ in keys]
         with ledger.phase("teacher.generate") as meter:

@@ -16,7 +16,7 @@ a switch the student can see: Qwen3's soft-switch format. Data generated with `-
 has the block in the response already.
 
 A step's loss is the sum over its target tokens divided by the target tokens of the whole
-optimizer step, across micro-batches and processes (`objective.global_target_tokens`), so
+optimizer step, across micro-batches and processes (`loop.global_target_tokens`), so
 accumulation and data parallelism give the gradient of one big batch.
 
 Exact resume: the checkpoint holds the weights, the optimizer, the step (the schedule is a pure
@@ -27,42 +27,29 @@ run sees the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import get_available_trackers
 from accelerate.utils import DistributedType, gather_object
-from transformers import (
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
-from distill import adapters, checkpoint, manifest
-from distill.accounting import GpuLedger, matmul_params, train_flops
+from distill import adapters, loop
+from distill.accounting import GpuLedger, train_flops
 from distill.batch import Batch, Example, collate, next_token_view, step_batches
 from distill.errors import DistillError
-from distill.fused_step import ce_topk_loss, choose_head
-from distill.objective import (
-    Dtype,
-    LogFn,
-    cross_entropy,
-    global_target_tokens,
-    lr_at,
-    no_log,
-    resolve_dtype,
-    set_lr,
-    topk_divergence,
-)
+from distill.fused_loss import ce_topk_loss
+from distill.logits_loss import cross_entropy, topk_divergence
+from distill.loop import LogFn, no_log
 from distill.offpolicy.examples import fingerprint, load_examples
-from distill.rundir import append_metrics, config_dict
+from distill.rundir import config_dict
+from distill.seeds import derive_seed
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
-from losses import Divergence
-from students import lora
+from losses import Divergence, DivergenceSpec
+from students.dtype import DTypeName
 
 ThinkBlock = Literal["prompt", "target"]
 Tracker = Literal["none", "all", "tensorboard", "wandb"]
@@ -87,7 +74,7 @@ class Config:
     kd_divergence: Divergence = "forward_kl"
     # no_think rows: the empty think block as "prompt" or "target"
     think_block: ThinkBlock = "prompt"
-    dtype: Dtype = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    dtype: DTypeName = "auto"  # the student checkpoint's own where supported (students/dtype.py)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 10
     save_every: Annotated[int, AT_LEAST_1] = 50
@@ -114,18 +101,6 @@ class Summary:
     examples: int
 
 
-def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
-    """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
-    head = model.get_output_embeddings()
-    rows = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
-    if rows < vocab_size:
-        raise DistillError(
-            f"model {source} has {rows} output rows but its tokenizer {vocab_size} ids: the "
-            "weights and tokenizer belong to different models; use a folder whose config "
-            "vocab_size covers its tokenizer"
-        )
-
-
 def micro_batch_loss(
     student: torch.nn.Module, mb: Batch, config: Config, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +110,8 @@ def micro_batch_loss(
     ce = cross_entropy(shifted, targets, vocab_size) * mask  # (B, T-1): response targets only
     per_token = ce
     if config.kd_weight > 0:
-        kd, _ = topk_divergence(logits, mb, config.kd_divergence, vocab_size)  # (B, T-1), masked
+        kd_spec = DivergenceSpec(config.kd_divergence)
+        kd, _ = topk_divergence(logits, mb, kd_spec, vocab_size)  # (B, T-1), masked
         per_token = ce + config.kd_weight * kd
     return per_token.sum(), ce.detach().sum()
 
@@ -184,10 +160,9 @@ def checked_examples(
     return examples
 
 
-def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
-    """Fine-tune `config.student` on kept teacher responses; resumes from its last checkpoint."""
-    accelerator = make_accelerator(config)
-    world, rank = accelerator.num_processes, accelerator.process_index
+def check_world(config: Config, accelerator: Accelerator) -> None:
+    """The batch splits into the same number of micro-batches on every process."""
+    world = accelerator.num_processes
     if config.batch_size % (config.micro_batch_size * world) != 0:
         raise DistillError(
             f"--batch-size {config.batch_size} must be a multiple of --micro-batch-size "
@@ -204,181 +179,116 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
             f"(one micro-batch per process per step): use --micro-batch-size "
             f"{config.batch_size // world}, or FSDP for accumulation"
         )
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed, sharded)
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    out = config.run_dir / config.output / "checkpoint"
-    data_dir = config.data_dir or config.run_dir / "teacher_data"
-    resume = checkpoint.latest(out)
-    source = str(resume) if resume else config.student
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(
-        config.student,
-        resume,
-        resolve_dtype(config.dtype, config.student),
-        lora_config,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
-    vocab_size = len(tokenizer)
-    n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
-    n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
-    params = adapters.trainable(student)  # every weight, or only the LoRA adapters
-    optimizer = torch.optim.AdamW(
-        params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95)
-    )
-    check_head(student, vocab_size, source)
-    examples = checked_examples(config, data_dir, tokenizer)
-    data_id = fingerprint(data_dir)
-    epoch_steps = len(examples) // config.batch_size  # full batches only: no ragged last step
-    start = 0
-    rng_states: list[torch.Tensor] = []  # per process, from the checkpoint
-    if resume:
-        state = checkpoint.load_state(resume)
-        if state.get("data", {}).get("fingerprint") != data_id:
-            raise DistillError(
-                f"the teacher data in {data_dir} changed since checkpoint {resume}: resuming "
-                "would train on other batches; use a new --run-dir or restore the data"
-            )
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            raise DistillError(
-                "exact resume is implemented for single-process and DDP runs, not "
-                f"{accelerator.distributed_type.value}: start a new --run-dir with "
-                f"--student {resume}"
-            )
-        adapters.restore(student, state, resume)  # LoRA: the saved adapters onto the base
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"]) + 1
-        rng_states = list(state["rng"])
-        assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
-    student, optimizer = accelerator.prepare(student, optimizer)
-    student.train()
-    head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
-    head_weight = accelerator.unwrap_model(student).get_output_embeddings().weight  # (V, H)
-    if accelerator.is_main_process:
-        built = manifest.setup(
-            accelerator,
-            dtype=head_weight.dtype,
-            fused=head.fused,
-            loss_reason=head.reason,
-            lora_rank=config.lora_rank,
-        )
-        manifest.record_setup(config.run_dir, config.output, built)
-    # The global RNG drives only dropout; seeded per process, restored exactly on resume.
-    if rng_states:
-        torch.set_rng_state(rng_states[rank % len(rng_states)])
-    else:
-        torch.manual_seed(config.seed * 1_000_003 + rank)
-    accelerator.init_trackers(
-        config.output, config={k: str(v) for k, v in config_dict(config).items()}
-    )
 
-    order: list[list[int]] = []  # the current epoch's batches, rebuilt from (seed, epoch)
-    loss = float("nan")
-    for step in range(start, config.steps):
+
+def restore(
+    trainee: loop.Trainee, accelerator: Accelerator, data_dir: Path, data_id: str, epoch_steps: int
+) -> int:
+    """The step to run next after the checkpoint `trainee` resumed from; restores this
+    process's RNG. Refuses changed data, and sharded runs (not resumable exactly)."""
+    state, resume = trainee.state, trainee.resume
+    if state.get("data", {}).get("fingerprint") != data_id:
+        raise DistillError(
+            f"the teacher data in {data_dir} changed since checkpoint {resume}: resuming "
+            "would train on other batches; use a new --run-dir or restore the data"
+        )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise DistillError(
+            "exact resume is implemented for single-process and DDP runs, not "
+            f"{accelerator.distributed_type.value}: start a new --run-dir with "
+            f"--student {resume}"
+        )
+    start = int(state["step"]) + 1
+    assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
+    rng_states = list(state["rng"])  # one per process of the run that saved it
+    torch.set_rng_state(rng_states[accelerator.process_index % len(rng_states)])
+    return start
+
+
+def trainer_state(step: int, epoch_steps: int, data_id: str) -> dict[str, Any]:
+    """What a resume needs beyond weights and optimizer; every process joins (RNG gather)."""
+    epoch, position = divmod(step + 1, epoch_steps)
+    return {
+        "step": step,
+        "rng": gather_object([torch.get_rng_state()]),  # one per process, in rank order
+        "data": {"epoch": epoch, "position": position, "fingerprint": data_id},
+    }
+
+
+def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
+    """Fine-tune `config.student` on kept teacher responses; resumes from its last checkpoint."""
+    c = config
+    accelerator = make_accelerator(c)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    check_world(c, accelerator)
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed, sharded)
+    c.run_dir.mkdir(parents=True, exist_ok=True)
+    out = c.run_dir / c.output / "checkpoint"
+    data_dir = c.data_dir or c.run_dir / "teacher_data"
+    trainee = loop.load_trainee(
+        accelerator, student=c.student, out=out, dtype=c.dtype, lora_config=lora_config,
+        lr=c.lr, weight_decay=c.weight_decay, fused_loss=c.fused_loss,
+        gradient_checkpointing=c.gradient_checkpointing,
+    )  # fmt: skip
+    examples = checked_examples(c, data_dir, trainee.tokenizer)
+    data_id = fingerprint(data_dir)
+    epoch_steps = len(examples) // c.batch_size  # full batches only: no ragged last step
+    # The global RNG drives only dropout; seeded per process, restored exactly on resume.
+    if trainee.resume:
+        start = restore(trainee, accelerator, data_dir, data_id, epoch_steps)
+    else:
+        start = 0
+        torch.manual_seed(derive_seed(c.seed, rank))
+    loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank)
+    accelerator.init_trackers(c.output, config={k: str(v) for k, v in config_dict(c).items()})
+    V, order, loss = trainee.vocab_size, [], float("nan")  # order: this epoch's batches
+    for step in range(start, c.steps):
         epoch, position = divmod(step, epoch_steps)
-        if not order or position == 0:
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            order = step_batches([len(e) for e in examples], config.batch_size, g)
-        chosen = [examples[i] for i in order[position]]
-        mine = chosen[rank::world]
+        if not order or position == 0:  # rebuilt from (seed, epoch): the same after a resume
+            g = torch.Generator().manual_seed(derive_seed(c.seed, epoch))
+            order = step_batches([len(e) for e in examples], c.batch_size, g)
+        mine = [examples[i] for i in order[position]][rank::world]
         micro = [
-            collate(mine[i : i + config.micro_batch_size], pad_id=int(tokenizer.pad_token_id))
-            for i in range(0, len(mine), config.micro_batch_size)
+            collate(mine[i : i + c.micro_batch_size], pad_id=trainee.pad_id)
+            for i in range(0, len(mine), c.micro_batch_size)
         ]
-        n_tokens = global_target_tokens(micro, accelerator)
+        n_tokens = loop.global_target_tokens(micro, accelerator)
         loss_sum = torch.zeros(2, device=accelerator.device)  # (loss, ce) summed over tokens
         with ledger.phase("student.train", devices=world) as meter:
             for i, mb in enumerate(micro):
                 mb = mb.to(accelerator.device)
-                # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
-                    if head.fused:  # the same loss and gradients (distill/fused_step.py)
+                with loop.sync_gradients(accelerator, trainee, last=i == len(micro) - 1):
+                    if trainee.path.fused:  # the same loss and gradients (distill/fused_loss.py)
                         share, total, ce = ce_topk_loss(
-                            student, head_weight, mb, n_tokens, vocab_size,
-                            kd_weight=config.kd_weight, kd_kind=config.kd_divergence,
-                            workspace=head.workspace,
+                            trainee.model, trainee.head_weight, mb, n_tokens, V,
+                            kd_weight=c.kd_weight, kd_divergence=c.kd_divergence,
+                            workspace=trainee.path.workspace,
                         )  # fmt: skip
                     else:
-                        total, ce = micro_batch_loss(student, mb, config, vocab_size)
+                        total, ce = micro_batch_loss(trainee.model, mb, c, V)
                         share = total / n_tokens
                     accelerator.backward(share)
                 loss_sum += torch.stack([total.detach(), ce.detach()])
+                n_seen = int(mb.attention_mask.sum())
                 meter.add(
                     mb.n_targets,
-                    train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
+                    train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable),
                 )
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
-            lr = lr_at(
-                step,
-                lr=config.lr,
-                steps=config.steps,
-                warmup=config.warmup_steps,
-                min_ratio=config.min_lr_ratio,
-            )
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
         sums = accelerator.reduce(loss_sum, reduction="sum")  # every process's tokens
         assert isinstance(sums, torch.Tensor)
         loss, ce_mean = (float(x) / (n_tokens * world) for x in sums.tolist())
-        if step % config.log_every == 0 or step == config.steps - 1:
+        if step % c.log_every == 0 or step == c.steps - 1:
             metrics = {
-                "loss": loss,
-                "ce": ce_mean,
-                "lr": lr,
-                "grad_norm": float("nan") if grad_norm is None else float(grad_norm),
-                "tokens": n_tokens * world,
-                "epoch": epoch,
-                "processes": world,
-                "fused_loss": float(head.fused),
-            }
-            log(config.output, step + 1, config.steps, metrics)
+                "loss": loss, "ce": ce_mean, "lr": lr, "grad_norm": grad_norm,
+                "tokens": n_tokens * world, "epoch": epoch, "processes": world,
+                "fused_loss": float(trainee.path.fused),
+            }  # fmt: skip
+            loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)
             accelerator.log(metrics, step=step)
-            if accelerator.is_main_process:
-                record = {"phase": config.output, "step": step, **metrics}
-                append_metrics(
-                    config.run_dir, {**record, "device_hours": ledger.total_device_hours()}
-                )
-        if (step + 1) % config.save_every == 0 or step == config.steps - 1:
-            if not accelerator.is_main_process:  # before _save's barrier: rank 0 merges it after
-                ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
-            where = (out, config.student)  # LoRA merges are saved in the student's own dtype
-            _save(accelerator, student, optimizer, tokenizer, where, step, epoch_steps, data_id)
-            if accelerator.is_main_process:
-                ledger.save(config.run_dir / "ledger.json")
+        if loop.due(step, c.save_every, c.steps):
+            state = trainer_state(step, epoch_steps, data_id)
+            loop.save(accelerator, trainee, ledger, c.run_dir, out, c.student, state)
     accelerator.end_training()
-    return Summary(steps=config.steps, final_loss=loss, checkpoint=out, examples=len(examples))
-
-
-def _save(
-    accelerator: Accelerator,
-    student: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tokenizer: PreTrainedTokenizerBase,
-    where: tuple[Path, str],
-    step: int,
-    epoch_steps: int,
-    data_id: str,
-) -> None:
-    """Every process joins (FSDP/ZeRO-3 gather weights, RNG states are gathered); rank 0 writes
-    `where` = (checkpoint folder, the student it started from)."""
-    out, student_source = where
-    accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(student)
-    # LoRA checkpoints are merged from the unwrapped model (sharded runs are refused for LoRA).
-    weights = None if lora.is_wrapped(model) else accelerator.get_state_dict(student)
-    rng = gather_object([torch.get_rng_state()])  # one per process, in rank order
-    if accelerator.is_main_process:
-        epoch, position = divmod(step + 1, epoch_steps)
-        state = {
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": rng,
-            "data": {"epoch": epoch, "position": position, "fingerprint": data_id},
-            **adapters.state(model),
-        }
-        checkpoint.save(
-            out, adapters.export(model, student_source), tokenizer, state, state_dict=weights
-        )
-    accelerator.wait_for_everyone()
+    return Summary(steps=c.steps, final_loss=loss, checkpoint=out, examples=len(examples))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.batch import Batch, Example, next_token_view
+from distill.onpolicy.rollout import Rollout
 from losses import reverse_kl, topk_support
 
 
@@ -99,6 +100,15 @@ class Lengths:
     by_mode: dict[str, list[int]] = field(default_factory=dict)
     truncated: int = 0
     total: int = 0
+
+    @classmethod
+    def of(cls, rollouts: Sequence[Rollout]) -> Lengths:
+        """The lengths of a step's rollouts; only the student's own count as truncated."""
+        lengths = cls()
+        for r in rollouts:
+            cut = r.generation.finish_reason == "length" and r.on_policy
+            lengths.add(r.mode, len(r.generation.token_ids), cut)
+        return lengths
 
     def add(self, mode: str, length: int, truncated: bool) -> None:
         self.by_mode.setdefault(mode, []).append(length)

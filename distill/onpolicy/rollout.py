@@ -9,22 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import DistillError
-from distill.offpolicy.generate import read_rows
 from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
-from distill.sampling import mode_params, mode_presets, sample_modes
+from distill.sampling import sample_modes
+from distill.teacher_data import read_rows
 from students.sample import Sampler
 from teachers.chat import ALL_MODES, Mode, render_prompt
-from teachers.protocol import Generation, Teacher, TopK
-
-if TYPE_CHECKING:
-    from distill.onpolicy.train import Config
+from teachers.protocol import Generation, SamplingParams, Teacher, TopK
 
 
 def check_top_k(top_k: int, max_top_k: int, teacher_name: str) -> None:
@@ -55,12 +51,12 @@ class OffPolicyRow:
     mode: Mode
 
 
-def check_request(config: Config, teacher: Teacher, prompts: Sequence[Prompt]) -> None:
+def check_request(top_k: int, lmbda: float, teacher: Teacher, prompts: Sequence[Prompt]) -> None:
     """Refuse what the config alone cannot: the teacher's top-k limit, an empty prompt set.
 
     Ranges and choices were checked when the config was built (`Config.__post_init__`)."""
-    check_top_k(config.top_k, teacher.max_top_k, teacher.name)
-    if not prompts and config.lmbda < 1.0:
+    check_top_k(top_k, teacher.max_top_k, teacher.name)
+    if not prompts and lmbda < 1.0:
         raise DistillError("the prompt set is empty: pass a --prompts file with at least one row")
 
 
@@ -82,34 +78,38 @@ def load_rows(data_dir: Path, modes: Sequence[Mode]) -> list[OffPolicyRow]:
 
 
 def sample_slots(
-    config: Config,
-    step: int,
     slots: Sequence[Slot],
     sampler: Sampler,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
     rows: Sequence[OffPolicyRow],
+    params: dict[Mode, SamplingParams],
+    *,
+    samples_per_prompt: int,
+    soft_switch: bool,
+    thinking_budget: int | None,
+    budget_sentence: str,
 ) -> list[Rollout]:
-    """G rollouts per slot, in slot order: one sampler call per mode (each has its preset)."""
-    G = config.samples_per_prompt
+    """G rollouts per slot, in slot order: one sampler call per mode with `params[mode]` (the
+    step's `sampling.mode_params`); slots without a prompt take their teacher `rows`."""
+    G = samples_per_prompt
     out: list[Rollout | None] = [None] * (len(slots) * G)
     mine = [(j, s) for j, s in enumerate(slots) if s.prompt is not None]
     prompt_ids = [
-        render_prompt(tokenizer, prompts[s.prompt].messages, s.mode, config.soft_switch)
+        render_prompt(tokenizer, prompts[s.prompt].messages, s.mode, soft_switch)
         for _, s in mine
         if s.prompt is not None
         for _ in range(G)
     ]
     modes: list[Mode] = [s.mode for _, s in mine for _ in range(G)]
-    presets = mode_presets(config.think_sampling, config.no_think_sampling)
     gens = sample_modes(
         sampler,
         tokenizer,
         prompt_ids,
         modes,
-        mode_params(presets, max_tokens=config.max_tokens, seed=config.seed, step=step),
-        thinking_budget=config.thinking_budget,
-        budget_sentence=config.budget_sentence,
+        params,
+        thinking_budget=thinking_budget,
+        budget_sentence=budget_sentence,
     )
     for n, gen in enumerate(gens):
         j = mine[n // G][0]

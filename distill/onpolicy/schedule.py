@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import DistillError
+from distill.seeds import derive_seed
 from teachers.chat import Mode
 
 # Seed offsets keep the streams independent of each other and of the samplers.
@@ -33,7 +34,7 @@ def stratified(n: int, frac: float) -> int:
 
 
 def permuted(seed: int, stream: int, epoch: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + stream * 7_919 + epoch)
+    g = torch.Generator().manual_seed(derive_seed(seed, stream * 7_919 + epoch))
     return torch.randperm(n, generator=g).tolist()
 
 

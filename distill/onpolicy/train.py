@@ -18,50 +18,35 @@ prompt and forced tokens never carry loss) -> metrics, checkpoint.
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoTokenizer, PreTrainedModel
 
-from distill import adapters, checkpoint, manifest, sampling
-from distill.accounting import (
-    GpuLedger,
-    forward_flops,
-    matmul_params,
-    teacher_flops,
-    train_flops,
-)
-from distill.batch import Example, collate
+from distill import adapters, loop, sampling
+from distill.accounting import GpuLedger, forward_flops, teacher_flops, train_flops
+from distill.batch import Batch, Example, collate
 from distill.errors import DistillError
-from distill.fused_step import choose_head, topk_loss
-from distill.objective import (
-    Dtype,
-    LogFn,
-    global_target_tokens,
-    lr_at,
-    no_log,
-    resolve_dtype,
-    set_lr,
-    topk_divergence,
+from distill.fused_loss import topk_loss
+from distill.logits_loss import topk_divergence
+from distill.loop import LogFn, no_log
+from distill.onpolicy.metrics import (
+    Diagnostics,
+    Lengths,
+    accumulate,
+    accumulate_rows,
+    measured_mask,
 )
-from distill.offpolicy.train import check_head
-from distill.onpolicy.metrics import Diagnostics, Lengths, accumulate, measured_mask
-from distill.onpolicy.rollout import (
-    OffPolicyRow,
-    Rollout,
-    check_request,
-    load_rows,
-    sample_slots,
-)
+from distill.onpolicy.rollout import OffPolicyRow, Rollout, check_request, load_rows, sample_slots
 from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
-from distill.rundir import append_metrics, prepare
-from distill.sampling import SamplerKind, make_sampler, sync_due
+from distill.rundir import prepare
+from distill.sampling import SamplerKind, make_sampler, mode_params, mode_presets, sync_due
+from distill.seeds import derive_seed
 from distill.validation import (
     AT_LEAST_1,
     FRACTION,
@@ -71,8 +56,8 @@ from distill.validation import (
     check_budget,
     check_fields,
 )
-from losses import Divergence
-from students.dtype import resolve_name
+from losses import ALPHA, BETA, Divergence, DivergenceSpec
+from students.dtype import DTypeName, resolve_name
 from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
@@ -99,8 +84,8 @@ class Config:
     budget_sentence: str = BUDGET_SENTENCE
     top_k: Annotated[int, AT_LEAST_1] = 16  # teacher log-probs per position (vLLM: <= max_logprobs)
     divergence: Divergence = "reverse_kl"
-    beta: Annotated[float, FRACTION] = 0.5  # JSD(β): 0 forward KL, 1 reverse KL (TRL's convention)
-    alpha: Annotated[float, Range(lo=0, hi=1, hi_open=True)] = 0.1  # skew KL mixing weight
+    beta: Annotated[float, FRACTION] = BETA  # JSD(β): 0 forward KL, 1 reverse KL
+    alpha: Annotated[float, Range(lo=0, hi=1, hi_open=True)] = ALPHA  # skew KL mixing weight
     # share of slots filled from the teacher's dataset (GKD's mixing)
     lmbda: Annotated[float, FRACTION] = 0.0
     data_dir: Path | None = None  # teacher rows for lmbda > 0; default RUN_DIR/teacher_data
@@ -113,14 +98,14 @@ class Config:
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0
-    dtype: Dtype = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    dtype: DTypeName = "auto"  # the student checkpoint's own where supported (students/dtype.py)
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 1
     save_every: Annotated[int, AT_LEAST_1] = 25
     seed: int = 0
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
     lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
-    fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
+    fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_loss)
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
@@ -128,6 +113,10 @@ class Config:
         check_fields(self)  # ranges and choices, from the field types above
         check_budget(self.thinking_budget, self.max_tokens)
         check_modes(self.modes, self.think_ratio, 0.0, [])  # the teacher's rows: at train time
+
+    @property
+    def divergence_spec(self) -> DivergenceSpec:
+        return DivergenceSpec(self.divergence, self.beta, self.alpha)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,32 +149,23 @@ def build_examples(rollouts: list[Rollout], truncation: Truncation) -> list[Exam
     return examples
 
 
-def trainer_state(optimizer: torch.optim.Optimizer, step: int, config: Config) -> dict[str, Any]:
-    """What a resume needs beyond the weights; the LR schedule is a function of the step."""
+def trainer_state(step: int, config: Config) -> dict[str, Any]:
+    """What a resume needs beyond the weights and the optimizer; the LR schedule is a function
+    of the step."""
     after = position(step + 1, config.prompts_per_step, config.lmbda)
     return {
-        "optimizer": optimizer.state_dict(),
         "step": step,
         "prompt_position": after.prompt,
         "offpolicy_position": after.offpolicy,
         "torch_rng": torch.get_rng_state(),
         # sampling seeds derive from (seed, step, mode): recorded, not needed to resume
-        "sampler_seed_base": config.seed * 1_000_003 + (step + 1) * 2,
+        "sampler_seed_base": derive_seed(config.seed, (step + 1) * 2),
     }
 
 
-def restore(
-    resume: Path,
-    optimizer: torch.optim.Optimizer,
-    config: Config,
-    student: PreTrainedModel | None = None,
-) -> int:
-    """Load the optimizer and RNG state (and `student`'s LoRA adapters, if any) from checkpoint
-    `resume`; returns the step to run next."""
-    state = checkpoint.load_state(resume)
-    if student is not None:
-        adapters.restore(student, state, resume)
-    optimizer.load_state_dict(state["optimizer"])
+def restore(state: dict[str, Any], resume: Path, config: Config) -> int:
+    """The step to run next after checkpoint `resume` (its trainer `state` loaded: weights,
+    adapters and optimizer are restored by `loop.load_trainee`); restores the RNG."""
     start = int(state["step"]) + 1
     if "torch_rng" in state:  # absent in checkpoints written before this loop recorded it
         torch.set_rng_state(state["torch_rng"])
@@ -203,6 +183,37 @@ def restore(
     return start
 
 
+def check_vocab(vocab_size: int, teacher: Teacher) -> None:
+    if vocab_size != teacher.vocab_size:
+        raise DistillError(
+            f"the student's tokenizer has {vocab_size} ids, the teacher {teacher.name} "
+            f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
+        )
+
+
+def micro_batch_loss(
+    trainee: loop.Trainee,
+    mb: Batch,
+    n_tokens: float,
+    divergence: DivergenceSpec,
+    measured: torch.Tensor,
+    diag: Diagnostics,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ mask·D / n_tokens to backward, Σ mask·D detached); adds the `measured` (B, T)
+    positions to `diag`. Fused and logits paths give the same loss, gradients and diagnostics."""
+    V = trainee.vocab_size
+    if trainee.path.fused:  # the diagnostics read the loss's own chunks of logits
+        observe = partial(accumulate_rows, diag, vocab_size=V)
+        return topk_loss(
+            trainee.model, trainee.head_weight, mb, n_tokens, divergence, V,
+            measured=measured, observe=observe, workspace=trainee.path.workspace,
+        )  # fmt: skip
+    logits = trainee.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    per_token, _ = topk_divergence(logits, mb, divergence, V)  # (B, T-1), zero off the mask
+    accumulate(diag, logits, mb, measured, V)
+    return per_token.sum() / n_tokens, per_token.detach().sum()
+
+
 def train(
     config: Config,
     teacher: Teacher,
@@ -216,167 +227,91 @@ def train(
     `sampler`: an already running student sampler to reuse (it is synced to the student before
     the first step and left open); by default one is built from `config.sampler` and closed.
     """
-    check_request(config, teacher, prompts)
-    lora_config = adapters.settings(config.lora_rank, config.lora_alpha, config.seed)
+    c = config
+    check_request(c.top_k, c.lmbda, teacher, prompts)
+    lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed)
     rows: list[OffPolicyRow] = []
-    if config.lmbda > 0:
-        rows = load_rows(config.data_dir or config.run_dir / "teacher_data", config.modes)
-    check_modes(config.modes, config.think_ratio, config.lmbda, [r.mode for r in rows])
-    prepare(config.run_dir)
+    if c.lmbda > 0:
+        rows = load_rows(c.data_dir or c.run_dir / "teacher_data", c.modes)
+    check_modes(c.modes, c.think_ratio, c.lmbda, [r.mode for r in rows])
+    prepare(c.run_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    out = config.run_dir / config.output / "checkpoint"
-    resume = checkpoint.latest(out)
-    source = str(resume) if resume else config.student
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    if len(tokenizer) != teacher.vocab_size:
-        raise DistillError(
-            f"the student's tokenizer has {len(tokenizer)} ids, the teacher {teacher.name} "
-            f"{teacher.vocab_size}: distil only into a student with the teacher's tokenizer"
-        )
-    # LoRA: the frozen base always comes from config.student; the checkpoint holds it merged.
-    student = adapters.load(
-        config.student,
-        resume,
-        resolve_dtype(config.dtype, config.student),
-        lora_config,
-        gradient_checkpointing=config.gradient_checkpointing,
-    )
-    vocab_size, pad_id = len(tokenizer), int(tokenizer.pad_token_id)
-    check_head(student, vocab_size, source)
-    n_params = matmul_params(student)  # FLOPs: see distill/accounting.py
-    n_trainable = matmul_params(student, trainable_only=True)  # LoRA: adapters
-    params = adapters.trainable(student)  # every weight, or only the LoRA adapters
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0, betas=(0.9, 0.95))
-    start = restore(resume, optimizer, config, student) if resume else 0
-    student, optimizer = accelerator.prepare(student, optimizer)
-    student.train()
-    head = choose_head(config.fused_loss, accelerator, accelerator.unwrap_model(student))
-    head_weight = accelerator.unwrap_model(student).get_output_embeddings().weight  # (V, H)
-    if start >= config.steps:  # finished before: nothing to sample, no engine to start
-        return Summary(steps=config.steps, final_loss=float("nan"), checkpoint=out, metrics={})
+    world = accelerator.num_processes
+    out = c.run_dir / c.output / "checkpoint"
+    trainee = loop.load_trainee(
+        accelerator, student=c.student, out=out, dtype=c.dtype, lora_config=lora_config,
+        lr=c.lr, fused_loss=c.fused_loss, gradient_checkpointing=c.gradient_checkpointing,
+    )  # fmt: skip
+    check_vocab(trainee.vocab_size, teacher)
+    start = restore(trainee.state, trainee.resume, c) if trainee.resume else 0
+    if start >= c.steps:  # finished before: nothing to sample, no engine to start
+        return Summary(steps=c.steps, final_loss=float("nan"), checkpoint=out, metrics={})
     owned = sampler is None
     if sampler is None:
-        model = accelerator.unwrap_model(student)
         sampler = make_sampler(
-            config.sampler,
-            model,
-            source,
-            tokenizer,
-            prompts,
-            modes=config.modes,
-            max_tokens=config.max_tokens,
-            seed=config.seed,
-            dtype=resolve_name(config.dtype, config.student),  # the training dtype
-            soft_switch=config.soft_switch,
-            budget_sentence=config.budget_sentence,
-        )
-    if accelerator.is_main_process:  # what `report compare` checks against the RL run
-        built = manifest.setup(
-            accelerator,
-            dtype=head_weight.dtype,
-            fused=head.fused,
-            loss_reason=head.reason,
-            lora_rank=config.lora_rank,
-            sampler=sampling.describe(sampler, config.sync_every),
-        )
-        manifest.record_setup(config.run_dir, config.output, built)
+            c.sampler, trainee.unwrapped(accelerator), trainee.source, trainee.tokenizer,
+            prompts, modes=c.modes, max_tokens=c.max_tokens, seed=c.seed,
+            dtype=resolve_name(c.dtype, c.student),  # the training dtype: what each sync sends
+            soft_switch=c.soft_switch, budget_sentence=c.budget_sentence,
+        )  # fmt: skip
+    described = sampling.describe(sampler, c.sync_every)
+    loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
+    presets = mode_presets(c.think_sampling, c.no_think_sampling)
     loss, metrics = float("nan"), {}
-    for step in range(start, config.steps):
+    for step in range(start, c.steps):
         t_step = time.perf_counter()
-        if sync_due(step, start, config.sync_every):
-            sampler.sync(accelerator.unwrap_model(student))
+        if sync_due(step, start, c.sync_every):
+            sampler.sync(trainee.unwrapped(accelerator))
         slots = step_slots(
-            step=step,
-            seed=config.seed,
-            prompts_per_step=config.prompts_per_step,
-            samples_per_prompt=config.samples_per_prompt,
-            lmbda=config.lmbda,
-            modes=config.modes,
-            think_ratio=config.think_ratio,
-            n_prompts=len(prompts),
-            row_modes=[r.mode for r in rows],
-        )
-        mine = slots[accelerator.process_index :: accelerator.num_processes]
-        with ledger.phase("student.sample", devices=accelerator.num_processes) as meter:
-            t0 = time.perf_counter()
-            rollouts = sample_slots(config, step, mine, sampler, tokenizer, prompts, rows)
+            step=step, seed=c.seed, prompts_per_step=c.prompts_per_step,
+            samples_per_prompt=c.samples_per_prompt, lmbda=c.lmbda, modes=c.modes,
+            think_ratio=c.think_ratio, n_prompts=len(prompts), row_modes=[r.mode for r in rows],
+        )  # fmt: skip
+        with ledger.phase("student.sample", devices=world) as sample_meter:
+            rollouts = sample_slots(
+                slots[accelerator.process_index :: world], sampler, trainee.tokenizer, prompts,
+                rows, mode_params(presets, max_tokens=c.max_tokens, seed=c.seed, step=step),
+                samples_per_prompt=c.samples_per_prompt, soft_switch=c.soft_switch,
+                thinking_budget=c.thinking_budget, budget_sentence=c.budget_sentence,
+            )  # fmt: skip
             n_sampled = sum(len(r.generation.token_ids) for r in rollouts if r.on_policy)
-            meter.add(n_sampled, forward_flops(n_params, n_sampled))
-            t_sample = time.perf_counter() - t0
-        lengths = Lengths()
-        for r in rollouts:
-            truncated = r.generation.finish_reason == "length"
-            lengths.add(r.mode, len(r.generation.token_ids), truncated and r.on_policy)
-        if config.truncation == "drop":
+            sample_meter.add(n_sampled, forward_flops(trainee.n_params, n_sampled))
+        lengths = Lengths.of(rollouts)
+        if c.truncation == "drop":
             rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
-        with ledger.phase("teacher.score") as meter:
-            t0 = time.perf_counter()
+        with ledger.phase("teacher.score") as score_meter:
             seqs = [[*r.prompt_ids, *r.generation.token_ids.tolist()] for r in rollouts]
             plens = [len(r.prompt_ids) for r in rollouts]
-            scores = teacher.score(seqs, plens, config.top_k) if seqs else []
+            scores = teacher.score(seqs, plens, c.top_k) if seqs else []
             rollouts = [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
             n_scored = sum(len(s) for s in seqs)
-            meter.add(n_scored, teacher_flops(teacher, n_scored))
-            t_score = time.perf_counter() - t0
-        examples = build_examples(rollouts, config.truncation)
-        forced = [r.generation.forced for r in rollouts]
-        groups = [
-            range(i, min(i + config.micro_batch_size, len(examples)))
-            for i in range(0, len(examples), config.micro_batch_size)
-        ]
-        micro = [collate([examples[i] for i in g], pad_id=pad_id) for g in groups]
-        n_tokens = global_target_tokens(micro, accelerator)
+            score_meter.add(n_scored, teacher_flops(teacher, n_scored))
+        examples = build_examples(rollouts, c.truncation)
+        groups = [range(i, min(i + c.micro_batch_size, len(examples)))
+                  for i in range(0, len(examples), c.micro_batch_size)]  # fmt: skip
+        micro = [collate([examples[i] for i in g], pad_id=trainee.pad_id) for g in groups]
+        n_tokens = loop.global_target_tokens(micro, accelerator)
         total, diag, n_trained = torch.zeros(()), Diagnostics(), 0
-        with ledger.phase("student.train", devices=accelerator.num_processes) as meter:
-            t0 = time.perf_counter()
+        with ledger.phase("student.train", devices=world) as train_meter:
             for i, (g, mb) in enumerate(zip(groups, micro, strict=True)):
                 measured = measured_mask(
-                    [examples[j] for j in g], [forced[j] for j in g], mb.input_ids.shape[1]
-                )
+                    [examples[j] for j in g], [rollouts[j].generation.forced for j in g],
+                    mb.input_ids.shape[1],
+                )  # fmt: skip
                 mb = mb.to(accelerator.device)
-                kind, beta, alpha = config.divergence, config.beta, config.alpha
-                with nullcontext() if i == len(micro) - 1 else accelerator.no_sync(student):
-                    if head.fused:  # same loss and gradients; the diagnostics read its chunks
-                        share, summed = topk_loss(
-                            student,
-                            head_weight,
-                            mb,
-                            n_tokens,
-                            kind,
-                            vocab_size,
-                            beta=beta,
-                            alpha=alpha,
-                            measured=measured,
-                            diag=diag,
-                            workspace=head.workspace,
-                        )  # share = sum / n_tokens, summed = sum over the loss mask
-                    else:
-                        logits = student(
-                            input_ids=mb.input_ids, attention_mask=mb.attention_mask
-                        ).logits  # (B, T, V)
-                        per_token, _ = topk_divergence(
-                            logits, mb, kind, vocab_size, beta=beta, alpha=alpha
-                        )  # (B, T-1), zero off the loss mask
-                        share, summed = per_token.sum() / n_tokens, per_token.detach().sum()
-                        accumulate(diag, logits, mb, measured, vocab_size)
-                    # Each backward adds its share of sum / (target tokens of the whole step).
+                # Only the last micro-batch all-reduces gradients; the others accumulate locally.
+                with loop.sync_gradients(accelerator, trainee, last=i == len(micro) - 1):
+                    share, summed = micro_batch_loss(
+                        trainee, mb, n_tokens, c.divergence_spec, measured, diag
+                    )  # share = sum / n_tokens: each backward adds its part of the step's mean
                     accelerator.backward(share)
                     total += summed.cpu()
-                n_trained += int(mb.attention_mask.sum())
-                meter.add(
-                    mb.n_targets,
-                    train_flops(n_params, int(mb.attention_mask.sum()), trainable=n_trainable),
-                )
-            grad_norm = accelerator.clip_grad_norm_(student.parameters(), config.grad_clip)
-            c = config
-            lr = lr_at(
-                step, lr=c.lr, steps=c.steps, warmup=c.warmup_steps, min_ratio=c.min_lr_ratio
-            )
-            set_lr(optimizer, lr)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t_train = time.perf_counter() - t0
-        loss = float(total) / (n_tokens * accelerator.num_processes)
+                n_seen = int(mb.attention_mask.sum())
+                n_trained += n_seen
+                flops = train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable)
+                train_meter.add(mb.n_targets, flops)
+            grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
+        loss = float(total) / (n_tokens * world)
         metrics = {
             "loss": loss,
             **diag.means(),
@@ -384,29 +319,18 @@ def train(
             "offpolicy_fraction": sum(s.prompt is None for s in slots) / len(slots),
             "loss_tokens": float(sum(mb.n_targets for mb in micro)),  # this process's
             "lr": lr,
-            "fused_loss": float(head.fused),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "sample_tokens_per_s": n_sampled / max(t_sample, 1e-9),
-            "score_tokens_per_s": n_scored / max(t_score, 1e-9),
-            "train_tokens_per_s": n_trained / max(t_train, 1e-9),
+            "fused_loss": float(trainee.path.fused),
+            "grad_norm": grad_norm,
+            "sample_tokens_per_s": n_sampled / max(sample_meter.seconds, 1e-9),
+            "score_tokens_per_s": n_scored / max(score_meter.seconds, 1e-9),
+            "train_tokens_per_s": n_trained / max(train_meter.seconds, 1e-9),
             "step_seconds": time.perf_counter() - t_step,
         }
-        if step % config.log_every == 0 or step == config.steps - 1:
-            log(config.output, step + 1, config.steps, metrics)
-            if accelerator.is_main_process:
-                record = {"phase": config.output, "step": step, **metrics}
-                append_metrics(
-                    config.run_dir, {**record, "device_hours": ledger.total_device_hours()}
-                )
-        if (step + 1) % config.save_every == 0 or step == config.steps - 1:
-            if not accelerator.is_main_process:  # before the barrier: rank 0 merges it after
-                ledger.save(config.run_dir / "ledger.json", rank=accelerator.process_index)
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                model = accelerator.unwrap_model(student)
-                state = {**trainer_state(optimizer, step, config), **adapters.state(model)}
-                checkpoint.save(out, adapters.export(model, config.student), tokenizer, state)
-                ledger.save(config.run_dir / "ledger.json")
+        if step % c.log_every == 0 or step == c.steps - 1:
+            loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)
+        if loop.due(step, c.save_every, c.steps):
+            state = trainer_state(step, c)
+            loop.save(accelerator, trainee, ledger, c.run_dir, out, c.student, state)
     if owned:
         sampling.close(sampler)
-    return Summary(steps=config.steps, final_loss=loss, checkpoint=out, metrics=metrics)
+    return Summary(steps=c.steps, final_loss=loss, checkpoint=out, metrics=metrics)

@@ -1,10 +1,11 @@
-"""The loops' fused-linear loss (distill/fused_step.py): the same loss, gradients, diagnostics
+"""The loops' fused-linear loss (distill/fused_loss.py): the same loss, gradients, diagnostics
 and updated weights as the logits path on the tiny pair (500 real ids on a 512-row head), the
 fallbacks with their logged reason, and exact resume on the fused path."""
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,13 @@ from transformers import Qwen3ForCausalLM
 
 from distill.accounting import GpuLedger
 from distill.batch import Batch, Example, collate
-from distill.fused_step import ce_topk_loss, choose_head, last_hidden, topk_loss
-from distill.objective import topk_divergence
+from distill.fused_loss import ce_topk_loss, choose_loss_path, last_hidden, topk_loss
+from distill.logits_loss import topk_divergence
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
 from distill.onpolicy.metrics import Diagnostics, accumulate, accumulate_rows
 from distill.prompts import embedded_prompts
-from losses import Divergence, fused_linear_divergence_sum
+from losses import Divergence, DivergenceSpec, fused_linear_divergence_sum
 from losses.teacher_data import TeacherTopK
 from students.tiny import TINY_SHAPES, tiny_qwen3
 from teachers.hf import HFTeacher
@@ -84,7 +85,7 @@ def test_topk_loss_equals_logits_path_with_grads_and_diagnostics(kind: Divergenc
     batch, measured = _batch()
     n_tokens = 7.0
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    per_token, _ = topk_divergence(logits, batch, kind, 500)
+    per_token, _ = topk_divergence(logits, batch, DivergenceSpec(kind), 500)
     (per_token.sum() / n_tokens).backward()
     ref_diag = Diagnostics()
     accumulate(ref_diag, logits, batch, measured, 500)
@@ -96,10 +97,10 @@ def test_topk_loss_equals_logits_path_with_grads_and_diagnostics(kind: Divergenc
         weight,
         batch,
         n_tokens,
-        kind,
+        DivergenceSpec(kind),
         500,
         measured=measured,
-        diag=diag,
+        observe=partial(accumulate_rows, diag, vocab_size=500),
     )
     share.backward()
     fused = _grads(model)
@@ -153,17 +154,17 @@ def test_no_loss_rows_give_zero_gradients_not_garbage() -> None:
 def test_fallbacks_pick_the_logits_path_and_log_why(caplog: pytest.LogCaptureFixture) -> None:
     accelerator = Accelerator(cpu=True)
     model = _student()
-    caplog.set_level(logging.INFO, logger="distill.fused_step")
-    assert choose_head(True, accelerator, model).fused
-    assert not choose_head(False, accelerator, model).fused
+    caplog.set_level(logging.INFO, logger="distill.fused_loss")
+    assert choose_loss_path(True, accelerator, model).fused
+    assert not choose_loss_path(False, accelerator, model).fused
     model.config.final_logit_softcapping = 30.0  # type: ignore[attr-defined]
-    capped = choose_head(True, accelerator, model)
+    capped = choose_loss_path(True, accelerator, model)
     assert not capped.fused and "final_logit_softcapping" in capped.reason
     model.config.final_logit_softcapping = None  # type: ignore[attr-defined]
     model.lm_head.bias = torch.nn.Parameter(torch.zeros(512))
-    assert "bias" in choose_head(True, accelerator, model).reason
+    assert "bias" in choose_loss_path(True, accelerator, model).reason
     model.lm_head.register_parameter("bias", None)
-    assert choose_head(True, accelerator, model).fused  # back to a plain Linear: fused again
+    assert choose_loss_path(True, accelerator, model).fused  # back to a plain Linear: fused again
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("final_logit_softcapping" in m for m in warned), warned
     assert any("bias" in m for m in warned), warned
@@ -178,7 +179,7 @@ def test_probe_refuses_a_head_whose_logits_are_not_lm_head_of_h() -> None:
         return out / 3.0  # e.g. a final logit scale the config does not name
 
     model.lm_head.register_forward_hook(scale)
-    head = choose_head(True, Accelerator(cpu=True), model)
+    head = choose_loss_path(True, Accelerator(cpu=True), model)
     assert not head.fused and "differs from the model's logits" in head.reason
 
 

@@ -1,5 +1,9 @@
 """The training loops' losses from final hidden states and the lm_head: no (B, T, V) logits.
 
+Each is the twin of a full-logits loss (distill/logits_loss.py, or the RL loop's) with the same
+values and gradients; `choose_loss_path` decides once per run which of the two a loop takes.
+
+
 With Qwen3's 151,936-row head the full forward's fp32 logits, their log-softmax and its gradient
 are the largest activations of a step (B·T·V each). With `fused_loss` on, the loop still calls
 the prepared (DDP-wrapped) model's forward, so gradient-sync hooks fire as usual, but asks for
@@ -10,7 +14,7 @@ closed-form gradients. The lm_head weight is used directly: its gradient reaches
 parameter, so DDP averages it with the rest.
 
 The fused path is exact only for a head that is one bias-free Linear on that hidden state, held
-whole on this process. `choose_head` checks that once per run and otherwise falls back to the
+whole on this process. `choose_loss_path` checks that once per run and otherwise falls back to the
 logits path, logging why: FSDP and DeepSpeed ZeRO-3 (the weight is a shard outside the forward),
 a head that is not a plain Linear (LoRA on lm_head, a bias), a config that scales or soft-caps
 the logits, or a probe forward whose `lm_head(hidden)` differs from its own logits.
@@ -19,6 +23,7 @@ the logits, or a probe forward whose `lm_head(hidden)` differs from its own logi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -26,9 +31,9 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from distill.batch import Batch, next_token_view
-from distill.onpolicy.metrics import Diagnostics, accumulate_rows
 from losses import (
     Divergence,
+    DivergenceSpec,
     TeacherSampled,
     TeacherTopK,
     Workspace,
@@ -42,8 +47,12 @@ logger = logging.getLogger(__name__)
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+# (logits (C, V_s), teacher ids (C, K), teacher log-probs (C, K), measured (C,)) of one chunk
+RowObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
 @dataclass(frozen=True)
-class Head:
+class LossPath:
     """Which loss path a run takes, and why (logged once, recorded as the `fused_loss` metric).
 
     `workspace` keeps the fused path's chunk buffers for the whole run: made once, not faulted
@@ -95,13 +104,13 @@ def _probe(model: torch.nn.Module) -> str | None:
     return None
 
 
-def choose_head(requested: bool, accelerator: Accelerator, model: torch.nn.Module) -> Head:
+def choose_loss_path(requested: bool, accelerator: Accelerator, model: torch.nn.Module) -> LossPath:
     """The loss path for `model` (unwrapped, on its device). Call once, after `prepare`."""
     if not requested:
-        head = Head(False, "off by request (--no-fused-loss)")
+        head = LossPath(False, "off by request (--no-fused-loss)")
     else:
         why = _refusal(accelerator, model)
-        head = Head(why is None, why or "chunked from hidden states, no (B, T, V) logits")
+        head = LossPath(why is None, why or "chunked from hidden states, no (B, T, V) logits")
     if requested and not head.fused:
         logger.warning("fused loss off, training on full logits: %s", head.reason)
     else:
@@ -130,20 +139,18 @@ def topk_loss(
     weight: torch.Tensor,
     batch: Batch,
     n_tokens: float,
-    kind: Divergence,
+    divergence: DivergenceSpec,
     vocab_size: int,
     *,
-    beta: float = 0.5,
-    alpha: float = 0.1,
     measured: torch.Tensor | None = None,
-    diag: Diagnostics | None = None,
+    observe: RowObserver | None = None,
     workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ mask·D / n_tokens to backward, Σ mask·D detached) against the batch's teacher top-k.
 
-    The fused twin of `objective.topk_divergence` summed over the mask and divided by n_tokens.
-    `measured` (B, T) with `diag`: also add the on-policy diagnostics of those positions, read
-    from the chunks' logits (a measured row without loss gets token weight 0).
+    The fused twin of `logits_loss.topk_divergence` summed over the mask and divided by n_tokens.
+    `measured` (B, T) with `observe`: also hand those positions' logits to `observe`, chunk by
+    chunk (a measured row without loss gets token weight 0): the loop's diagnostics.
     """
     h, _, mask, t_ids, t_lp = next_token_view(last_hidden(student, batch), batch)  # (B, T-1, H)
     assert t_ids is not None and t_lp is not None, "this batch carries no teacher top-k"
@@ -153,21 +160,21 @@ def topk_loss(
     token_weight = mask[rows].float() / n_tokens  # (N,)
     shown_rows = shown[rows]  # (N,)
 
-    def observe(logits: torch.Tensor, start: int, stop: int) -> None:
-        if diag is not None:
-            ids, lp = teacher.ids[start:stop], teacher.logprobs[start:stop]
-            accumulate_rows(diag, logits, ids, lp, shown_rows[start:stop], vocab_size)
+    def chunk(logits: torch.Tensor, start: int, stop: int) -> None:
+        assert observe is not None
+        ids, lp = teacher.ids[start:stop], teacher.logprobs[start:stop]
+        observe(logits, ids, lp, shown_rows[start:stop])
 
     loss, values = fused_linear_divergence_sum(
         h[rows],
         weight,
         teacher,
-        kind,
+        divergence.kind,
         token_weight,
         vocab_size=vocab_size,
-        beta=beta,
-        alpha=alpha,
-        observe=observe if diag is not None else None,
+        beta=divergence.beta,
+        alpha=divergence.alpha,
+        observe=chunk if observe is not None else None,
         workspace=workspace,
     )  # scalar, (N,)
     return loss, (values * mask[rows]).sum()
@@ -181,7 +188,7 @@ def ce_topk_loss(
     vocab_size: int,
     *,
     kd_weight: float = 0.0,
-    kd_kind: Divergence = "forward_kl",
+    kd_divergence: Divergence = "forward_kl",
     workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(Σ mask·(CE + kd_weight·KD) / n_tokens to backward, Σ mask·(CE + kd·KD), Σ mask·CE).
@@ -205,7 +212,13 @@ def ce_topk_loss(
         kd_w = torch.full(x.shape, kd_weight / n_tokens, device=x.device)  # (N,)
         kd_teacher = TeacherTopK(t_ids[mask], t_lp[mask])  # (N, K)
         kd_loss, kd = fused_linear_divergence_sum(
-            rows, weight, kd_teacher, kd_kind, kd_w, vocab_size=vocab_size, workspace=workspace
+            rows,
+            weight,
+            kd_teacher,
+            kd_divergence,
+            kd_w,
+            vocab_size=vocab_size,
+            workspace=workspace,
         )
         loss = loss + kd_loss
         total = ce + kd_weight * kd.sum()

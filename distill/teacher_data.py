@@ -17,10 +17,11 @@ import pyarrow.parquet as pq
 
 from distill.errors import DistillError
 from distill.manifest import fingerprint
-from distill.offpolicy.filters import VERDICTS
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json, read_json
 
+# every response is kept with the first filter it failed (distill/offpolicy/filters.py)
+VERDICTS = ("kept", "truncated", "empty", "repetitive", "wrong")
 META = ".dataset.json"
 
 _ids = pa.list_(pa.int32())
