@@ -214,9 +214,8 @@ def rendered(args: argparse.Namespace, tok: Any) -> list[list[int]]:
 def run_distill(args: argparse.Namespace, root: Path, phases: Phases) -> None:
     from distill.accounting import GpuLedger
     from distill.onpolicy import train as onpolicy
-    from students.sample import HFSampler
+    from students.sample import HFSampler, SamplingParams
     from teachers.hf import HFTeacher
-    from teachers.protocol import SamplingParams
 
     generate, score = HFSampler.generate, HFTeacher.score
 
@@ -300,8 +299,7 @@ def run_gap(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from losses import divergence, topk_support
-    from students.sample import sample
-    from teachers.protocol import SamplingParams
+    from students.sample import SamplingParams, sample
 
     tok = AutoTokenizer.from_pretrained(root / "student")
     student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32).eval()

@@ -105,9 +105,9 @@ def teacher_limit(backend: str, path: str, urls: Sequence[str], max_top_k: int |
     hf: the head width in config.json; vllm: `max_top_k` (vllm must be importable); server:
     every URL well formed and answering (`ServerTeacher.connect` asks for its models)."""
     if backend == "server":
-        from cli.teacher import make_teacher
+        from teachers.server import ServerTeacher
 
-        return make_teacher("server", path, urls, max_top_k=max_top_k).max_top_k
+        return ServerTeacher.connect(urls, path, max_top_k=max_top_k or 20).max_top_k
     if not Path(path).is_dir():
         raise DistillError(
             f"teacher {path!r} is not a model folder: pass a folder written by save_pretrained "

@@ -66,7 +66,7 @@ def stage_model(run_dir: Path, stage: str) -> tuple[str, str]:
                     f"{run_dir} has no {phase} checkpoint yet: run `distill {phase}` first, or "
                     "choose another --stage"
                 )
-    configs = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
+    configs = read_json(run_dir / "config.json", default={})
     student = configs.get("offpolicy", {}).get("student")
     if student is None:
         raise DistillError(
@@ -213,14 +213,16 @@ def eval_command(
     soft_switch: SoftSwitchOpt = False,
     n: Annotated[int, typer.Option(help="samples per prompt and mode")] = evaluate.PassConfig.n,
     k: Annotated[str, typer.Option(help="pass@k for these k (each <= n)")] = "1,4,8",
-    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = (
+        evaluate.PassConfig.max_tokens
+    ),
     thinking_budget: Annotated[
         str | None, typer.Option(help="budgets for the curve, e.g. 64,128,256")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="write the budget curve as a PNG")] = None,
     sampler: Annotated[EvalSampler, typer.Option(help="hf or vllm")] = "hf",
     name: Annotated[str | None, typer.Option(help="result name (default: the stage)")] = None,
-    seed: int = 0,
+    seed: int = evaluate.PassConfig.seed,
     force: Annotated[bool, typer.Option(help="replace a result with other settings")] = False,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:

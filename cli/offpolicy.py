@@ -25,6 +25,7 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
     BackendOpt,
+    DtypeOpt,
     GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
@@ -48,7 +49,6 @@ from distill.offpolicy import train as offpolicy
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from distill.rundir import append_metrics, prepare, record_config
 from distill.teacher_data import VERDICTS
-from students.dtype import DTypeName as Dtype
 from teachers.chat import MODES
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
@@ -116,13 +116,15 @@ def generate(
     think_ratio: Annotated[
         float | None, typer.Option(help="share of prompts answered in think mode, one mode each")
     ] = None,
-    soft_switch: SoftSwitchOpt = False,
+    soft_switch: SoftSwitchOpt = gen.Config.soft_switch,
     samples_per_prompt: int = gen.Config.samples_per_prompt,
     max_tokens: Annotated[int, typer.Option(help="response length limit")] = gen.Config.max_tokens,
     thinking_budget: Annotated[
         int | None, typer.Option(help="thinking tokens before the stop sentence is forced")
     ] = None,
-    store_topk: Annotated[int, typer.Option(help="also store the teacher's top-k (0: off)")] = 0,
+    store_topk: Annotated[
+        int, typer.Option(help="also store the teacher's top-k (0: off)")
+    ] = gen.Config.store_topk,
     max_prompt_tokens: int = gen.Config.max_prompt_tokens,
     overlong: Annotated[
         gen.Overlong, typer.Option(help="prompts over --max-prompt-tokens: drop or truncate")
@@ -321,9 +323,7 @@ def offpolicy_cmd(
         offpolicy.ThinkBlock,
         typer.Option(help="no_think rows: empty think block as 'prompt' or 'target'"),
     ] = offpolicy.Config.think_block,
-    dtype: Annotated[
-        Dtype, typer.Option(help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
-    ] = offpolicy.Config.dtype,
+    dtype: DtypeOpt = offpolicy.Config.dtype,
     log_every: int = offpolicy.Config.log_every,
     save_every: int = offpolicy.Config.save_every,
     report_to: Annotated[

@@ -38,7 +38,7 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
-from distill import adapters, pipeline
+from distill import adapters, parity
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.onpolicy import train as onpolicy
@@ -46,7 +46,6 @@ from distill.onpolicy.rollout import check_request, check_top_k
 from distill.prompts import EMBEDDED, Prompt
 from distill.rundir import append_metrics, prepare, record_config
 from distill.sampling import SamplerKind
-from teachers.chat import vocab_mismatch
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
 
@@ -99,7 +98,7 @@ def onpolicy_cmd(
     samples_per_prompt: Annotated[int, typer.Option(help="G")] = C.samples_per_prompt,
     micro_batch_size: int = C.micro_batch_size,
     modes: ModesOpt = "auto",
-    soft_switch: SoftSwitchOpt = False,
+    soft_switch: SoftSwitchOpt = C.soft_switch,
     think_ratio: Annotated[float, typer.Option(help="share of prompts in think mode")] = (
         C.think_ratio
     ),
@@ -129,7 +128,7 @@ def onpolicy_cmd(
     teacher_max_top_k: Annotated[
         int, typer.Option(help="vllm/server teachers: their max_logprobs")
     ] = 20,
-    seed: int = 0,
+    seed: int = C.seed,
     lora_rank: LoraRankOpt = C.lora_rank,
     lora_alpha: LoraAlphaOpt = C.lora_alpha,
     fused_loss: FusedLossOpt = C.fused_loss,
@@ -195,15 +194,8 @@ def onpolicy_cmd(
     if Path(teacher_path).is_dir() and not dryrun.pending(student_path):
         refuse_remote_code(teacher_path, trust=trust_remote_code, fix=REMOTE_CODE_FIX)
         teacher_tok = dryrun.tokenizer(teacher_path, "teacher", trust_remote_code, dry_run)
-        differ = vocab_mismatch(
-            teacher_tok, dryrun.tokenizer(student_path, "student", False, dry_run)
-        )
-        if differ is not None:
-            raise DistillError(
-                f"teacher and student tokenizers differ: {differ}; distil only into a student "
-                "that shares the teacher's tokenizer and chat template"
-            )
-        pipeline.check_parity(teacher_tok, student_path)  # chat template: first differing ids
+        student_tok = dryrun.tokenizer(student_path, "student", False, dry_run)
+        parity.check_conversations(teacher_tok, student_tok)  # the first difference, shown
     if dry_run:
         return dry_onpolicy(config, teacher_path, teacher_backend, teacher_url or [],
                             teacher_max_top_k, train_prompts, force)  # fmt: skip

@@ -19,6 +19,8 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
 from cli.resolve import (
+    DtypeOpt,
+    GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
@@ -57,8 +59,8 @@ def rl_cmd(
         int, typer.Option(help="G: responses per prompt")
     ] = rl.Config.samples_per_prompt,
     modes: ModesOpt = "auto",
-    soft_switch: SoftSwitchOpt = False,
-    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 96,
+    soft_switch: SoftSwitchOpt = rl.Config.soft_switch,
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = (rl.Config.max_tokens),
     format_weight: Annotated[
         float, typer.Option(help="reward for a well-formed response")
     ] = rl.Config.format_weight,
@@ -70,13 +72,18 @@ def rl_cmd(
         int, typer.Option(help="evaluate every N steps (0: before and after only)")
     ] = rl.Config.eval_every,
     save_every: int = rl.Config.save_every,
-    seed: int = 0,
+    seed: int = rl.Config.seed,
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
     sampler: SamplerOpt = rl.Config.sampler,
     sync_every: SyncEveryOpt = rl.Config.sync_every,
     lora_rank: LoraRankOpt = rl.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = rl.Config.lora_alpha,
     fused_loss: FusedLossOpt = rl.Config.fused_loss,
+    dtype: DtypeOpt = rl.Config.dtype,
+    warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
+        rl.Config.warmup_steps
+    ),
+    gradient_checkpointing: GradCheckpointOpt = rl.Config.gradient_checkpointing,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
     """GRPO on the student with answer-correctness reward; device-hours by the same meter."""
@@ -109,6 +116,9 @@ def rl_cmd(
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         fused_loss=fused_loss,
+        dtype=dtype,
+        warmup_steps=warmup_steps,
+        gradient_checkpointing=gradient_checkpointing,
     )
     rl.check_request(config, train_prompts)  # before config.json records anything
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record

@@ -35,7 +35,7 @@ from cli.resolve import (
     resolve_modes,
 )
 from cli.teacher import make_teacher, parse_backend, teacher_devices
-from distill import adapters, evaluate, pipeline
+from distill import adapters, evaluate, parity, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
@@ -53,18 +53,22 @@ def run(
     prompts: PromptsOpt = EMBEDDED,
     prompt_column: str = "prompt",
     answer_column: str = "answer",
-    n_prompts: Annotated[int, typer.Option(help="training prompts")] = 1024,
-    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = 48,
+    n_prompts: Annotated[int, typer.Option(help="training prompts")] = pipeline.RECIPE.n_prompts,
+    eval_prompts: Annotated[int, typer.Option(help="held-out prompts")] = (
+        pipeline.RECIPE.eval_prompts
+    ),
     modes: ModesOpt = "auto",
-    soft_switch: SoftSwitchOpt = False,
-    max_tokens: Annotated[int, typer.Option(help="response length limit")] = 48,
+    soft_switch: SoftSwitchOpt = onpolicy.Config.soft_switch,
+    max_tokens: Annotated[int, typer.Option(help="response length limit")] = (
+        pipeline.RECIPE.max_tokens
+    ),
     thinking_budget: Annotated[
         int | None, typer.Option(help="thinking tokens before the stop sentence")
     ] = None,
-    offpolicy_steps: int = 300,
-    offpolicy_batch_size: int = 64,
-    offpolicy_lr: float = 3e-3,
-    onpolicy_steps: int = 40,
+    offpolicy_steps: int = pipeline.RECIPE.offpolicy_steps,
+    offpolicy_batch_size: int = pipeline.RECIPE.offpolicy_batch_size,
+    offpolicy_lr: float = pipeline.RECIPE.offpolicy_lr,
+    onpolicy_steps: int = pipeline.RECIPE.onpolicy_steps,
     onpolicy_lr: float = onpolicy.Config.lr,
     top_k: Annotated[
         int, typer.Option(help="teacher log-probs per position")
@@ -75,7 +79,7 @@ def run(
     teacher_backend: BackendOpt = "hf",
     teacher_url: UrlOpt = None,
     teacher_gpus: TeacherGpusOpt = None,
-    seed: int = 0,
+    seed: int = onpolicy.Config.seed,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = offpolicy.Config.lora_alpha,
     fused_loss: FusedLossOpt = offpolicy.Config.fused_loss,
@@ -152,7 +156,7 @@ def run(
             tok = dryrun.tokenizer(teacher_path if Path(teacher_path).is_dir() else student_path,
                                    "teacher")  # fmt: skip
             gen.check_inputs(gen_config, teacher_path, limit, tok, train_prompts)
-            pipeline.check_parity(tok, student_path)
+            parity.check_conversations(tok, dryrun.tokenizer(student_path, "student"))
         for name, cfg in (("generate", gen_config), ("offpolicy", off_config),
                           ("onpolicy", on_config), ("eval", eval_config)):  # fmt: skip
             record_config(run_dir, name, cfg, force=force, write=False)

@@ -74,11 +74,6 @@ def _make(
     if backend == "server":
         from teachers.server import ServerTeacher
 
-        if not urls:
-            raise TeacherError(
-                "--teacher-backend server needs --teacher-url (e.g. http://127.0.0.1:8000); start "
-                f"a server with `distill teacher serve --teacher {model}`"
-            )
         return ServerTeacher.connect(urls, model, max_top_k=max_top_k or 20)
     raise TeacherError(f"unknown teacher backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 

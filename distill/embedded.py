@@ -30,10 +30,9 @@ from distill.logits_loss import cross_entropy
 from distill.loop import lr_at, set_lr
 from distill.rundir import atomic_write_json
 from distill.tasks import corpus, is_correct, problems, response_text
-from students.sample import sample
+from students.sample import SamplingParams, sample
 from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3, train_tokenizer
 from teachers.chat import MODES, Mode, render_prompt
-from teachers.protocol import SamplingParams
 
 VERSION = "v3"  # v3: the short column-arithmetic task (distill/tasks.py), own SFT loop
 

@@ -33,16 +33,16 @@ from distill.rundir import atomic_write_json, config_dict, read_json
 from distill.tasks import verify
 from distill.validation import AT_LEAST_1, Flag, check_fields
 from losses import Divergence, DivergenceSpec
-from students.sample import sample
-from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt, think_end_token
-from teachers.chat import generate_with_budget as budgeted
-from teachers.protocol import (
+from students.sample import (
     NON_THINKING_SAMPLING,
     THINKING_SAMPLING,
     Generation,
     SamplingParams,
-    Teacher,
+    sample,
 )
+from teachers.chat import BUDGET_SENTENCE, MODES, GenerateFn, Mode, render_prompt, think_end_token
+from teachers.chat import generate_with_budget as budgeted
+from teachers.protocol import Teacher
 
 
 def token_id(tokenizer: PreTrainedTokenizerBase, attr: str) -> int:
@@ -185,7 +185,7 @@ class PassConfig:
     n: Annotated[int, AT_LEAST_1] = 8
     ks: tuple[int, ...] = (1, 4, 8)
     modes: tuple[Mode, ...] = MODES
-    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    max_tokens: Annotated[int, AT_LEAST_1] = 96
     # thinking budgets of the curve (thinking mode)
     budgets: Annotated[tuple[int, ...], AT_LEAST_1, Flag("--thinking-budget")] = ()
     budget_sentence: str = BUDGET_SENTENCE

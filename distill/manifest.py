@@ -69,7 +69,7 @@ def write(
     """Write RUN_DIR/manifest.json; the phases' setups recorded by earlier runs are kept."""
     student_dir = Path(student)
     path = run_dir / "manifest.json"
-    setups = read_json(path).get("setup", {}) if path.exists() else {}
+    setups = read_json(path, default={}).get("setup", {})
     atomic_write_json(
         path,
         {
@@ -129,6 +129,6 @@ def setup(
 def record_setup(run_dir: Path, phase: str, setup: Mapping[str, str | int]) -> None:
     """Add one phase's setup to RUN_DIR/manifest.json (the rest of the manifest is kept)."""
     path = run_dir / "manifest.json"
-    data = read_json(path) if path.exists() else {}
+    data = read_json(path, default={})
     data["setup"] = {**data.get("setup", {}), phase: dict(setup)}
     atomic_write_json(path, data)

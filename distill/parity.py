@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import DistillError
 from losses import forward_kl, topk_support
+from students.sample import SamplingParams
 from teachers.chat import (
     FORMAT_MODES,
     Message,
@@ -30,7 +31,7 @@ from teachers.chat import (
     template_mismatch,
     vocab_mismatch,
 )
-from teachers.protocol import SamplingParams, Teacher
+from teachers.protocol import Teacher
 
 # Generic conversations: a system prompt, a multi-turn history, short and open answers.
 GENERIC_CONVERSATIONS: tuple[tuple[Message, ...], ...] = (
@@ -46,6 +47,17 @@ GENERIC_CONVERSATIONS: tuple[tuple[Message, ...], ...] = (
         {"role": "user", "content": "And half of that?"},
     ),
 )
+
+# Text whose ids must agree: ASCII, digits (Qwen splits them one by one), whitespace runs,
+# non-Latin scripts, emoji, code, and the chat/think markers inside running text.
+PROBE_TEXTS = (
+    "What is 12 + 30? Answer briefly.",
+    "  3.14159 * 2 = 6.28318\n\n\n",
+    "naïve café – 東京 Привет 🙂",
+    "def f(x):\n\treturn x ** 2  # square",
+    "<think>\nstep one\n</think>\n\nThe answer is \\boxed{42}.<|im_end|>",
+)
+NAMED_SPECIALS = ("eos_token", "pad_token", "bos_token", "unk_token")
 
 # Largest |logprob| difference accepted between two backends computing in this dtype. fp32: the
 # two stacks sum in different orders (measured ~1e-4 at top-k on a 1.5B model); bf16 keeps 8 bits
@@ -70,25 +82,48 @@ class ParityReport:
     top1_agreement: float  # share of positions where the student's argmax is the teacher's top-1
 
 
+def tokenizer_mismatch(
+    teacher_tok: PreTrainedTokenizerBase,
+    student_tok: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Message]] = GENERIC_CONVERSATIONS,
+) -> str | None:
+    """None when the student tokenizes and renders exactly as the teacher, else the first
+    difference: the vocabulary, the named special tokens, plain text, then each conversation in
+    every mode of the template's format. The one tokenizer-parity check of the project."""
+    if diff := vocab_mismatch(teacher_tok, student_tok):
+        return f"tokenizers differ: {diff}"
+    for attr in NAMED_SPECIALS:
+        t, s = getattr(teacher_tok, attr), getattr(student_tok, attr)
+        t_id, s_id = getattr(teacher_tok, f"{attr}_id"), getattr(student_tok, f"{attr}_id")
+        if (t, t_id) != (s, s_id):
+            return (
+                f"tokenizers differ: {attr} is {t!r} (id {t_id}) in the teacher, {s!r} "
+                f"(id {s_id}) in the student"
+            )
+    for text in PROBE_TEXTS:
+        t_ids = teacher_tok.encode(text, add_special_tokens=False)
+        s_ids = student_tok.encode(text, add_special_tokens=False)
+        if t_ids != s_ids:
+            return f"tokenizers differ: {text!r} is {t_ids} in the teacher, {s_ids} in the student"
+    for conv in conversations:
+        if diff := template_mismatch(teacher_tok, student_tok, conv):
+            return f"templates render differently: {diff}"
+    return None
+
+
 def check_conversations(
     teacher_tok: PreTrainedTokenizerBase,
     student_tok: PreTrainedTokenizerBase,
     conversations: Sequence[Sequence[Message]] = GENERIC_CONVERSATIONS,
 ) -> list[list[Message]]:
-    """`conversations`, once both tokenizers are known to render them identically, or an error."""
-    if diff := vocab_mismatch(teacher_tok, student_tok):
+    """`conversations`, once the pair passes `tokenizer_mismatch` on them, or an error: a
+    mismatch silently biases every divergence between the two."""
+    if diff := tokenizer_mismatch(teacher_tok, student_tok, conversations):
         raise DistillError(
-            f"teacher and student tokenizers differ: {diff}; distil into a student that "
-            "shares the teacher's tokenizer"
+            f"teacher and student {diff}; distil only into a student that shares the teacher's "
+            "tokenizer and chat template (tokenizer_config.json / chat_template.jinja)"
         )
-    convs = [list(c) for c in conversations]
-    for conv in convs:
-        if diff := template_mismatch(teacher_tok, student_tok, conv):
-            raise DistillError(
-                f"teacher and student templates render differently: {diff}; give the student "
-                "the teacher's chat template (tokenizer_config.json / chat_template.jinja)"
-            )
-    return convs
+    return [list(c) for c in conversations]
 
 
 @torch.no_grad()

@@ -24,13 +24,33 @@ from distill.loop import LogFn, no_log
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy
 from distill.onpolicy import train as onpolicy
+from distill.parity import check_conversations
 from distill.prompts import Prompt
 from distill.rundir import atomic_write_json, read_json, record_config
 from distill.teacher_data import read_rows
-from teachers.chat import Mode, template_mismatch
+from teachers.chat import Mode
 from teachers.protocol import Teacher, TopK
 
-STAGES = ("before", "after_offpolicy", "after_onpolicy")
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """`distill run`'s own defaults: the whole pipeline on the embedded pair, in minutes on a CPU.
+
+    They differ from the trainers' Config defaults on purpose. The embedded student is a small
+    model trained from its init on a narrow task: a high off-policy LR (3e-3, not 1e-3) and large
+    batches converge it in 300 steps; responses of 48 tokens hold its answers in both modes.
+    """
+
+    n_prompts: int = 1024  # training prompts
+    eval_prompts: int = 48  # held-out prompts
+    max_tokens: int = 48  # every stage's response limit
+    offpolicy_steps: int = 300
+    offpolicy_batch_size: int = 64
+    offpolicy_lr: float = 3e-3
+    onpolicy_steps: int = 40
+
+
+RECIPE = Recipe()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,19 +76,6 @@ def heldout_examples(run_dir: Path, output: str) -> list[Example]:
         )
         for r in rows
     ]
-
-
-def check_parity(teacher_tokenizer: PreTrainedTokenizerBase, student: str) -> None:
-    """Teacher and student must render conversations to the same ids, or the KL is biased."""
-    student_tok = AutoTokenizer.from_pretrained(student)
-    probe = [{"role": "user", "content": "What is 12 + 30? Answer briefly."}]
-    diff = template_mismatch(teacher_tokenizer, student_tok, probe)
-    if diff is not None or len(student_tok) != len(teacher_tokenizer):
-        raise DistillError(
-            f"teacher and student tokenizers differ "
-            f"({diff or f'{len(teacher_tokenizer)} vs {len(student_tok)} ids'}): "
-            "distil only into a student that shares the teacher's tokenizer and chat template"
-        )
 
 
 def measure(
@@ -119,7 +126,7 @@ def run(
     assert Path(on_config.student) == off_config.run_dir / off_config.output / "checkpoint", (
         "on-policy starts from the off-policy checkpoint"
     )
-    check_parity(teacher_tokenizer, student)
+    check_conversations(teacher_tokenizer, AutoTokenizer.from_pretrained(student))
     for name, cfg in (
         ("generate", gen_config),
         ("offpolicy", off_config),
@@ -146,7 +153,7 @@ def run(
         raise DistillError("every held-out teacher response was truncated: raise --max-tokens")
 
     evals_path = run_dir / "eval.json"
-    evals: dict[str, dict[str, float]] = read_json(evals_path) if evals_path.exists() else {}
+    evals: dict[str, dict[str, float]] = read_json(evals_path, default={})
 
     def stage(name: str, model_dir: str) -> None:
         if name not in evals:

@@ -130,7 +130,7 @@ def setup_of(phase: dict[str, Any]) -> dict[str, str]:
 def run_setup(run_dir: Path) -> dict[str, str]:
     """The setup of the run's method: its last training phase in manifest.json ({} if none)."""
     path = run_dir / "manifest.json"
-    phases = read_json(path).get("setup", {}) if path.exists() else {}
+    phases = read_json(path, default={}).get("setup", {})
     ran = [p for p in TRAINING_PHASES if p in phases]
     return setup_of(phases[ran[-1]]) if ran else {}
 
@@ -139,8 +139,8 @@ def from_run_dir(run_dir: Path) -> RunReport:
     """A report of a distill run directory: ledger.json, eval.json, config.json, metrics.jsonl."""
     if not run_dir.is_dir():
         raise DistillError(f"{run_dir} is not a directory: pass a run directory or a report .json")
-    configs = read_json(run_dir / "config.json") if (run_dir / "config.json").exists() else {}
-    evals = read_json(run_dir / "eval.json") if (run_dir / "eval.json").exists() else {}
+    configs = read_json(run_dir / "config.json", default={})
+    evals = read_json(run_dir / "eval.json", default={})
     expected = list(dict.fromkeys(p for k in configs for p in EXPECTED_PHASES.get(k, ())))
     problems: list[str] = []
     if (run_dir / "ledger.json").exists():

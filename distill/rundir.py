@@ -63,7 +63,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in `path`; `default` (when given) if the file does not exist."""
+    if default is not None and not path.exists():
+        return default
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -86,7 +89,7 @@ def record_config(
     shards or checkpoints from the old config would be mixed with new ones.
     """
     path = run_dir / "config.json"
-    configs = read_json(path) if path.exists() else {}
+    configs = read_json(path, default={})
     new = config_dict(config)
     old = configs.get(phase)
     # A field added to the config after `old` was recorded, left at its default, is no change:

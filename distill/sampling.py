@@ -24,9 +24,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.errors import DistillError
 from distill.prompts import Prompt
 from distill.seeds import derive_seed
-from students.sample import HFSampler, Sampler
+from students.sample import Generation, HFSampler, Sampler, SamplingParams
 from teachers.chat import ALL_MODES, BUDGET_SENTENCE, Mode, generate_with_budget, render_prompt
-from teachers.protocol import Generation, SamplingParams
 
 SamplerKind = Literal["auto", "hf", "vllm"]
 

@@ -75,7 +75,7 @@ def claim(
     }
     meta = out / META
     if meta.exists() or any(out.glob("shard-*.parquet")):
-        old = read_json(meta) if meta.exists() else {}
+        old = read_json(meta, default={})
         if old == identity:
             return
         old_settings = old.get("config")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from teachers.protocol import TeacherError
+from students.presets import StudentError
 
 GIB = 1024**3
 POLL_S = 0.5  # RSS sampling period of the guard thread
@@ -76,7 +76,7 @@ for p in alive:
 """
 
 
-class EngineDied(TeacherError):
+class EngineDied(StudentError):
     """An engine process distill started is gone; the message names it and its memory."""
 
 

@@ -30,7 +30,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from students import dtype as dtypes
 from students import lora
 from students.engines import EngineGuard, wake_blocked_call
-from teachers.protocol import Generation, SamplingParams
+from students.sample import Generation, SamplingParams
 
 if TYPE_CHECKING:
     from vllm import LLM

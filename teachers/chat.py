@@ -25,7 +25,8 @@ from typing import Literal
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from teachers.protocol import Generation, SamplingParams, TeacherError
+from students.sample import Generation, SamplingParams
+from teachers.protocol import TeacherError
 
 Mode = Literal["think", "no_think", "plain"]
 MODES: tuple[Mode, ...] = ("think", "no_think")  # Qwen3's two modes: the default on *switch*

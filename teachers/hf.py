@@ -12,15 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from students import dtype as dtypes
 from students.presets import config_matmul_params
-from students.sample import sample
-from teachers.protocol import (
-    Generation,
-    SamplingParams,
-    TeacherError,
-    TopK,
-    check_scores,
-    refuse_remote_code,
-)
+from students.sample import Generation, SamplingParams, sample
+from teachers.protocol import TeacherError, TopK, check_scores, refuse_remote_code
 
 REMOTE_CODE_FIX = "read that code, then pass --trust-remote-code to run it"
 

@@ -10,50 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """One decoding setting. `top_k=0` and `top_p=1.0` disable those filters; T=0 is greedy."""
-
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-    max_tokens: int = 256
-    presence_penalty: float = 0.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        assert self.temperature >= 0.0, self.temperature
-        assert 0.0 < self.top_p <= 1.0, self.top_p
-        assert self.top_k >= 0 and self.max_tokens >= 1, (self.top_k, self.max_tokens)
-
-
-# The paper's presets (Qwen3 report §4; FACTS.md). Presence penalty 1.5 is the report's
-# suggestion for non-thinking mode.
-THINKING_SAMPLING = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
-NON_THINKING_SAMPLING = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Generation:
-    """One completion. `forced` marks tokens inserted by the caller (the budget sentence)."""
-
-    token_ids: np.ndarray  # (L,) int32, completion only (no prompt)
-    finish_reason: FinishReason  # "stop": eos emitted (and kept as the last id); "length": cut off
-    forced: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (L,) bool
-
-    def __post_init__(self) -> None:
-        if self.forced.shape[0] != self.token_ids.shape[0]:
-            object.__setattr__(self, "forced", np.zeros(self.token_ids.shape[0], dtype=bool))
-
+from students.sample import Generation, SamplingParams
 
 # TopK storage: an id's low 16 bits as uint16, its high bits in the lowest mantissa bits of its
 # fp32 log-probability ("tag bits"). Qwen3's 151,936 ids need 18 bits, so 2 tag bits: 6 bytes per

@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from students.presets import folder_matmul_params
+from students.sample import Generation, SamplingParams
 from teachers.launch import API_KEY_ENV, model_shape
-from teachers.protocol import Generation, SamplingParams, TeacherError, TopK, check_scores
+from teachers.protocol import TeacherError, TopK, check_scores
 from teachers.scoring_route import (
     COMPLETIONS,
     GENERATE,
@@ -117,6 +118,11 @@ class ServerTeacher:
         0 reads it from `model`'s config (a local folder or a Qwen3 hub id). vLLM's /v1/models
         reports no parameter count, so an unknown served model counts 0 FLOPs.
         """
+        if not urls:
+            raise TeacherError(
+                "--teacher-backend server needs --teacher-url (e.g. http://127.0.0.1:8000); start "
+                f"a server with `distill teacher serve --teacher {model}`"
+            )
         served = ""
         for url in urls:
             url = url.rstrip("/")

@@ -22,14 +22,8 @@ import numpy as np
 from students import dtype as dtypes
 from students.engines import EngineGuard, wake_blocked_call
 from students.presets import folder_matmul_params
-from teachers.protocol import (
-    Generation,
-    SamplingParams,
-    TeacherError,
-    TopK,
-    check_scores,
-    refuse_remote_code,
-)
+from students.sample import Generation, SamplingParams
+from teachers.protocol import TeacherError, TopK, check_scores, refuse_remote_code
 from teachers.server import check_request
 
 if TYPE_CHECKING:

@@ -17,9 +17,8 @@ from distill import evaluate
 from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.prompts import Prompt
-from students.sample import HFSampler
+from students.sample import Generation, HFSampler, SamplingParams
 from teachers.chat import BUDGET_SENTENCE
-from teachers.protocol import Generation, SamplingParams
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 8, 13])

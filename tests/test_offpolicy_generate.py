@@ -15,9 +15,10 @@ from distill.accounting import GpuLedger
 from distill.errors import DistillError
 from distill.offpolicy import generate as gen
 from distill.prompts import Prompt, embedded_prompts
+from students.sample import Generation, SamplingParams
 from teachers.chat import BUDGET_SENTENCE, render_prompt
 from teachers.hf import HFTeacher
-from teachers.protocol import Generation, SamplingParams, TopK
+from teachers.protocol import TopK
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -23,10 +23,11 @@ from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import Rollout
 from distill.prompts import embedded_prompts
 from losses import DivergenceSpec
+from students.sample import Generation
 from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3
 from teachers.chat import render_prompt
 from teachers.hf import HFTeacher
-from teachers.protocol import Generation, TopK
+from teachers.protocol import TopK
 from tests.conftest import TinyPair
 
 FAST = {"max_tokens": 16, "prompts_per_step": 4, "samples_per_prompt": 2, "warmup_steps": 1}

@@ -24,9 +24,8 @@ from distill.prompts import embedded_prompts
 from distill.report_schema import SCHEMA, export, from_run_dir, validate
 from distill.rl import train as rl
 from distill.sampling import mode_params
-from students.sample import sample
+from students.sample import Generation, SamplingParams, sample
 from teachers.chat import Mode
-from teachers.protocol import Generation, SamplingParams
 from tests.conftest import TinyPair
 from tests.test_fused_loss import _assert_close, _batch, _grads, _student
 

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from distill.prompts import embedded_prompts
-from students.sample import HFSampler, Sampler
+from students.sample import HFSampler, Sampler, SamplingParams
 from teachers.chat import render_prompt
-from teachers.protocol import SamplingParams
 from tests.conftest import TinyPair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

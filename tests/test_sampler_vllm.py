@@ -20,10 +20,9 @@ from distill.accounting import GpuLedger
 from distill.onpolicy import train as onpolicy
 from distill.prompts import embedded_prompts
 from distill.rl import train as rl
-from students.sample import HFSampler, Sampler, sample
+from students.sample import Generation, HFSampler, Sampler, SamplingParams, sample
 from teachers.chat import MODES, render_prompt
 from teachers.hf import HFTeacher
-from teachers.protocol import Generation, SamplingParams
 from tests.conftest import TinyPair
 
 pytestmark = pytest.mark.vllm

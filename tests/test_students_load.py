@@ -1,4 +1,5 @@
-"""Resolving --student, the architecture check, and the teacher/student tokenizer check."""
+"""Resolving --student, the architecture check, and the teacher/student tokenizer check
+(`distill.parity.tokenizer_mismatch`, the one check every command runs)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from conftest import TinyPair
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from students.load import (
-    build_tiny,
-    check_architecture,
-    check_tokenizer,
-    load_student,
-    resolve_student,
-    tokenizer_mismatch,
-)
+from distill.errors import DistillError
+from distill.parity import check_conversations, tokenizer_mismatch
+from students.load import build_tiny, check_architecture, load_student, resolve_student
 from students.presets import PRESETS, StudentError, preset_config
 
 
@@ -57,7 +53,7 @@ def test_tiny_preset_builds_on_the_teacher_tokenizer(tiny_pair: TinyPair, tmp_pa
     assert build_tiny("tiny-student", str(tiny_pair.teacher_dir), tmp_path) == Path(path)
     model, tok = load_student(path)
     assert model.config.num_hidden_layers == 2
-    check_tokenizer(tiny_pair.tokenizer, tok)
+    check_conversations(tiny_pair.tokenizer, tok)
     with pytest.raises(StudentError, match="takes its tokenizer from the teacher"):
         resolve_student("tiny-student")
 
@@ -79,26 +75,23 @@ def test_other_vocabulary_is_caught(tokenizer: PreTrainedTokenizerFast) -> None:
     )
     low = min(vocab["a"], vocab["b"])
     diff = tokenizer_mismatch(tokenizer, other)
-    assert diff is not None and diff.startswith(f"id {low} is ")
-    with pytest.raises(StudentError, match="differs from the teacher's"):
-        check_tokenizer(tokenizer, other)
+    assert diff is not None and f"first: {low}: " in diff
+    with pytest.raises(DistillError, match="teacher and student tokenizers differ"):
+        check_conversations(tokenizer, other)
 
 
 def test_extra_added_token_is_caught(tokenizer: PreTrainedTokenizerFast) -> None:
     other = copy.deepcopy(tokenizer)
     other.add_tokens(["<tool_call>"])
     diff = tokenizer_mismatch(tokenizer, other)
-    assert diff == (
-        f"added token {len(tokenizer)} is absent in the teacher, '<tool_call>' (special=False) "
-        "in the student"
-    )
+    assert diff is not None and f"{len(tokenizer)}: None vs '<tool_call>'" in diff
 
 
 def test_other_special_token_is_caught(tokenizer: PreTrainedTokenizerFast) -> None:
     other = copy.deepcopy(tokenizer)
     other.eos_token = "<|endoftext|>"
     diff = tokenizer_mismatch(tokenizer, other)
-    assert diff is not None and diff.startswith("eos_token is '<|im_end|>'")
+    assert diff is not None and diff.startswith("tokenizers differ: eos_token is '<|im_end|>'")
 
 
 def test_chat_template_difference_names_mode_and_token(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -107,6 +100,8 @@ def test_chat_template_difference_names_mode_and_token(tokenizer: PreTrainedToke
     assert isinstance(other.chat_template, str)
     other.chat_template = other.chat_template.replace("enable_thinking is false", "false")
     diff = tokenizer_mismatch(tokenizer, other)
-    assert diff is not None
-    assert diff.startswith("chat template, mode no_think, 1-message conversation")
-    assert "first difference at token" in diff
+    # it no longer switches modes: the format detection (teachers.chat) names that first
+    assert (
+        diff
+        == "templates render differently: the templates' thinking formats differ: switch vs none"
+    )

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from cli.teacher import teacher_devices, teacher_metrics
-from teachers.protocol import SamplingParams, TeacherError
+from students.sample import SamplingParams
+from teachers.protocol import TeacherError
 from teachers.server import ServerConfig, ServerTeacher
 
 EOS = 7

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from students.sample import Generation, SamplingParams
 from teachers.chat import (
     BUDGET_SENTENCE,
     generate_with_budget,
@@ -16,7 +17,7 @@ from teachers.chat import (
     template_mismatch,
     vocab_mismatch,
 )
-from teachers.protocol import Generation, SamplingParams, TeacherError
+from teachers.protocol import TeacherError
 
 MSGS = [{"role": "user", "content": "Ana has 3 apples. How many?"}]
 

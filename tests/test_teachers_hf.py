@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from students.sample import SamplingParams
 from teachers.hf import HFTeacher
-from teachers.protocol import SamplingParams, TeacherError, TopK, check_scores
+from teachers.protocol import TeacherError, TopK, check_scores
 from tests.conftest import TinyPair
 
 

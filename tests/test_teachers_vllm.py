@@ -26,11 +26,12 @@ from typer.testing import CliRunner
 
 from cli.teacher import teacher_app
 from distill.tasks import corpus, problems
+from students.sample import SamplingParams
 from students.tiny import train_tokenizer
 from teachers import launch
 from teachers.chat import BUDGET_SENTENCE, MODES, generate_with_budget, render_prompt
 from teachers.hf import HFTeacher
-from teachers.protocol import SamplingParams, Teacher, TeacherError, TopK
+from teachers.protocol import Teacher, TeacherError, TopK
 from teachers.scoring_route import COMPLETIONS, FIELD, GENERATE
 from teachers.server import ServerConfig, ServerTeacher
 from teachers.vllm import VLLMTeacher

@@ -37,6 +37,7 @@ from distill.teacher_data import (
     schema,
 )
 from distill.validation import AT_LEAST_1, FRACTION, check_budget, check_fields
+from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Generation, SamplingParams
 from teachers.chat import (
     ALL_MODES,
     BUDGET_SENTENCE,
@@ -48,14 +49,7 @@ from teachers.chat import (
     render_prompt,
     think_end_token,
 )
-from teachers.protocol import (
-    NON_THINKING_SAMPLING,
-    THINKING_SAMPLING,
-    Generation,
-    SamplingParams,
-    Teacher,
-    TopK,
-)
+from teachers.protocol import Teacher, TopK
 
 ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 Key = tuple[int, Mode, int]  # (prompt index, mode, sample index); the row key uses the prompt id

@@ -271,10 +271,8 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
                     accelerator.backward(share)
                 loss_sum += torch.stack([total.detach(), ce.detach()])
                 n_seen = int(mb.attention_mask.sum())
-                meter.add(
-                    mb.n_targets,
-                    train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable),
-                )
+                flops = train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable)
+                meter.add(mb.n_targets, flops)
             grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
         sums = accelerator.reduce(loss_sum, reduction="sum")  # every process's tokens
         assert isinstance(sums, torch.Tensor)

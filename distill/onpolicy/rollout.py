@@ -18,9 +18,9 @@ from distill.onpolicy.schedule import Slot
 from distill.prompts import Prompt
 from distill.sampling import sample_modes
 from distill.teacher_data import read_rows
-from students.sample import Sampler
+from students.sample import Generation, Sampler, SamplingParams
 from teachers.chat import ALL_MODES, Mode, render_prompt
-from teachers.protocol import Generation, SamplingParams, Teacher, TopK
+from teachers.protocol import Teacher, TopK
 
 
 def check_top_k(top_k: int, max_top_k: int, teacher_name: str) -> None:

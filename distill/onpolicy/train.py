@@ -18,6 +18,7 @@ prompt and forced tokens never carry loss) -> metrics, checkpoint.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedModel
 
 from distill import adapters, loop, sampling
 from distill.accounting import GpuLedger, forward_flops, teacher_flops, train_flops
@@ -58,9 +60,9 @@ from distill.validation import (
 )
 from losses import ALPHA, BETA, Divergence, DivergenceSpec
 from students.dtype import DTypeName, resolve_name
-from students.sample import Sampler
+from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
-from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
+from teachers.protocol import Teacher
 
 Truncation = Literal["mask", "drop", "keep"]
 
@@ -214,6 +216,54 @@ def micro_batch_loss(
     return per_token.sum() / n_tokens, per_token.detach().sum()
 
 
+def checked_rows(config: Config, teacher: Teacher, prompts: Sequence[Prompt]) -> list[OffPolicyRow]:
+    """The teacher's rows for `lmbda` > 0 (none otherwise), once the request is checked: the
+    teacher's top-k limit, the prompt set, the modes the rows and prompts can fill."""
+    c = config
+    check_request(c.top_k, c.lmbda, teacher, prompts)
+    rows = load_rows(c.data_dir or c.run_dir / "teacher_data", c.modes) if c.lmbda > 0 else []
+    check_modes(c.modes, c.think_ratio, c.lmbda, [r.mode for r in rows])
+    return rows
+
+
+def open_sampler(
+    config: Config, model: PreTrainedModel, trainee: loop.Trainee, prompts: Sequence[Prompt]
+) -> Sampler:
+    """The student's sampler for `model`, sized for the prompts and run in the training dtype
+    (what each weight sync sends)."""
+    c = config
+    return make_sampler(
+        c.sampler, model, trainee.source, trainee.tokenizer, prompts, modes=c.modes,
+        max_tokens=c.max_tokens, seed=c.seed, dtype=resolve_name(c.dtype, c.student),
+        soft_switch=c.soft_switch, budget_sentence=c.budget_sentence,
+    )  # fmt: skip
+
+
+def score(teacher: Teacher, rollouts: Sequence[Rollout], top_k: int) -> list[Rollout]:
+    """The rollouts with the teacher's top-k at every position of prompt + response (one
+    prefill each; position t scores token t + 1)."""
+    seqs = [[*r.prompt_ids, *r.generation.token_ids.tolist()] for r in rollouts]
+    plens = [len(r.prompt_ids) for r in rollouts]
+    scores = teacher.score(seqs, plens, top_k) if seqs else []
+    return [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
+
+
+def micro_batches(
+    rollouts: Sequence[Rollout], truncation: Truncation, size: int, pad_id: int
+) -> list[tuple[Batch, torch.Tensor]]:
+    """(micro-batch, measured (B, T)) pairs of `size` scored rollouts each, in order.
+
+    `measured`: the sampled response positions (`metrics.measured_mask`), a superset of the loss
+    mask: what the step's diagnostics average over."""
+    examples = build_examples(list(rollouts), truncation)
+    out = []
+    for i in range(0, len(examples), size):
+        part, forced = examples[i : i + size], [r.generation.forced for r in rollouts[i : i + size]]
+        mb = collate(part, pad_id=pad_id)
+        out.append((mb, measured_mask(part, forced, mb.input_ids.shape[1])))
+    return out
+
+
 def train(
     config: Config,
     teacher: Teacher,
@@ -228,12 +278,8 @@ def train(
     the first step and left open); by default one is built from `config.sampler` and closed.
     """
     c = config
-    check_request(c.top_k, c.lmbda, teacher, prompts)
     lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed)
-    rows: list[OffPolicyRow] = []
-    if c.lmbda > 0:
-        rows = load_rows(c.data_dir or c.run_dir / "teacher_data", c.modes)
-    check_modes(c.modes, c.think_ratio, c.lmbda, [r.mode for r in rows])
+    rows = checked_rows(c, teacher, prompts)
     prepare(c.run_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world = accelerator.num_processes
@@ -247,13 +293,7 @@ def train(
     if start >= c.steps:  # finished before: nothing to sample, no engine to start
         return Summary(steps=c.steps, final_loss=float("nan"), checkpoint=out, metrics={})
     owned = sampler is None
-    if sampler is None:
-        sampler = make_sampler(
-            c.sampler, trainee.unwrapped(accelerator), trainee.source, trainee.tokenizer,
-            prompts, modes=c.modes, max_tokens=c.max_tokens, seed=c.seed,
-            dtype=resolve_name(c.dtype, c.student),  # the training dtype: what each sync sends
-            soft_switch=c.soft_switch, budget_sentence=c.budget_sentence,
-        )  # fmt: skip
+    sampler = sampler or open_sampler(c, trainee.unwrapped(accelerator), trainee, prompts)
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
     presets = mode_presets(c.think_sampling, c.no_think_sampling)
@@ -280,24 +320,14 @@ def train(
         if c.truncation == "drop":
             rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
         with ledger.phase("teacher.score") as score_meter:
-            seqs = [[*r.prompt_ids, *r.generation.token_ids.tolist()] for r in rollouts]
-            plens = [len(r.prompt_ids) for r in rollouts]
-            scores = teacher.score(seqs, plens, c.top_k) if seqs else []
-            rollouts = [replace(r, scores=s) for r, s in zip(rollouts, scores, strict=True)]
-            n_scored = sum(len(s) for s in seqs)
+            rollouts = score(teacher, rollouts, c.top_k)  # each with its (T, K) top-k
+            n_scored = sum(len(r.prompt_ids) + len(r.generation.token_ids) for r in rollouts)
             score_meter.add(n_scored, teacher_flops(teacher, n_scored))
-        examples = build_examples(rollouts, c.truncation)
-        groups = [range(i, min(i + c.micro_batch_size, len(examples)))
-                  for i in range(0, len(examples), c.micro_batch_size)]  # fmt: skip
-        micro = [collate([examples[i] for i in g], pad_id=trainee.pad_id) for g in groups]
-        n_tokens = loop.global_target_tokens(micro, accelerator)
+        micro = micro_batches(rollouts, c.truncation, c.micro_batch_size, trainee.pad_id)
+        n_tokens = loop.global_target_tokens([mb for mb, _ in micro], accelerator)
         total, diag, n_trained = torch.zeros(()), Diagnostics(), 0
         with ledger.phase("student.train", devices=world) as train_meter:
-            for i, (g, mb) in enumerate(zip(groups, micro, strict=True)):
-                measured = measured_mask(
-                    [examples[j] for j in g], [rollouts[j].generation.forced for j in g],
-                    mb.input_ids.shape[1],
-                )  # fmt: skip
+            for i, (mb, measured) in enumerate(micro):
                 mb = mb.to(accelerator.device)
                 # Only the last micro-batch all-reduces gradients; the others accumulate locally.
                 with loop.sync_gradients(accelerator, trainee, last=i == len(micro) - 1):
@@ -317,7 +347,7 @@ def train(
             **diag.means(),
             **lengths.means(),
             "offpolicy_fraction": sum(s.prompt is None for s in slots) / len(slots),
-            "loss_tokens": float(sum(mb.n_targets for mb in micro)),  # this process's
+            "loss_tokens": float(sum(mb.n_targets for mb, _ in micro)),  # this process's
             "lr": lr,
             "fused_loss": float(trainee.path.fused),
             "grad_norm": grad_norm,

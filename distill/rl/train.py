@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill import adapters, evaluate, loop, sampling
 from distill.accounting import GpuLedger, forward_flops, train_flops
@@ -53,9 +53,8 @@ from distill.seeds import derive_seed
 from distill.tasks import verify
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from students.dtype import DTypeName, resolve_name
-from students.sample import Sampler
+from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import MODES, Mode, render_prompt
-from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +69,7 @@ class Config:
     modes: tuple[Mode, ...] = MODES
     think_ratio: Annotated[float, FRACTION] = 0.5  # share in thinking mode when both modes are on
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
-    max_tokens: Annotated[int, AT_LEAST_1] = 256
+    max_tokens: Annotated[int, AT_LEAST_1] = 96
     # reward for a well-formed response, on top of correctness
     format_weight: Annotated[float, NON_NEGATIVE] = 0.0
     scale_by_std: bool = True  # GRPO; False: Dr. GRPO (centred rewards only)
@@ -173,6 +172,23 @@ def check_request(config: Config, prompts: Sequence[Prompt]) -> None:
         )
 
 
+def check_world(config: Config, world: int) -> None:
+    if config.prompts_per_step % world:
+        raise DistillError(
+            f"--prompts-per-step {config.prompts_per_step} does not split evenly over "
+            f"{world} processes: use a multiple of the process count"
+        )
+
+
+def rendered(
+    config: Config, tokenizer: PreTrainedTokenizerBase, mine: Sequence[tuple[Prompt, Mode]]
+) -> tuple[list[list[int]], list[Mode]]:
+    """(prompt ids, modes) of G contiguous copies per prompt: row p * G + g is sample g of p."""
+    G = config.samples_per_prompt
+    ids = [render_prompt(tokenizer, p.messages, m, config.soft_switch) for p, m in mine]
+    return [i for i in ids for _ in range(G)], [m for _, m in mine for _ in range(G)]
+
+
 def rewards_of(
     config: Config, texts: Sequence[str], mine: Sequence[tuple[Prompt, Mode]]
 ) -> tuple[torch.Tensor, list[bool], list[bool]]:
@@ -228,11 +244,7 @@ def train(
     check_request(c, prompts)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     world = accelerator.num_processes
-    if c.prompts_per_step % world:
-        raise DistillError(
-            f"--prompts-per-step {c.prompts_per_step} does not split evenly over "
-            f"{world} processes: use a multiple of the process count"
-        )
+    check_world(c, world)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed, sharded)
     out = c.run_dir / c.output / "checkpoint"
@@ -241,18 +253,16 @@ def train(
         lr=c.lr, fused_loss=c.fused_loss, gradient_checkpointing=c.gradient_checkpointing,
     )  # fmt: skip
     start = int(trainee.state["step"]) + 1 if trainee.resume else 0
-    model, tokenizer, G = trainee.unwrapped(accelerator), trainee.tokenizer, c.samples_per_prompt
-    evals_path = c.run_dir / "eval.json"
-    evals: dict[str, dict[str, float]] = read_json(evals_path) if evals_path.exists() else {}
+    model, tokenizer = trainee.unwrapped(accelerator), trainee.tokenizer
+    evals: dict[str, dict[str, float]] = read_json(c.run_dir / "eval.json", default={})
     if start >= c.steps:  # finished before: nothing to sample, no engine to start
         return Summary(steps=c.steps, final_reward=float("nan"), checkpoint=out, evals=evals)
     owned = sampler is None
-    if sampler is None:
-        sampler = make_sampler(
-            c.sampler, model, trainee.source, tokenizer, prompts, modes=c.modes,
-            max_tokens=c.max_tokens, seed=c.seed, soft_switch=c.soft_switch,
-            dtype=resolve_name(c.dtype, c.student),  # the training dtype: what each sync sends
-        )  # fmt: skip
+    sampler = sampler or make_sampler(
+        c.sampler, model, trainee.source, tokenizer, prompts, modes=c.modes,
+        max_tokens=c.max_tokens, seed=c.seed, soft_switch=c.soft_switch,
+        dtype=resolve_name(c.dtype, c.student),  # the training dtype: what each sync sends
+    )  # fmt: skip
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
     presets = mode_presets(c.think_sampling, c.no_think_sampling)
@@ -264,13 +274,7 @@ def train(
         if sync_due(step, start, c.sync_every):
             sampler.sync(model)
         mine = step_prompts(c, prompts, step)[accelerator.process_index :: world]
-        # G copies of each prompt, contiguous: row p * G + g is sample g of prompt p
-        prompt_ids = [
-            render_prompt(tokenizer, p.messages, mode, c.soft_switch)
-            for p, mode in mine
-            for _ in range(G)
-        ]
-        modes: list[Mode] = [mode for _, mode in mine for _ in range(G)]
+        prompt_ids, modes = rendered(c, tokenizer, mine)  # G contiguous copies of each prompt
         with ledger.phase("student.sample", devices=world) as sample_meter:
             params = mode_params(presets, max_tokens=c.max_tokens, seed=c.seed, step=step)
             gens = sample_modes(sampler, tokenizer, prompt_ids, modes, params)
@@ -296,10 +300,8 @@ def train(
                     accelerator.backward(share)
                     objective += summed.cpu()
                 n_seen = int(mb.attention_mask.sum())
-                meter.add(
-                    mb.n_targets,
-                    train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable),
-                )
+                flops = train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable)
+                meter.add(mb.n_targets, flops)
             grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
         mean_reward = float(rewards.mean())
         last = step == c.steps - 1
