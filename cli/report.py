@@ -19,7 +19,6 @@ from cli.eval import render_eval_dir
 from cli.render import console, err_console, user_errors
 from distill.accounting import PHASES, GpuLedger
 from distill.errors import DistillError
-from distill.offpolicy.generate import Summary as GenSummary
 from distill.report_schema import (
     SETUP_KEYS,
     RunReport,
@@ -81,17 +80,6 @@ def eval_table(evals: dict[str, dict[str, float]]) -> Table:
         table.add_row(
             STAGE_NAMES.get(stage, stage), *(f"{values.get(m, float('nan')):.4f}" for m in metrics)
         )
-    return table
-
-
-def verdict_table(summary: GenSummary) -> Table:
-    table = Table(title=f"Teacher responses ({summary.rows} rows, {summary.kept} kept)")
-    verdicts = sorted({v for counts in summary.by_verdict.values() for v in counts})
-    table.add_column("mode")
-    for v in verdicts:
-        table.add_column(v, justify="right")
-    for mode, counts in summary.by_verdict.items():
-        table.add_row(mode, *(str(counts.get(v, 0)) for v in verdicts))
     return table
 
 

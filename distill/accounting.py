@@ -14,7 +14,7 @@ total equals wall-clock x devices held, whatever the loops meter:
 Nested phases charge the innermost one. On a CPU-only machine the device is the CPU and reports
 say "CPU device-hours", never GPU-hours; MFU is only reported against a known accelerator peak.
 
-FLOPs (FACTS.md; docs/accounting.md derives them): a forward pass costs 2·N per token for the N
+FLOPs (docs/facts.md; docs/accounting.md derives them): a forward pass costs 2·N per token for the N
 parameters that take part in matrix products, plus attention 4·L·d_attn·c per token attending to
 c positions; training costs 3x forward (forward, input gradient, weight gradient).
 """
@@ -46,7 +46,7 @@ PHASES = (
 WAITING, RESERVED = "waiting", "teacher.reserved"
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (B/s) by accelerator name, matched in the CUDA name.
-# H100/H200 SXM: FACTS.md; A100 SXM 80GB and L40S: the vendors' data sheets (dense, no sparsity).
+# H100/H200 SXM: docs/facts.md; A100 SXM 80GB and L40S: the vendors' data sheets (dense, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12, "L40S": 0.864e12}
 

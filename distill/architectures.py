@@ -1,4 +1,4 @@
-"""Qwen3's architectures as the planner and the FLOP tests need them: shapes from FACTS.md and
+"""Qwen3's architectures as the planner and the FLOP tests need them: shapes from docs/facts.md and
 the model cards, parameter counts computed from the shapes (checked against the published totals in
 tests/test_plan.py)."""
 
@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from distill.errors import DistillError
 
-VOCAB_ROWS = 151_936  # Qwen3 config.vocab_size (FACTS.md)
+VOCAB_ROWS = 151_936  # Qwen3 config.vocab_size (docs/facts.md)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Architecture:
-    """A Qwen3 model's shapes (FACTS.md table; hidden/intermediate sizes from the model cards)."""
+    """A Qwen3 model's shapes (docs/facts.md table; hidden/intermediate sizes from the model cards)."""
 
     name: str
     layers: int

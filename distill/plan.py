@@ -337,7 +337,7 @@ def describe(a: Assumptions) -> list[tuple[str, str, str]]:
         ),
         ("RL extra log-prob forwards", str(a.rl_logprob_passes), "--rl-logprob-passes"),
         ("training FLOPs", "3 x forward", "backward = 2 x forward"),
-        ("teacher scoring", "one prefill of prompt + response", "FACTS.md"),
+        ("teacher scoring", "one prefill of prompt + response", "docs/facts.md"),
     ]
     return rows
 

@@ -1,6 +1,6 @@
 """The Qwen3 student sizes: architecture, hub ids, parameter counts, and training-step memory.
 
-Architectures are those of the released config.json files (FACTS.md table; hidden and MLP widths
+Architectures are those of the released config.json files (docs/facts.md; hidden and MLP widths
 from the checkpoints): every size has head_dim 128, RMSNorm on q and k, no attention bias, RoPE
 theta 1e6 and a 151,936-row head for 151,669 real ids. `preset_config` builds the transformers
 config with no download; `count_params` instantiates it on the meta device (no memory) and counts,

