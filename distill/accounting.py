@@ -46,7 +46,7 @@ PHASES = (
 WAITING, RESERVED = "waiting", "teacher.reserved"
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (B/s) by accelerator name, matched in the CUDA name.
-# H100/H200 SXM: docs/facts.md; A100 SXM 80GB and L40S: the vendors' data sheets (dense, no sparsity).
+# H100/H200 SXM: docs/facts.md; A100 SXM 80GB, L40S: vendor data sheets (dense, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
 BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.039e12, "L40S": 0.864e12}
 

@@ -13,7 +13,7 @@ VOCAB_ROWS = 151_936  # Qwen3 config.vocab_size (docs/facts.md)
 
 @dataclass(frozen=True, kw_only=True)
 class Architecture:
-    """A Qwen3 model's shapes (docs/facts.md table; hidden/intermediate sizes from the model cards)."""
+    """A Qwen3 model's shapes (docs/facts.md; hidden/intermediate sizes from the model cards)."""
 
     name: str
     layers: int

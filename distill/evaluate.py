@@ -195,17 +195,13 @@ class PassConfig:
     soft_switch: bool = False  # /think, /no_think in the user turn (the model writes the block)
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise DistillError(f"--n must be at least 1 sample per prompt, got {self.n}")
+        check_fields(self)  # n >= 1, every budget >= 1, the modes: from the field types above
         bad = [k for k in self.ks if not 1 <= k <= self.n]
         if bad:
             raise DistillError(
                 f"--k {bad} out of range: pass@k needs 1 <= k <= n = {self.n}; raise --n or "
                 "lower --k"
             )
-        if any(b < 1 for b in self.budgets):
-            raise DistillError(f"--thinking-budget values must be >= 1 token, got {self.budgets}")
-        check_fields(self)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
