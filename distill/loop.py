@@ -22,6 +22,12 @@ from typing import Any, Protocol, cast
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill import adapters, checkpoint, manifest
@@ -112,11 +118,20 @@ def load_trainee(
         adapters.trainable(model), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95)
     )
     state: dict[str, Any] = {}
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     if resume:
         state = checkpoint.load_state(resume)
         adapters.restore(model, state, resume)
-        optimizer.load_state_dict(state["optimizer"])
+        if not fsdp:
+            optimizer.load_state_dict(state["optimizer"])
     prepared, optimizer = accelerator.prepare(model, optimizer)
+    if resume and fsdp:  # the saved full state, sharded onto this process's parameters
+        set_optimizer_state_dict(
+            prepared,
+            getattr(optimizer, "optimizer", optimizer),  # accelerate's wrapper: the torch one
+            optim_state_dict=state["optimizer"],
+            options=StateDictOptions(full_state_dict=True),
+        )
     prepared.train()
     unwrapped = accelerator.unwrap_model(prepared)
     return Trainee(
@@ -224,6 +239,19 @@ def due(step: int, every: int, steps: int) -> bool:
     return (step + 1) % every == 0 or step == steps - 1
 
 
+def optimizer_state(accelerator: Accelerator, trainee: Trainee) -> dict[str, Any]:
+    """The optimizer's whole state for a checkpoint. Under FSDP every process joins: each holds
+    the moments of its shards only, gathered here into one full state (keyed by parameter name)
+    that `load_trainee` shards again on resume, for any number of processes."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return trainee.optimizer.state_dict()
+    return get_optimizer_state_dict(
+        trainee.model,
+        getattr(trainee.optimizer, "optimizer", trainee.optimizer),
+        options=StateDictOptions(full_state_dict=True, cpu_offload=True),
+    )
+
+
 def save(
     accelerator: Accelerator,
     trainee: Trainee,
@@ -245,8 +273,9 @@ def save(
     model = trainee.unwrapped(accelerator)
     # LoRA checkpoints are merged from the unwrapped model (sharded runs are refused for LoRA)
     weights = None if lora.is_wrapped(model) else accelerator.get_state_dict(trainee.model)
+    optimizer = optimizer_state(accelerator, trainee)  # collective under FSDP
     if accelerator.is_main_process:
-        full = {"optimizer": trainee.optimizer.state_dict(), **state, **adapters.state(model)}
+        full = {"optimizer": optimizer, **state, **adapters.state(model)}
         exported = adapters.export(model, student)
         checkpoint.save(out, exported, trainee.tokenizer, full, state_dict=weights)
         ledger.save(run_dir / "ledger.json")

@@ -192,11 +192,10 @@ def restore(
             f"the teacher data in {data_dir} changed since checkpoint {resume}: resuming "
             "would train on other batches; use a new --run-dir or restore the data"
         )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise DistillError(
-            "exact resume is implemented for single-process and DDP runs, not "
-            f"{accelerator.distributed_type.value}: start a new --run-dir with "
-            f"--student {resume}"
+            "exact resume is implemented for single-process, DDP and FSDP runs, not DeepSpeed: "
+            f"start a new --run-dir with --student {resume}"
         )
     start = int(state["step"]) + 1
     assert divmod(start, epoch_steps) == (state["data"]["epoch"], state["data"]["position"])
