@@ -16,7 +16,7 @@ from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from students.dtype import HELP as DTYPE_HELP
-from students.dtype import DTypeName
+from students.dtype import TRAIN_HELP, DTypeName, TrainDTypeName
 from students.load import resolve_student
 from students.tiny import TINY_SHAPES
 from teachers.chat import MODE_CHOICES, MODES, Mode, check_modes, detect_format, modes_for
@@ -45,7 +45,9 @@ SoftSwitchOpt = Annotated[
 TeacherDtypeOpt = Annotated[
     DTypeName, typer.Option(help=f"the teacher's dtype (hf, vllm backends): {DTYPE_HELP}")
 ]
-DtypeOpt = Annotated[DTypeName, typer.Option(help=f"the student's training dtype: {DTYPE_HELP}")]
+DtypeOpt = Annotated[
+    TrainDTypeName, typer.Option(help=f"the student's training dtype: {TRAIN_HELP}")
+]
 GradCheckpointOpt = Annotated[
     bool,
     typer.Option(

@@ -22,6 +22,7 @@ from typing import Any, Protocol, cast
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -71,6 +72,7 @@ class Trainee:
     source: str  # where weights and tokenizer came from: the checkpoint resumed, or the student
     resume: Path | None  # the checkpoint resumed from
     state: dict[str, Any]  # that checkpoint's trainer state ({} for a fresh start)
+    precision: dtypes.Precision  # the weights' dtype and the forward's (autocast)
     path: LossPath  # fused (from hidden states) or logits, and why
     head_weight: torch.Tensor  # (V, H): the lm_head weight the fused path multiplies by
     n_params: int  # matmul parameters: FLOPs (distill/accounting.py)
@@ -83,12 +85,30 @@ class Trainee:
         return cast(PreTrainedModel, accelerator.unwrap_model(self.model))
 
 
+def make_accelerator(
+    dtype: dtypes.TrainDTypeName, student: str, **kwargs: Any
+) -> tuple[Accelerator, dtypes.Precision]:
+    """The run's Accelerator, with autocast where the training precision asks for it (on CUDA,
+    `--dtype auto` on a bf16 checkpoint: bf16 compute on fp32 master weights)."""
+    precision = dtypes.precision(dtype, student)
+    # `--dtype` decides autocast (an accelerate config's mixed_precision is overridden). The
+    # state is a process-wide singleton: a phase run after another with other autocast (distill
+    # run, tests) resets it; the process group (PartialState) is kept.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != precision.autocast:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=precision.autocast, **kwargs
+    )
+    return accelerator, precision
+
+
 def load_trainee(
     accelerator: Accelerator,
     *,
     student: str,
     out: Path,
-    dtype: dtypes.DTypeName,
+    precision: dtypes.Precision,
     lora_config: lora.Config | None,
     lr: float,
     weight_decay: float = 0.0,
@@ -106,7 +126,7 @@ def load_trainee(
     model = adapters.load(
         student,
         resume,
-        dtypes.resolve(dtype, student),
+        dtypes.TORCH[precision.params],
         lora_config,
         gradient_checkpointing=gradient_checkpointing,
     )
@@ -141,6 +161,7 @@ def load_trainee(
         source=source,
         resume=resume,
         state=state,
+        precision=precision,
         path=choose_loss_path(fused_loss, accelerator, unwrapped),
         head_weight=unwrapped.get_output_embeddings().weight,
         n_params=n_params,

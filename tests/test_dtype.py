@@ -96,3 +96,53 @@ def test_onpolicy_cli_rejects_a_bad_teacher_dtype(tmp_path: Path, tiny_pair: Tin
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "error:" in result.output and "--teacher-dtype 'fp8'" in result.output
+
+
+def test_training_precision_by_device(
+    bf16_pair: tuple[Path, Path], tiny_pair: TinyPair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, bf16 = bf16_pair
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a GPU with bf16
+    P = dtypes.Precision
+    # GPU: bf16 compute on fp32 master weights; CPU: the checkpoint's own dtype, as before
+    assert dtypes.precision("auto", bf16, cuda=True) == P("float32", "bf16")
+    assert dtypes.precision("auto", bf16, cuda=False) == P("bfloat16", "no")
+    assert dtypes.precision("auto", tiny_pair.student_dir, cuda=True) == P("float32", "no")
+    assert dtypes.precision("bf16-mixed", tiny_pair.student_dir, cuda=False) == P("float32", "bf16")
+    assert dtypes.precision("float32", bf16, cuda=True) == P("float32", "no")
+    assert P("float32", "bf16").compute == "bfloat16"  # what a sampler engine runs in
+    assert P("bfloat16", "no").compute == "bfloat16"
+
+
+def test_pure_bf16_on_a_gpu_is_warned_about(
+    bf16_pair: tuple[Path, Path], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert dtypes.precision("bfloat16", bf16_pair[1], cuda=True) == dtypes.Precision(
+        "bfloat16", "no"
+    )
+    assert "no fp32 master weights" in caplog.text
+
+
+def test_bf16_mixed_trains_fp32_masters_and_saves_them(
+    tmp_path: Path, bf16_pair: tuple[Path, Path]
+) -> None:
+    """--dtype bf16-mixed (what auto means on a GPU): the forward runs under bf16 autocast, the
+    weights and AdamW state stay fp32, so the checkpoint is fp32 (the training dtype) and the
+    loss matches the fp32 run's to bf16's precision."""
+    teacher_dir, student_dir = bf16_pair
+    teacher = HFTeacher.from_pretrained(teacher_dir)
+    losses = {}
+    for dtype in ("float32", "bf16-mixed"):
+        config = onpolicy.Config(
+            run_dir=tmp_path / dtype, student=str(student_dir), steps=1, max_tokens=6,
+            prompts_per_step=2, warmup_steps=1, dtype=dtype,
+        )  # fmt: skip
+        summary = onpolicy.train(config, teacher, embedded_prompts(4, 0, "train"), GpuLedger())
+        losses[dtype] = summary.final_loss
+        assert saved_dtypes(summary.checkpoint) == {torch.float32}
+    setup = json.loads((tmp_path / "bf16-mixed" / "manifest.json").read_text())["setup"]
+    assert setup["onpolicy"]["mixed_precision"] == "bf16"
+    assert setup["onpolicy"]["dtype"] == "float32"  # the master weights
+    assert losses["bf16-mixed"] == pytest.approx(losses["float32"], rel=5e-2)
+    assert losses["bf16-mixed"] != losses["float32"]  # the forward really ran in bf16

@@ -49,7 +49,7 @@ from distill.rundir import config_dict
 from distill.seeds import derive_seed
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from losses import Divergence, DivergenceSpec
-from students.dtype import DTypeName
+from students.dtype import Precision, TrainDTypeName
 
 ThinkBlock = Literal["prompt", "target"]
 Tracker = Literal["none", "all", "tensorboard", "wandb"]
@@ -74,7 +74,7 @@ class Config:
     kd_divergence: Divergence = "forward_kl"
     # no_think rows: the empty think block as "prompt" or "target"
     think_block: ThinkBlock = "prompt"
-    dtype: DTypeName = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    dtype: TrainDTypeName = "auto"  # see students/dtype.py: precision
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 10
     save_every: Annotated[int, AT_LEAST_1] = 50
@@ -129,12 +129,14 @@ def trackers(config: Config) -> list[str]:
     return wanted
 
 
-def make_accelerator(config: Config) -> Accelerator:
-    """An Accelerator with the requested trackers, refusing ones that are not installed."""
+def make_accelerator(config: Config) -> tuple[Accelerator, Precision]:
+    """An Accelerator with the requested trackers (refusing ones that are not installed) and the
+    training precision (`loop.make_accelerator`)."""
     wanted = trackers(config)
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        log_with=wanted or None,  # type: ignore[arg-type]
+    return loop.make_accelerator(
+        config.dtype,
+        config.student,
+        log_with=wanted or None,
         project_dir=str(config.run_dir / "trackers"),
     )
 
@@ -217,7 +219,7 @@ def trainer_state(step: int, epoch_steps: int, data_id: str) -> dict[str, Any]:
 def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     """Fine-tune `config.student` on kept teacher responses; resumes from its last checkpoint."""
     c = config
-    accelerator = make_accelerator(c)
+    accelerator, precision = make_accelerator(c)
     world, rank = accelerator.num_processes, accelerator.process_index
     check_world(c, accelerator)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -226,7 +228,7 @@ def train(config: Config, ledger: GpuLedger, log: LogFn = no_log) -> Summary:
     out = c.run_dir / c.output / "checkpoint"
     data_dir = c.data_dir or c.run_dir / "teacher_data"
     trainee = loop.load_trainee(
-        accelerator, student=c.student, out=out, dtype=c.dtype, lora_config=lora_config,
+        accelerator, student=c.student, out=out, precision=precision, lora_config=lora_config,
         lr=c.lr, weight_decay=c.weight_decay, fused_loss=c.fused_loss,
         gradient_checkpointing=c.gradient_checkpointing,
     )  # fmt: skip

@@ -26,7 +26,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from transformers import PreTrainedModel
 
 from distill import adapters, loop, sampling
@@ -59,7 +58,7 @@ from distill.validation import (
     check_fields,
 )
 from losses import ALPHA, BETA, Divergence, DivergenceSpec
-from students.dtype import DTypeName, resolve_name
+from students.dtype import TrainDTypeName
 from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import Teacher
@@ -100,7 +99,7 @@ class Config:
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0
-    dtype: DTypeName = "auto"  # the student checkpoint's own where supported (students/dtype.py)
+    dtype: TrainDTypeName = "auto"  # see students/dtype.py: precision
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 1
     save_every: Annotated[int, AT_LEAST_1] = 25
@@ -234,7 +233,7 @@ def open_sampler(
     c = config
     return make_sampler(
         c.sampler, model, trainee.source, trainee.tokenizer, prompts, modes=c.modes,
-        max_tokens=c.max_tokens, seed=c.seed, dtype=resolve_name(c.dtype, c.student),
+        max_tokens=c.max_tokens, seed=c.seed, dtype=trainee.precision.compute,
         soft_switch=c.soft_switch, budget_sentence=c.budget_sentence,
     )  # fmt: skip
 
@@ -281,11 +280,11 @@ def train(
     lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed)
     rows = checked_rows(c, teacher, prompts)
     prepare(c.run_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator, precision = loop.make_accelerator(c.dtype, c.student)
     world = accelerator.num_processes
     out = c.run_dir / c.output / "checkpoint"
     trainee = loop.load_trainee(
-        accelerator, student=c.student, out=out, dtype=c.dtype, lora_config=lora_config,
+        accelerator, student=c.student, out=out, precision=precision, lora_config=lora_config,
         lr=c.lr, fused_loss=c.fused_loss, gradient_checkpointing=c.gradient_checkpointing,
     )  # fmt: skip
     check_vocab(trainee.vocab_size, teacher)

@@ -52,7 +52,7 @@ from distill.sampling import (
 from distill.seeds import derive_seed
 from distill.tasks import verify
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
-from students.dtype import DTypeName, resolve_name
+from students.dtype import TrainDTypeName
 from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import MODES, Mode, render_prompt
 
@@ -78,7 +78,7 @@ class Config:
     warmup_steps: int = 5
     min_lr_ratio: Annotated[float, FRACTION] = 0.1
     grad_clip: Annotated[float, POSITIVE] = 1.0
-    dtype: DTypeName = "auto"
+    dtype: TrainDTypeName = "auto"  # see students/dtype.py: precision
     gradient_checkpointing: bool = False  # recompute layer activations in the backward
     log_every: Annotated[int, AT_LEAST_1] = 5
     save_every: Annotated[int, AT_LEAST_1] = 25
@@ -242,14 +242,14 @@ def train(
     """
     c = config
     check_request(c, prompts)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator, precision = loop.make_accelerator(c.dtype, c.student)
     world = accelerator.num_processes
     check_world(c, world)
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed, sharded)
     out = c.run_dir / c.output / "checkpoint"
     trainee = loop.load_trainee(
-        accelerator, student=c.student, out=out, dtype=c.dtype, lora_config=lora_config,
+        accelerator, student=c.student, out=out, precision=precision, lora_config=lora_config,
         lr=c.lr, fused_loss=c.fused_loss, gradient_checkpointing=c.gradient_checkpointing,
     )  # fmt: skip
     start = int(trainee.state["step"]) + 1 if trainee.resume else 0
@@ -261,7 +261,7 @@ def train(
     sampler = sampler or make_sampler(
         c.sampler, model, trainee.source, tokenizer, prompts, modes=c.modes,
         max_tokens=c.max_tokens, seed=c.seed, soft_switch=c.soft_switch,
-        dtype=resolve_name(c.dtype, c.student),  # the training dtype: what each sync sends
+        dtype=precision.compute,  # the forward's dtype: what each sync sends
     )  # fmt: skip
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
