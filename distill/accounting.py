@@ -118,14 +118,24 @@ def teacher_flops(teacher: object, tokens: int) -> float:
     return forward_flops(int(getattr(teacher, "matmul_params", 0) or 0), tokens)
 
 
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's real shape; ZeRO-3 keeps it in `ds_shape` beside an empty local tensor
+    (FSDP2's DTensors report the full shape themselves)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def matmul_params(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Parameters of a transformers model that take part in matrix products (see forward_flops):
     the matrices, less an untied input embedding (a lookup); norm scales and biases are not.
     `trainable_only`: those that also get a weight gradient (all of them, or LoRA's adapters)."""
     total = sum(
-        p.numel()
+        full_numel(p)
         for p in model.parameters()
-        if p.dim() >= 2 and (p.requires_grad or not trainable_only)
+        if len(full_shape(p)) >= 2 and (p.requires_grad or not trainable_only)
     )
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)
@@ -134,7 +144,7 @@ def matmul_params(model: torch.nn.Module, *, trainable_only: bool = False) -> in
     emb, head = get_in(), get_out()
     tied = head is not None and head.weight is emb.weight
     counted = emb.weight.requires_grad or not trainable_only
-    return total if tied or not counted else total - emb.weight.numel()
+    return total if tied or not counted else total - full_numel(emb.weight)
 
 
 @dataclass

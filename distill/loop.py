@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from distill import adapters, checkpoint, manifest
 from distill.accounting import GpuLedger, matmul_params
 from distill.batch import Batch
+from distill.errors import DistillError
 from distill.fused_loss import LossPath, choose_loss_path
 from distill.rundir import append_metrics
 from students import dtype as dtypes
@@ -101,6 +102,41 @@ def make_accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=precision.autocast, **kwargs
     )
     return accelerator, precision
+
+
+class SamplingStep(Protocol):
+    """The Config fields that size a sampling loop's step."""
+
+    @property
+    def prompts_per_step(self) -> int: ...
+    @property
+    def samples_per_prompt(self) -> int: ...
+    @property
+    def micro_batch_size(self) -> int: ...
+
+
+def check_world(accelerator: Accelerator, step: SamplingStep, *, even: bool = False) -> int:
+    """The process count, once a sampling loop's step fits it: prompts split evenly over the
+    processes when `even` or when the student is sharded (every process then runs the same
+    sampler forwards: FSDP and ZeRO-3 gather weights inside them), and under DeepSpeed each
+    process's sequences fit one micro-batch (its engine steps inside `backward`)."""
+    world, kind = accelerator.num_processes, accelerator.distributed_type
+    prompts_per_step, micro_batch_size = step.prompts_per_step, step.micro_batch_size
+    samples_per_prompt = step.samples_per_prompt
+    sharded = kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if prompts_per_step % world and (even or sharded):
+        raise DistillError(
+            f"--prompts-per-step {prompts_per_step} does not split evenly over {world} "
+            "processes: use a multiple of the process count"
+        )
+    mine = -(-prompts_per_step // world) * samples_per_prompt
+    if kind == DistributedType.DEEPSPEED and mine > micro_batch_size:
+        raise DistillError(
+            f"under DeepSpeed a step is one micro-batch per process, but each process samples "
+            f"{mine} sequences and --micro-batch-size is {micro_batch_size}: pass "
+            f"--micro-batch-size {mine}, or use FSDP for accumulation"
+        )
+    return world
 
 
 def load_trainee(

@@ -132,7 +132,9 @@ def load_student(
 def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
     """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
     head = model.get_output_embeddings()
-    rows = int(head.weight.shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
+    # ZeRO-3 partitions weights as they load: the local tensor is empty, ds_shape the real one
+    shape = getattr(head.weight, "ds_shape", head.weight.shape) if head is not None else ()
+    rows = int(shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
     if rows < vocab_size:
         raise StudentError(
             f"model {source} has {rows} output rows but its tokenizer {vocab_size} ids: the "

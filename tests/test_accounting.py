@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from distill.accounting import (
 )
 from distill.architectures import Architecture
 from distill.errors import DistillError
+from students.load import check_head
+from students.presets import StudentError
 from students.tiny import TINY_SHAPES, tiny_qwen3
+from tests.conftest import TinyPair
 
 
 class Clock:
@@ -267,3 +271,18 @@ def test_lora_training_flops_leave_out_the_frozen_weight_gradients(tokenizer) ->
     skipped = 2.0 * (2 * T) * (qkv_in + 3 * shape.hidden * 4)
     assert counter.get_total_flops() == pytest.approx(lora_formula - skipped, rel=1e-9)
     assert counter.get_total_flops() < 0.8 * full_formula
+
+
+def test_flops_and_head_check_see_zero3_partitioned_weights(tiny_pair: TinyPair) -> None:
+    """Under ZeRO-3 each weight is an empty local tensor with its real shape in `ds_shape`
+    (`ds_numel`): the FLOP count and the head check read those, not the empty shard."""
+    model = copy.deepcopy(tiny_pair.student)
+    full = matmul_params(model)
+    for p in model.parameters():
+        p.ds_shape, p.ds_numel = tuple(p.shape), p.numel()  # what deepspeed.zero.Init sets
+        p.data = torch.empty(0, dtype=p.dtype)
+    assert matmul_params(model) == full
+    rows = tiny_pair.student.get_output_embeddings().weight.shape[0]
+    check_head(model, rows, "zero3")  # the real rows, not 0
+    with pytest.raises(StudentError, match="output rows"):
+        check_head(model, rows + 1, "zero3")

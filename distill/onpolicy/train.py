@@ -281,7 +281,7 @@ def train(
     rows = checked_rows(c, teacher, prompts)
     prepare(c.run_dir)
     accelerator, precision = loop.make_accelerator(c.dtype, c.student)
-    world = accelerator.num_processes
+    world = loop.check_world(accelerator, c)
     out = c.run_dir / c.output / "checkpoint"
     trainee = loop.load_trainee(
         accelerator, student=c.student, out=out, precision=precision, lora_config=lora_config,

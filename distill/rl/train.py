@@ -172,14 +172,6 @@ def check_request(config: Config, prompts: Sequence[Prompt]) -> None:
         )
 
 
-def check_world(config: Config, world: int) -> None:
-    if config.prompts_per_step % world:
-        raise DistillError(
-            f"--prompts-per-step {config.prompts_per_step} does not split evenly over "
-            f"{world} processes: use a multiple of the process count"
-        )
-
-
 def rendered(
     config: Config, tokenizer: PreTrainedTokenizerBase, mine: Sequence[tuple[Prompt, Mode]]
 ) -> tuple[list[list[int]], list[Mode]]:
@@ -243,8 +235,7 @@ def train(
     c = config
     check_request(c, prompts)
     accelerator, precision = loop.make_accelerator(c.dtype, c.student)
-    world = accelerator.num_processes
-    check_world(c, world)
+    world = loop.check_world(accelerator, c, even=True)  # RL's groups: whole on one process
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     lora_config = adapters.settings(c.lora_rank, c.lora_alpha, c.seed, sharded)
     out = c.run_dir / c.output / "checkpoint"
