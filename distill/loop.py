@@ -37,6 +37,7 @@ from distill.batch import Batch
 from distill.errors import DistillError
 from distill.fused_loss import LossPath, choose_loss_path
 from distill.rundir import append_metrics
+from distill.sampling import resolve_sampler
 from students import dtype as dtypes
 from students import lora
 from students.load import check_head
@@ -113,13 +114,15 @@ class SamplingStep(Protocol):
     def samples_per_prompt(self) -> int: ...
     @property
     def micro_batch_size(self) -> int: ...
+    @property
+    def sampler(self) -> str: ...
 
 
 def check_world(accelerator: Accelerator, step: SamplingStep, *, even: bool = False) -> int:
     """The process count, once a sampling loop's step fits it: prompts split evenly over the
-    processes when `even` or when the student is sharded (every process then runs the same
-    sampler forwards: FSDP and ZeRO-3 gather weights inside them), and under DeepSpeed each
-    process's sequences fit one micro-batch (its engine steps inside `backward`)."""
+    processes when `even` or when the student is sharded, a sharded student is sampled by its
+    own engine (vLLM), and under DeepSpeed each process's sequences fit one micro-batch (its
+    engine steps inside `backward`)."""
     world, kind = accelerator.num_processes, accelerator.distributed_type
     prompts_per_step, micro_batch_size = step.prompts_per_step, step.micro_batch_size
     samples_per_prompt = step.samples_per_prompt
@@ -128,6 +131,13 @@ def check_world(accelerator: Accelerator, step: SamplingStep, *, even: bool = Fa
         raise DistillError(
             f"--prompts-per-step {prompts_per_step} does not split evenly over {world} "
             "processes: use a multiple of the process count"
+        )
+    if sharded and resolve_sampler(step.sampler) == "hf":
+        # each process's responses end at other lengths: its forwards, which gather the shards
+        # collectively, would not line up across processes
+        raise DistillError(
+            f"--sampler hf cannot sample a student sharded by {kind.value}: use --sampler vllm "
+            "(the default on GPUs), or DDP for a student that fits one device"
         )
     mine = -(-prompts_per_step // world) * samples_per_prompt
     if kind == DistributedType.DEEPSPEED and mine > micro_batch_size:

@@ -133,8 +133,9 @@ def check_head(model: PreTrainedModel, vocab_size: int, source: str) -> None:
     """A head narrower than the tokenizer cannot score every id: another tokenizer's model."""
     head = model.get_output_embeddings()
     # ZeRO-3 partitions weights as they load: the local tensor is empty, ds_shape the real one
-    shape = getattr(head.weight, "ds_shape", head.weight.shape) if head is not None else ()
-    rows = int(shape[0]) if isinstance(head, torch.nn.Linear) else vocab_size
+    rows = vocab_size
+    if isinstance(head, torch.nn.Linear):
+        rows = int(getattr(head.weight, "ds_shape", head.weight.shape)[0])
     if rows < vocab_size:
         raise StudentError(
             f"model {source} has {rows} output rows but its tokenizer {vocab_size} ids: the "

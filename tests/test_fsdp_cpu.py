@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -103,3 +104,33 @@ def test_fsdp2_resume_continues_as_the_uninterrupted_run(tmp_path, tiny_pair) ->
     assert second("split")["grad_norm"] == pytest.approx(second("whole")["grad_norm"], rel=1e-4)
     state = torch.load(tmp_path / "split" / "offpolicy" / "checkpoint" / "trainer_state.pt")
     assert state["optimizer"]["state"], "the gathered AdamW moments are in the checkpoint"
+
+
+def test_sampling_steps_fit_the_world() -> None:
+    """The sampling loops' step-size rules (`loop.check_world`), for each distributed type."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from distill.errors import DistillError
+    from distill.loop import check_world
+    from distill.onpolicy import train as onpolicy
+
+    def world(kind: DistributedType, n: int = 2) -> Any:
+        return SimpleNamespace(num_processes=n, distributed_type=kind)
+
+    def step(**kw: object) -> onpolicy.Config:
+        base = dict(run_dir=Path("unused"), student="unused", prompts_per_step=4,
+                    samples_per_prompt=2, micro_batch_size=4, sampler="vllm")  # fmt: skip
+        return onpolicy.Config(**{**base, **kw})  # type: ignore[arg-type]
+
+    assert check_world(world(DistributedType.MULTI_CPU), step(prompts_per_step=3)) == 2  # DDP
+    with pytest.raises(DistillError, match="split evenly"):
+        check_world(world(DistributedType.MULTI_CPU), step(prompts_per_step=3), even=True)
+    with pytest.raises(DistillError, match="split evenly"):
+        check_world(world(DistributedType.FSDP), step(prompts_per_step=3))
+    with pytest.raises(DistillError, match="--sampler hf cannot sample a student sharded"):
+        check_world(world(DistributedType.FSDP), step(sampler="hf"))
+    assert check_world(world(DistributedType.DEEPSPEED), step()) == 2  # 2 prompts x 2 = 4 fit
+    with pytest.raises(DistillError, match="pass --micro-batch-size 8"):
+        check_world(world(DistributedType.DEEPSPEED), step(prompts_per_step=8))
