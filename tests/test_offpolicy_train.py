@@ -152,7 +152,7 @@ def test_think_block_target_moves_the_empty_block_into_the_response(tiny_pair, d
 def test_two_micro_batches_give_the_gradient_of_one_batch(tiny_pair, data) -> None:
     examples = offpolicy.load_examples(data / "plain", False)[:4]
     cfg = offpolicy.Config(run_dir=Path("."), student="x")
-    accelerator = offpolicy.make_accelerator(cfg)
+    accelerator, _ = offpolicy.make_accelerator(cfg)
     grads = []
     for micro_size in (4, 2):
         model = copy.deepcopy(tiny_pair.student).train()
