@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from cli import dryrun
 from cli.dryrun import check_urls
 from cli.render import console
 from cli.teacher import BACKENDS
@@ -78,6 +79,9 @@ def resolve_models(teacher: str, student: str, dry_run: bool = False) -> tuple[s
 
     A dry run builds nothing: an embedded pair not built yet is returned as its future folders
     (`embedded.cached`), and `dryrun.pending` tells the command to skip checks of those."""
+    for option, value in (("--teacher", teacher), ("--student", student)):
+        if not value.strip():  # Path("") is the working directory: never a model
+            raise DistillError(f"{option} is empty: pass 'embedded', a model folder or a hub id")
     if student not in (EMBEDDED, *TINY_SHAPES):
         student = resolve_student(student)  # fail fast, before a minute of embedded build
     if EMBEDDED in (teacher, student):
@@ -117,7 +121,11 @@ def resolve_modes(
         if modes in MODES:
             return modes_for(modes, "switch")
         raise DistillError(f"--modes {modes!r} is not one of {', '.join(MODE_CHOICES)}")
-    tok = AutoTokenizer.from_pretrained(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    tok = (
+        dryrun.tokenizer(tokenizer, "model's", False, False)
+        if isinstance(tokenizer, str)
+        else tokenizer
+    )
     resolved = modes_for(modes, detect_format(tok))
     fmt = check_modes(resolved, tok, soft_switch=soft_switch, thinking_budget=thinking_budget)
     console.print(f"[dim]chat template format: {fmt}; modes: {', '.join(resolved)}[/]")
