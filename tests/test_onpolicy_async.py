@@ -183,8 +183,12 @@ def test_overlapping_phases_charge_each_device_group_once(
     ledger.save(Path("/dev/null"))
     seconds = {k: v * 3600 for k, v in ledger.device_hours().items()}
     assert seconds == pytest.approx(
-        {"teacher.score": 2 * 10, "waiting": 1 * 4 + 3 * 1, "student.train": 9,
-         "teacher.reserved": 2 * 3}  # fmt: skip
+        {
+            "teacher.score": 2 * 10,
+            "waiting": 1 * 4 + 3 * 1,
+            "student.train": 9,
+            "teacher.reserved": 2 * 3,
+        }  # fmt: skip
     )
     assert ledger.wall_seconds() == pytest.approx(14)
     assert ledger.total_device_hours() * 3600 == pytest.approx(14 * 3)  # never double-counted
