@@ -18,7 +18,8 @@ Per S: steps per hour of the training loop (steps / the sum of `step_seconds`), 
 step (the ledger's total over the whole run, loading included, / steps), each group's busy
 fraction, the mean staleness, and `final_rkl`: the reverse KL of the final student on its own
 samples of held-out prompts (`evaluate.onpolicy_divergence`, the same prompts and seeds for
-every S). Every S starts from the same student and runs the same prompts and sampling seeds.
+every S). Every S starts from the same student and runs the same prompts and sampling seeds; a
+2-step warm-up run comes first, unmeasured.
 The last line is JSON.
 """
 
