@@ -138,6 +138,18 @@ def test_a_kill_mid_queue_resumes_with_every_step_trained_once(
     assert sorted(set(record)) == [0, 1, 2, 3, 4]  # none lost; 2 logged before the kill and after
 
 
+def test_lora_students_sample_ahead_from_a_copy_of_their_adapters(
+    tiny_pair: TinyPair, teacher: HFTeacher, tmp_path: Path
+) -> None:
+    """Only the adapters train, so only they are snapshotted; the copy samples version k - 1."""
+    rec = Recorder()
+    cfg = config(tmp_path, tiny_pair.student_dir, steps=3, lr=3e-3, save_every=100,
+                 max_staleness=1, lora_rank=4)  # fmt: skip
+    onpolicy.train(cfg, teacher, embedded_prompts(16, 0, "train"), GpuLedger(), rec)
+    assert [m["staleness_max"] for m in rec.steps] == [0.0, 1.0, 1.0]
+    assert no_producer_left()
+
+
 def test_staleness_needs_sync_every_1() -> None:
     with pytest.raises(DistillError, match="--sync-every 1"):
         onpolicy.Config(run_dir=Path("r"), student="s", max_staleness=1, sync_every=2)
@@ -209,3 +221,38 @@ def test_phases_sharing_a_group_split_its_devices(monkeypatch: pytest.MonkeyPatc
     assert seconds == pytest.approx({"student.sample": 6, "student.train": 6})
     assert ledger.total_device_hours() * 3600 == pytest.approx(6 * 2)
     assert ledger.busy_fractions() == {"student": 1.0}
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_the_producer_samples_its_own_copy_at_the_bound(tiny_pair: TinyPair, S: int) -> None:
+    """Ahead with a stand-in step: what the sampler's model holds when each step is produced is
+    exactly weight version max(k - S, 0), never the training model itself."""
+    import copy
+
+    import torch
+
+    from distill.onpolicy.ahead import Ahead, Produced
+    from distill.onpolicy.metrics import Lengths
+    from students.sample import HFSampler
+
+    model = copy.deepcopy(tiny_pair.student)
+    weight = model.get_input_embeddings().weight
+    seen: dict[int, float] = {}
+
+    def produce(step: int, version: int, sampler: HFSampler) -> Produced:
+        assert sampler.model is not model
+        seen[step] = sampler.model.get_input_embeddings().weight[0, 0].item()
+        return Produced(step=step, slots=[], rollouts=[], lengths=Lengths.of([]), n_sampled=0,
+                        n_scored=0, sample_seconds=0.0, score_seconds=0.0)  # fmt: skip
+
+    sampler = HFSampler(model, eos_id=0, pad_id=0, vocab_size=500)
+    versions = [weight[0, 0].item()]
+    with Ahead(produce, sampler, model, start=0, steps=6, max_staleness=S) as source:
+        for step in range(6):
+            source.take(step)
+            with torch.no_grad():
+                weight.add_(1.0)  # the update of this step: version step + 1
+            versions.append(weight[0, 0].item())
+            source.publish(step + 1)
+    assert seen == {k: versions[max(k - S, 0)] for k in range(6)}
+    assert no_producer_left()

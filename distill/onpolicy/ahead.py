@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 
 import torch
+from transformers import PreTrainedModel
 
 from distill import sampling
 from distill.onpolicy.metrics import Lengths
@@ -89,7 +90,7 @@ class Ahead:
         self,
         produce: Produce,
         sampler: Sampler,
-        model: torch.nn.Module,
+        model: PreTrainedModel,
         *,
         start: int,
         steps: int,
@@ -110,7 +111,7 @@ class Ahead:
         if max_staleness > 0:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)  # version `start`
             self.sampler = sampling.on_copy(sampler, self.copy)
-            self.sampler.sync(self.copy)  # type: ignore[arg-type]  # a reused engine: any weights
+            self.sampler.sync(self.copy)  # a reused engine held any weights
             self.thread = threading.Thread(target=self._run, name="distill-ahead", daemon=True)
             self.thread.start()
 
@@ -118,7 +119,7 @@ class Ahead:
         """Step `step`'s scored rollouts: produced now (S = 0) or waited for (S >= 1)."""
         if self.thread is None:
             if sampling.sync_due(step, self.start, self.sync_every):
-                self.sampler.sync(self.model)  # type: ignore[arg-type]
+                self.sampler.sync(self.model)
             return self.produce(step, step, self.sampler)
         with self.cond:
             self.cond.wait_for(lambda: step in self.ready or self.error is not None)
@@ -190,4 +191,4 @@ class Ahead:
         with torch.no_grad():
             for name, value in snapshot.items():
                 params[name].copy_(value)
-        self.sampler.sync(self.copy)  # type: ignore[arg-type]
+        self.sampler.sync(self.copy)

@@ -13,6 +13,9 @@ One step: [sync the sampler's weights] -> student.sample (G responses per prompt
 the mode's sampling preset; `lmbda` of the slots take teacher rows instead) -> teacher.score (top-k
 plus the actual token, one prefill) -> student.train (loss on sampled response tokens only:
 prompt and forced tokens never carry loss) -> metrics, checkpoint.
+
+`max_staleness` S >= 1: the sample and score of step k run ahead, in a producer thread, from a
+frozen copy of weight version max(k - S, start) while the student trains (ahead.py).
 """
 
 from __future__ import annotations
