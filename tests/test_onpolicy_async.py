@@ -256,3 +256,25 @@ def test_the_producer_samples_its_own_copy_at_the_bound(tiny_pair: TinyPair, S: 
             source.publish(step + 1)
     assert seen == {k: versions[max(k - S, 0)] for k in range(6)}
     assert no_producer_left()
+
+
+def test_the_command_samples_ahead_and_reports_busy_fractions(
+    tiny_pair: TinyPair, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    args = ["onpolicy", "--run-dir", str(tmp_path), "--teacher", str(tiny_pair.teacher_dir),
+            "--student", str(tiny_pair.student_dir), "--steps", "3", "--prompts-per-step", "2",
+            "--max-tokens", "8", "--n-prompts", "8", "--max-staleness", "1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    steps = [m for m in read_metrics(tmp_path) if m.get("phase") == "onpolicy"]
+    assert [m["staleness_max"] for m in steps] == [0.0, 1.0, 1.0]
+    saved = json.loads((tmp_path / "ledger.json").read_text())
+    assert 0 < saved["busy_fractions"]["student"] <= 1
+    shown = CliRunner().invoke(app, ["report", "show", str(tmp_path)])
+    assert "busy (share of" in shown.output, shown.output
+    bad = CliRunner().invoke(app, [*args[:-1], "-1"])
+    assert bad.exit_code == 2 and "--max-staleness -1" in bad.output
