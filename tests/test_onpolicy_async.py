@@ -247,7 +247,7 @@ def test_the_producer_samples_its_own_copy_at_the_bound(tiny_pair: TinyPair, S: 
 
     sampler = HFSampler(model, eos_id=0, pad_id=0, vocab_size=500)
     versions = [weight[0, 0].item()]
-    with Ahead(produce, sampler, model, start=0, steps=6, max_staleness=S) as source:
+    with Ahead(produce, lambda b: b, sampler, model, start=0, steps=6, max_staleness=S) as source:
         for step in range(6):
             source.take(step)
             with torch.no_grad():

@@ -1,20 +1,22 @@
 """Steps ahead: later steps' scored rollouts, produced while the student trains on earlier ones.
 
-`Ahead(produce, sampler, model, start=, steps=, max_staleness=S, sync_every=)` is the loop's
-source of scored rollouts; the loop calls `take(step)` before it trains a step and
+`Ahead(sample, score, sampler, model, start=, steps=, max_staleness=S, sync_every=)` is the
+loop's source of scored rollouts; the loop calls `take(step)` before it trains a step and
 `publish(version)` after each optimizer step (version v = the weights after v optimizer steps,
-the ones step v trains).
+the ones step v trains). `sample(step, version, sampler)` draws a step's rollouts,
+`score(batch)` has the teacher score them.
 
 - `S = 0`: no thread. `take(step)` syncs the sampler (every `sync_every` steps) and calls
-  `produce(step, sampler)` in the caller's thread, exactly the synchronous loop.
-- `S >= 1`: one background thread (CPU threads: torch releases the GIL inside its kernels, so
-  sampling, scoring and training overlap) produces step k from weight version
-  `sampled_version(k) = max(k - S, start)` as soon as the trainer has published it, into a queue
-  that is therefore never more than S steps deep. The sampler draws from its own frozen copy of
-  the student (`sampling.on_copy`: an HF sampler is rebuilt on it; a vLLM engine is fed the copy's
-  weights), refreshed from a snapshot of the trainable parameters the trainer takes at each
-  version the bound requires, never from the training model mid-update. Every rollout carries
-  the version that sampled it; `take` refuses a sequence older than S versions.
+  `score(sample(step, step, sampler))` in the caller's thread: exactly the synchronous loop.
+- `S >= 1`: two background threads, a sampler and a scorer (CPU threads: torch releases the GIL
+  inside its kernels, so sampling, scoring and training overlap). The sampler thread draws step
+  k from weight version `sampled_version(k) = max(k - S, start)` as soon as the trainer has
+  published it and hands it to the scorer thread, which scores step k while step k + 1 is
+  sampled; the queue therefore never holds more than S steps. The sampler draws from its own
+  frozen copy of the student (`sampling.on_copy`: an HF sampler is rebuilt on it; a vLLM engine
+  is fed the copy's weights), refreshed from a snapshot of the trainable parameters the trainer
+  takes at each version the bound requires, never from the training model mid-update. Every
+  rollout carries the version that sampled it; `take` refuses a sequence older than S versions.
 
 The version of every step is a function of (step, start, S), never of timing: a run is
 deterministic whatever the threads' speeds. Resume: the queue is discarded at a kill (nothing in
@@ -53,10 +55,11 @@ class Produced:
     n_scored: int  # tokens the teacher scored
     sample_seconds: float
     score_seconds: float
-    queue_depth: int = 0  # steps produced and waiting when this one was taken
+    queue_depth: int = 0  # later steps sampled (scored or not) and waiting when this was taken
 
 
-Produce = Callable[[int, int, Sampler], Produced]  # (step, version, sampler) -> the step's batch
+Sample = Callable[[int, int, Sampler], Produced]  # (step, version, sampler) -> rollouts, unscored
+Score = Callable[[Produced], Produced]  # the same batch, scored by the teacher
 
 
 def sampled_version(step: int, start: int, max_staleness: int) -> int:
@@ -88,7 +91,8 @@ class Ahead:
 
     def __init__(
         self,
-        produce: Produce,
+        sample: Sample,
+        score: Score,
         sampler: Sampler,
         model: PreTrainedModel,
         *,
@@ -97,43 +101,47 @@ class Ahead:
         max_staleness: int,
         sync_every: int = 1,
     ) -> None:
-        self.produce, self.model = produce, model
+        self.sample, self.score, self.model = sample, score, model
         self.start, self.steps, self.sync_every = start, steps, sync_every
         self.bound = max_staleness
         self.sampler = sampler
-        self.ready: dict[int, Produced] = {}
+        self.sampled: dict[int, Produced] = {}  # waiting for the scorer
+        self.ready: dict[int, Produced] = {}  # scored, waiting for the trainer
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.published = start  # the latest version the trainer has made
         self.error: BaseException | None = None
         self.stopping = False
         self.cond = threading.Condition()
-        self.thread: threading.Thread | None = None
+        self.threads: list[threading.Thread] = []
         if max_staleness > 0:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)  # version `start`
             self.sampler = sampling.on_copy(sampler, self.copy)
             self.sampler.sync(self.copy)  # a reused engine held any weights
-            self.thread = threading.Thread(target=self._run, name="distill-ahead", daemon=True)
-            self.thread.start()
+            for work in (self._sample_ahead, self._score_ahead):
+                thread = threading.Thread(target=self._guard, args=(work,), name="distill-ahead")
+                thread.daemon = True
+                thread.start()
+                self.threads.append(thread)
 
     def take(self, step: int) -> Produced:
         """Step `step`'s scored rollouts: produced now (S = 0) or waited for (S >= 1)."""
-        if self.thread is None:
+        if not self.threads:
             if sampling.sync_due(step, self.start, self.sync_every):
                 self.sampler.sync(self.model)
-            return self.produce(step, step, self.sampler)
+            return self.score(self.sample(step, step, self.sampler))
         with self.cond:
             self.cond.wait_for(lambda: step in self.ready or self.error is not None)
             if self.error is not None:
                 raise self.error
             batch = self.ready.pop(step)
-            batch = replace(batch, queue_depth=len(self.ready))
+            batch = replace(batch, queue_depth=len(self.ready) + len(self.sampled))
         if max(staleness(batch), default=0) > self.bound:  # the bound, held where it is consumed
             raise RuntimeError(f"step {step} got sequences older than {self.bound} versions")
         return batch
 
     def publish(self, version: int) -> None:
         """The trainer has made weight version `version`: snapshot it if a later step samples it."""
-        if self.thread is None:
+        if not self.threads:
             return
         needed = version + self.bound < self.steps  # step version + S samples it
         snapshot = trainable_snapshot(self.model) if needed else None
@@ -144,12 +152,13 @@ class Ahead:
             self.cond.notify_all()
 
     def close(self) -> None:
-        """Stop the producer after the step it is on (a kill or the end), drop the queue."""
+        """Stop the threads after the step each is on (a kill or the end), drop the queue."""
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
-        if self.thread is not None:
-            self.thread.join()
+        for thread in self.threads:
+            thread.join()
+        self.sampled.clear()
         self.ready.clear()
         self.snapshots.clear()
 
@@ -161,29 +170,45 @@ class Ahead:
     ) -> None:
         self.close()
 
-    def _run(self) -> None:
-        loaded = self.start
+    def _guard(self, work: Callable[[], None]) -> None:
         try:
-            for step in range(self.start, self.steps):
-                version = sampled_version(step, self.start, self.bound)
-                with self.cond:
-                    self.cond.wait_for(lambda v=version: self.published >= v or self.stopping)
-                    if self.stopping:
-                        return
-                    snapshot = self.snapshots.pop(version, None)
-                    for old in [v for v in self.snapshots if v < version]:
-                        del self.snapshots[old]
-                if version != loaded:
-                    assert snapshot is not None, f"no snapshot of version {version}"
-                    self._load(snapshot)
-                    loaded = version
-                batch = self.produce(step, version, self.sampler)
-                with self.cond:
-                    self.ready[step] = batch
-                    self.cond.notify_all()
+            work()
         except BaseException as e:  # re-raised by `take` in the trainer's thread
             with self.cond:
                 self.error = e
+                self.cond.notify_all()
+
+    def _sample_ahead(self) -> None:
+        loaded = self.start
+        for step in range(self.start, self.steps):
+            version = sampled_version(step, self.start, self.bound)
+            with self.cond:
+                self.cond.wait_for(lambda v=version: self.published >= v or self.stopping)
+                if self.stopping:
+                    return
+                snapshot = self.snapshots.pop(version, None)
+                for old in [v for v in self.snapshots if v < version]:
+                    del self.snapshots[old]
+            if version != loaded:
+                assert snapshot is not None, f"no snapshot of version {version}"
+                self._load(snapshot)
+                loaded = version
+            batch = self.sample(step, version, self.sampler)
+            with self.cond:
+                self.sampled[step] = batch
+                self.cond.notify_all()
+
+    def _score_ahead(self) -> None:
+        for step in range(self.start, self.steps):
+            with self.cond:
+                self.cond.wait_for(lambda k=step: k in self.sampled or self.stopping)
+                if self.stopping:
+                    return
+                batch = self.sampled[step]
+            scored = self.score(batch)
+            with self.cond:
+                del self.sampled[step]
+                self.ready[step] = scored
                 self.cond.notify_all()
 
     def _load(self, snapshot: dict[str, torch.Tensor]) -> None:

@@ -14,8 +14,8 @@ the mode's sampling preset; `lmbda` of the slots take teacher rows instead) -> t
 plus the actual token, one prefill) -> student.train (loss on sampled response tokens only:
 prompt and forced tokens never carry loss) -> metrics, checkpoint.
 
-`max_staleness` S >= 1: the sample and score of step k run ahead, in a producer thread, from a
-frozen copy of weight version max(k - S, start) while the student trains (ahead.py).
+`max_staleness` S >= 1: step k is sampled and scored ahead, in two threads (sampler, scorer),
+from a frozen copy of weight version max(k - S, start), while the student trains (ahead.py).
 """
 
 from __future__ import annotations
@@ -277,14 +277,13 @@ def micro_batches(
     return out
 
 
-def produce_step(
+def sample_step(
     c: Config,
     step: int,
     version: int,
     sampler: Sampler,
     *,
     trainee: loop.Trainee,
-    teacher: Teacher,
     prompts: Sequence[Prompt],
     rows: Sequence[OffPolicyRow],
     ledger: GpuLedger,
@@ -292,8 +291,8 @@ def produce_step(
     world: int,
     presets: dict[Mode, SamplingParams],
 ) -> Produced:
-    """Step `step`'s slots (this process's share), sampled by `sampler` (weight `version`) and
-    scored by the teacher, each phase metered; a truncation "drop" applied before scoring."""
+    """Step `step`'s slots (this process's share), sampled by `sampler` (weight `version`),
+    metered; a truncation "drop" applied, so that nothing dropped is scored."""
     slots = step_slots(
         step=step, seed=c.seed, prompts_per_step=c.prompts_per_step,
         samples_per_prompt=c.samples_per_prompt, lmbda=c.lmbda, modes=c.modes,
@@ -311,15 +310,20 @@ def produce_step(
     lengths = Lengths.of(rollouts)
     if c.truncation == "drop":
         rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
+    return Produced(
+        step=step, slots=slots, lengths=lengths, n_sampled=n_sampled, n_scored=0,
+        rollouts=[replace(r, version=version) for r in rollouts],
+        sample_seconds=sample_meter.seconds, score_seconds=0.0,
+    )  # fmt: skip
+
+
+def score_step(batch: Produced, *, teacher: Teacher, top_k: int, ledger: GpuLedger) -> Produced:
+    """The batch with the teacher's top-k on every rollout (`score`), metered."""
     with ledger.phase("teacher.score") as score_meter:
-        rollouts = score(teacher, rollouts, c.top_k)  # each with its (T, K) top-k
+        rollouts = score(teacher, batch.rollouts, top_k)  # each with its (T, K) top-k
         n_scored = sum(len(r.prompt_ids) + len(r.generation.token_ids) for r in rollouts)
         score_meter.add(n_scored, teacher_flops(teacher, n_scored))
-    return Produced(
-        step=step, slots=slots, lengths=lengths, n_sampled=n_sampled, n_scored=n_scored,
-        rollouts=[replace(r, version=version) for r in rollouts],
-        sample_seconds=sample_meter.seconds, score_seconds=score_meter.seconds,
-    )  # fmt: skip
+    return replace(batch, rollouts=rollouts, n_scored=n_scored, score_seconds=score_meter.seconds)
 
 
 def train(
@@ -354,14 +358,15 @@ def train(
     sampler = sampler or open_sampler(c, trainee.unwrapped(accelerator), trainee, prompts)
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
-    produce = partial(
-        produce_step, c, trainee=trainee, teacher=teacher, prompts=prompts, rows=rows,
-        ledger=ledger, rank=accelerator.process_index, world=world,
+    sample = partial(
+        sample_step, c, trainee=trainee, prompts=prompts, rows=rows, ledger=ledger,
+        rank=accelerator.process_index, world=world,
         presets=mode_presets(c.think_sampling, c.no_think_sampling),
     )  # fmt: skip
+    scored = partial(score_step, teacher=teacher, top_k=c.top_k, ledger=ledger)
     loss, metrics = float("nan"), {}
     source = Ahead(
-        produce, sampler, trainee.unwrapped(accelerator), start=start, steps=c.steps,
+        sample, scored, sampler, trainee.unwrapped(accelerator), start=start, steps=c.steps,
         max_staleness=c.max_staleness, sync_every=c.sync_every,
     )  # fmt: skip
     with source:  # stops the producer at a kill or the end
