@@ -144,7 +144,8 @@ def plan_cmd(
             f"apart): in series {h.series_hours:,.0f} GPU-hours; --max-staleness "
             f"{a.max_staleness} {h.overlapped_hours:,.0f} ({h.ratio:.2f}x; busy: student "
             f"{h.student_busy:.0%}, teacher {h.teacher_busy:.0%}). Assumed: a phase's wall time "
-            "is its GPU-hours over its group's devices; the student's devices sample then train, "
-            "one producer samples then scores, so a step lasts sample + max(score, train) for "
-            "any S >= 1; the pipeline's fill and the quality cost of staleness are left out."
+            "is its GPU-hours over its group's devices; the student's devices sample and train, "
+            "the teacher's score, a step's chain spans S + 1 steps: a step lasts max(sample + "
+            "train, score, (sample + score + train) / (S + 1)); the pipeline's fill and the "
+            "quality cost of staleness are left out."
         )

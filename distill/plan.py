@@ -390,10 +390,12 @@ def held(a: Assumptions, on: Workload) -> HeldEstimate:
 
     Each phase's wall time is its device-hours over its group's devices (a phase's device-hours
     do not depend on the device count, as above). In series a step lasts sample + score + train
-    and both groups are held throughout. Overlapped (distill/onpolicy/ahead.py, S >= 1) one
-    producer samples then scores each step, while the student's devices sample then train: in
-    steady state a step lasts sample + max(score, train), whatever S >= 1 (the pipeline's fill,
-    S steps, is left out; so is the quality cost of staleness, which only a run measures).
+    and both groups are held throughout. Overlapped (distill/onpolicy/ahead.py: a sampler and a
+    scorer thread ahead of the trainer) the student's devices sample and train, the teacher's
+    score, and step k's sample -> score -> train chain spans S + 1 steps (it waits for version
+    k - S), so in steady state a step lasts max(sample + train, score, (sample + score + train) /
+    (S + 1)). The pipeline's fill (S steps) is left out, and so is the quality cost of
+    staleness, which only a run measures.
     """
     ds = a.student_devices
     dt = a.teacher_devices or replica_devices(architecture(a.teacher), a)
@@ -401,7 +403,8 @@ def held(a: Assumptions, on: Workload) -> HeldEstimate:
     t_sample, t_train = hours["student.sample"] / ds, hours["student.train"] / ds
     t_score = hours["teacher.score"] / dt
     series = t_sample + t_score + t_train
-    overlapped = t_sample + max(t_score, t_train)
+    chain = (t_sample + t_score + t_train) / (a.max_staleness + 1)
+    overlapped = max(t_sample + t_train, t_score, chain)
     return HeldEstimate(
         student_devices=ds,
         teacher_devices=dt,
