@@ -278,3 +278,20 @@ def test_the_command_samples_ahead_and_reports_busy_fractions(
     assert "busy (share of" in shown.output, shown.output
     bad = CliRunner().invoke(app, [*args[:-1], "-1"])
     assert bad.exit_code == 2 and "--max-staleness -1" in bad.output
+
+
+def test_a_failure_ahead_is_raised_in_the_trainer_and_stops_both_threads(
+    tiny_pair: TinyPair,
+) -> None:
+    from distill.onpolicy.ahead import Ahead, Produced
+    from students.sample import HFSampler
+
+    def sample(step: int, version: int, sampler: HFSampler) -> Produced:
+        raise ConnectionError(f"teacher gone at step {step}")
+
+    sampler = HFSampler(tiny_pair.student, eos_id=0, pad_id=0, vocab_size=500)
+    source = Ahead(sample, lambda b: b, sampler, tiny_pair.student, start=0, steps=4,
+                   max_staleness=1)  # fmt: skip
+    with pytest.raises(ConnectionError, match="step 0"), source:
+        source.take(0)
+    assert no_producer_left()
