@@ -4,6 +4,7 @@ distill onpolicy --run-dir runs/x        # embedded teacher; student: RUN_DIR/of
 distill onpolicy --run-dir runs/x --student S --divergence jsd --beta 0.5 --lmbda 0.25
 distill onpolicy --run-dir runs/x --sampler vllm --sync-every 4   # student sampled by vLLM
 distill onpolicy --run-dir runs/x --lora-rank 16   # adapters only; vLLM gets merged weights
+distill onpolicy --run-dir runs/x --max-staleness 1  # sample + score step k+1 while training k
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ C = onpolicy.Config
 # The student's sampler, shared with `distill rl` (distill/sampling.py): the same flags on both.
 SamplerOpt = Annotated[SamplerKind, typer.Option(help="auto (vllm on GPUs), hf or vllm")]
 SyncEveryOpt = Annotated[int, typer.Option(help="steps between vLLM weight syncs", min=1)]
+MaxStalenessOpt = Annotated[
+    int,
+    typer.Option(
+        help="weight versions a trained sample may lag (0: in series; 1+: sample and score ahead)"
+    ),
+]
 
 
 def dry_onpolicy(
@@ -77,7 +84,9 @@ def dry_onpolicy(
         + (f" with rank-{config.lora_rank} LoRA adapters" if config.lora_rank else ""),
         f"{config.steps} steps: the student ({config.sampler} sampler) writes {g} responses "
         f"of up to {config.max_tokens} tokens, teacher {teacher} ({backend}) scores its top "
-        f"{config.top_k}, the student minimises {config.divergence}",
+        f"{config.top_k}, the student minimises {config.divergence}"
+        + (f" (sampled up to {config.max_staleness} weight versions ahead)"
+           if config.max_staleness else ""),
         f"checkpoint every {config.save_every} steps to {config.run_dir / config.output}",
     ])  # fmt: skip
 
@@ -145,6 +154,7 @@ def onpolicy_cmd(
     gradient_checkpointing: GradCheckpointOpt = C.gradient_checkpointing,
     teacher_gpus: TeacherGpusOpt = None,
     dry_run: dryrun.DryRunOpt = False,
+    max_staleness: MaxStalenessOpt = C.max_staleness,
 ) -> None:
     """The student samples, the teacher scores its samples, the student minimises the divergence."""
     held = teacher_devices(teacher_gpus, teacher_url)  # teacher.reserved: every server's GPUs
@@ -185,6 +195,7 @@ def onpolicy_cmd(
         dtype=dtype,
         warmup_steps=warmup_steps,
         gradient_checkpointing=gradient_checkpointing,
+        max_staleness=max_staleness,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     console.print(config_table("onpolicy", config))

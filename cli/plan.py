@@ -19,6 +19,7 @@ from distill.plan import (
     Assumptions,
     describe,
     estimate,
+    held,
     ratio_decomposition,
     sampled_tokens,
     sampling_rate,
@@ -58,6 +59,15 @@ def plan_cmd(
         typer.Option(help="student tokens/s per GPU, for on-policy and RL alike (0: modelled)"),
     ] = A.sampling_throughput,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+    max_staleness: Annotated[
+        int, typer.Option(help="1+: also estimate on-policy with steps sampled and scored ahead")
+    ] = A.max_staleness,
+    student_devices: Annotated[
+        int, typer.Option(help="devices the student holds (sampling + training)")
+    ] = A.student_devices,
+    teacher_devices: Annotated[
+        int, typer.Option(help="devices the teacher holds apart (0: one replica)")
+    ] = A.teacher_devices,
 ) -> None:
     """Estimate device-hours per phase of each method, printing every assumption."""
     a = Assumptions(
@@ -79,6 +89,9 @@ def plan_cmd(
         bandwidth_utilisation=bandwidth_utilisation,
         decode_batch=decode_batch,
         sampling_throughput=sampling_throughput,
+        max_staleness=max_staleness,
+        student_devices=student_devices,
+        teacher_devices=teacher_devices,
     )
     workloads = estimate(a)
     off, on, rl = workloads
@@ -96,6 +109,8 @@ def plan_cmd(
             "per_token_cost_ratio": cost_ratio,
             "sampling_tokens_per_s_per_gpu": sampling_rate(a),
         }  # fmt: skip
+        if a.max_staleness:
+            out["onpolicy_held"] = {**asdict(held(a, on)), "ratio": held(a, on).ratio}
         typer.echo(json.dumps(out, indent=2))
         return
     table = Table(title="Assumptions")
@@ -122,3 +137,15 @@ def plan_cmd(
         f"sampled tokens: on-policy {sampled_tokens(on):.3g}, RL {sampled_tokens(rl):.3g}, "
         f"both at {sampling_rate(a):,.0f} tokens/s per GPU"
     )
+    if a.max_staleness:
+        h = held(a, on)
+        console.print(
+            f"on-policy, devices held (student {h.student_devices}, teacher {h.teacher_devices} "
+            f"apart): in series {h.series_hours:,.0f} GPU-hours; --max-staleness "
+            f"{a.max_staleness} {h.overlapped_hours:,.0f} ({h.ratio:.2f}x; busy: student "
+            f"{h.student_busy:.0%}, teacher {h.teacher_busy:.0%}). Assumed: a phase's wall time "
+            "is its GPU-hours over its group's devices; the student's devices sample and train, "
+            "the teacher's score, a step's chain spans S + 1 steps: a step lasts max(sample + "
+            "train, score, (sample + score + train) / (S + 1)); the pipeline's fill and the "
+            "quality cost of staleness are left out."
+        )

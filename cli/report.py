@@ -67,6 +67,9 @@ def ledger_table(ledger: GpuLedger) -> Table:
             f"{share:.1%}" if share is not None else ("CPU" if unit.startswith("CPU") else "-"),
         )
     table.add_row("[bold]total", f"[bold]{ledger.total_device_hours():.5f}", "", "", "", "", "")
+    if ledger.busy:  # metered per device group (ledgers from before had no such record)
+        busy = ", ".join(f"{g} {f:.0%}" for g, f in ledger.busy_fractions().items())
+        table.caption = f"busy (share of {ledger.wall_seconds():.1f} s wall-clock): {busy}"
     return table
 
 

@@ -15,6 +15,7 @@ import typer
 from cli import dryrun
 from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
+from cli.onpolicy import MaxStalenessOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
@@ -87,6 +88,7 @@ def run(
     teacher_dtype: TeacherDtypeOpt = "auto",
     teacher_params: TeacherParamsOpt = 0,
     dry_run: dryrun.DryRunOpt = False,
+    max_staleness: MaxStalenessOpt = onpolicy.Config.max_staleness,
 ) -> None:
     """Teacher data in both modes -> off-policy -> on-policy -> device-hour report."""
     run_dir = dryrun.run_dir_for(run_dir)
@@ -135,6 +137,7 @@ def run(
         lora_rank=lora_rank,  # fresh adapters on the merged off-policy checkpoint
         lora_alpha=lora_alpha,
         fused_loss=fused_loss,
+        max_staleness=max_staleness,
     )
     adapters.settings(lora_rank, lora_alpha, seed)  # bad values or no peft: before any record
     eval_config = evaluate.Config(

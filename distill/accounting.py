@@ -11,7 +11,13 @@ total equals wall-clock x devices held, whatever the loops meter:
   run: its `n` devices go to the `teacher.*` phase while it works and to `teacher.reserved` while
   the student works; the student's devices wait (`waiting`) while the remote teacher works.
 
-Nested phases charge the innermost one. On a CPU-only machine the device is the CPU and reports
+Nested phases charge the innermost one. Phases may overlap in different threads (asynchronous
+on-policy steps, distill/onpolicy/ahead.py): each *device group* (the student's devices; a remote
+teacher's) is charged once per second, to the innermost phase of every thread working on it,
+split evenly between them when several do, so nothing is double-counted. A group with no phase
+working is idle: the student's devices `waiting`, the remote teacher's `teacher.reserved` while
+the student works (`waiting` when nobody does). `busy_fractions` says what share of the wall-clock
+each group worked. On a CPU-only machine the device is the CPU and reports
 say "CPU device-hours", never GPU-hours; MFU is only reported against a known accelerator peak.
 
 FLOPs (docs/facts.md; docs/accounting.md derives them): a forward pass costs 2·N per token for the N
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +51,7 @@ PHASES = (
     "teacher.reserved",
 )
 WAITING, RESERVED = "waiting", "teacher.reserved"
+STUDENT, TEACHER = "student", "teacher"  # the device groups a run holds
 
 # Dense bf16 peak FLOP/s and HBM bandwidth (B/s) by accelerator name, matched in the CUDA name.
 # H100/H200 SXM: docs/facts.md; A100 SXM 80GB, L40S: vendor data sheets (dense, no sparsity).
@@ -193,30 +201,61 @@ class GpuLedger:
         self.eval_points: list[float] = []  # total device-hours at the start of each eval round
         self.loaded: dict[str, PhaseTotals] = {}  # totals read from disk (see gather_ranks)
         self.session = "new"  # fingerprint of the ledger.json this session started from
-        self._stack: list[tuple[str, int, bool]] = []  # (name, devices, is_teacher)
+        self.wall = 0.0  # seconds metered (each once, however many phases overlap)
+        self.busy: dict[str, float] = {}  # device group -> seconds it had a phase working
+        # per thread: its open phases as (name, devices, is_teacher), innermost last
+        self._stacks: dict[int, list[tuple[str, int, bool]]] = {}
+        self._lock = threading.RLock()  # phases of several threads share the clock
         self._last: str | None = None  # the phase that finished last
         self._mark = time.perf_counter()
 
+    @property
+    def _stack(self) -> list[tuple[str, int, bool]]:
+        """The calling thread's open phases, innermost last."""
+        return self._stacks.setdefault(threading.get_ident(), [])
+
     def _charge(self, now: float) -> None:
-        """Charge the time since the last charge to the phase owning the clock."""
-        dt = now - self._mark
-        self._mark = now
-        if dt <= 0:
-            return
-        if not self._stack:
-            owners = [(WAITING, self.devices + self.teacher_devices)]
-        else:
-            name, devices, is_teacher = self._stack[-1]
-            if is_teacher and self.teacher_devices:  # remote teacher works, student waits
-                owners = [(name, devices), (WAITING, self.devices)]
-            elif self.teacher_devices:  # student (or eval) works, remote teacher stays reserved
-                owners = [(name, devices), (RESERVED, self.teacher_devices)]
-            else:
-                owners = [(name, devices)]
-        for name, devices in owners:
-            t = self.phases.setdefault(name, PhaseTotals())
-            t.seconds += dt
-            t.device_seconds += dt * devices
+        """Charge the time since the last charge: each device group to the innermost phase of
+        every thread working on it (shared evenly), or to its idle owner."""
+        with self._lock:
+            dt = now - self._mark
+            self._mark = now
+            if dt <= 0:
+                return
+            self.wall += dt
+            for name, devices in self._owners():
+                t = self.phases.setdefault(name, PhaseTotals())
+                t.seconds += dt  # the time it worked (or idled), shared or not
+                t.device_seconds += dt * devices
+            for group in self._working():
+                self.busy[group] = self.busy.get(group, 0.0) + dt
+
+    def _working(self) -> dict[str, list[tuple[str, int]]]:
+        """Device group -> the (phase, devices) of each thread's innermost phase working on it."""
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for stack in self._stacks.values():
+            if stack:
+                name, devices, is_teacher = stack[-1]
+                group = TEACHER if is_teacher and self.teacher_devices else STUDENT
+                groups.setdefault(group, []).append((name, devices))
+        return groups
+
+    def _owners(self) -> list[tuple[str, float]]:
+        """(phase, devices charged to it) for the interval now ending; one thread working gives
+        the synchronous rules above."""
+        working = self._working()
+        if not working:
+            return [(WAITING, self.devices + self.teacher_devices)]
+        owners: list[tuple[str, float]] = []
+        for group, idle, held in (
+            (STUDENT, WAITING, self.devices),
+            (TEACHER, RESERVED if STUDENT in working else WAITING, self.teacher_devices),
+        ):
+            phases = working.get(group, [])
+            owners += [(name, devices / len(phases)) for name, devices in phases]
+            if not phases and held:
+                owners.append((idle, held))
+        return owners
 
     @contextmanager
     def phase(self, name: str, devices: int | None = None) -> Iterator[Meter]:
@@ -232,26 +271,29 @@ class GpuLedger:
         if not is_teacher:
             self.devices = max(self.devices, devices)
         meter = Meter()
-        now = time.perf_counter()
-        self._charge(now)
-        if name == "eval" and self._last != "eval" and all(n != "eval" for n, _, _ in self._stack):
-            self.eval_points.append(self.total_device_hours())  # a new evaluation round begins
-        self._stack.append((name, devices, is_teacher))
+        with self._lock:
+            now = time.perf_counter()
+            self._charge(now)
+            first = self._last != "eval" and all(n != "eval" for n, _, _ in self._stack)
+            if name == "eval" and first:
+                self.eval_points.append(self.total_device_hours())  # a new evaluation round
+            self._stack.append((name, devices, is_teacher))
         try:
             yield meter
         except BaseException as e:
             e.__dict__.setdefault("distill_phase", name)  # innermost: the CLI's crash line names it
             raise
         finally:
-            end = time.perf_counter()
-            meter.seconds = end - now
-            self._charge(end)
-            self._stack.pop()
-            totals = self.phases.setdefault(name, PhaseTotals())
-            totals.tokens += meter.tokens
-            totals.flops += meter.flops
-            totals.calls += 1
-            self._last = name
+            with self._lock:
+                end = time.perf_counter()
+                meter.seconds = end - now
+                self._charge(end)
+                self._stack.pop()
+                totals = self.phases.setdefault(name, PhaseTotals())
+                totals.tokens += meter.tokens
+                totals.flops += meter.flops
+                totals.calls += 1
+                self._last = name
 
     def mark(self, label: str) -> None:
         """Remember the total device-hours now under `label` (e.g. an evaluation stage)."""
@@ -265,8 +307,14 @@ class GpuLedger:
         return sum(self.device_hours().values())
 
     def wall_seconds(self) -> float:
-        """Wall-clock metered: every second has exactly one owner among the non-reserved phases."""
-        return sum(t.seconds for name, t in self.phases.items() if name != RESERVED)
+        """Wall-clock metered, each second once however many phases overlapped in it."""
+        return self.wall
+
+    def busy_fractions(self) -> dict[str, float]:
+        """Device group -> the share of the wall-clock it had a phase working (teacher: only a
+        remote teacher's own devices; an in-process teacher works on the student's)."""
+        groups = [STUDENT] + ([TEACHER] if self.teacher_devices else [])
+        return {g: self.busy.get(g, 0.0) / self.wall if self.wall else 0.0 for g in groups}
 
     def mfu(self) -> dict[str, float | None]:
         """FLOPs / (device-seconds x peak) per phase; None on a CPU or without metered FLOPs."""
@@ -289,6 +337,8 @@ class GpuLedger:
             "device_hours": self.device_hours(),
             "total_device_hours": self.total_device_hours(),
             "wall_seconds": self.wall_seconds(),
+            "busy_seconds": dict(self.busy),
+            "busy_fractions": self.busy_fractions(),
             "mfu": self.mfu(),
             "marks": dict(self.marks),
             "eval_points": list(self.eval_points),
@@ -333,6 +383,12 @@ class GpuLedger:
             ledger.phases[name] = PhaseTotals(**{k: v for k, v in t.items() if k in known})
         ledger.marks = {str(k): float(v) for k, v in data.get("marks", {}).items()}  # type: ignore[union-attr]
         ledger.eval_points = [float(v) for v in data.get("eval_points", [])]  # type: ignore[union-attr]
+        if "wall_seconds" in data:  # written by every ledger; a hand-made one may lack it
+            ledger.wall = float(data["wall_seconds"])  # type: ignore[arg-type]
+        else:
+            ledger.wall = sum(t.seconds for n, t in ledger.phases.items() if n != RESERVED)
+        busy = data.get("busy_seconds", {})  # absent before device groups were metered
+        ledger.busy = {str(k): float(v) for k, v in busy.items()}  # type: ignore[union-attr]
         return ledger
 
     @classmethod
@@ -371,6 +427,9 @@ def gather_ranks(ledgers: Sequence[GpuLedger]) -> GpuLedger:
     head = ledgers[0]
     out = GpuLedger(head.device, devices=head.devices, teacher_devices=head.teacher_devices)
     out.marks, out.eval_points = dict(head.marks), list(head.eval_points)
+    out.wall = max(ledger.wall for ledger in ledgers)  # each: the loaded base + its session
+    for group in dict.fromkeys(g for ledger in ledgers for g in ledger.busy):
+        out.busy[group] = max(ledger.busy.get(group, 0.0) for ledger in ledgers)
     for name in dict.fromkeys(n for ledger in ledgers for n in ledger.phases):
         base = head.loaded.get(name, PhaseTotals())
         deltas = []

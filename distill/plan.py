@@ -49,6 +49,10 @@ class Assumptions:
     # (both sample with the same engine, distill/sampling.py); 0: the decode model's rate at
     # response_len.
     sampling_throughput: float = 0.0
+    # Asynchronous on-policy steps (distill onpolicy --max-staleness): 0 plans them in series.
+    max_staleness: int = 0
+    student_devices: int = 8  # the student's group: its sampling engine and its training
+    teacher_devices: int = 0  # the teacher's group, held apart; 0: one teacher replica
 
     def check(self) -> None:
         check_fields(self)  # finite numbers, non-negative counts
@@ -68,6 +72,10 @@ class Assumptions:
         )
         if self.sampling_throughput < 0:
             raise DistillError("--sampling-throughput must be >= 0 (0: from the decode model)")
+        if self.max_staleness < 0 or self.student_devices < 1 or self.teacher_devices < 0:
+            raise DistillError(
+                "--max-staleness and --teacher-devices must be >= 0, --student-devices >= 1"
+            )
         if min(counts) < 1 or self.offpolicy_epochs < 0 or self.onpolicy_passes < 0:
             raise DistillError("counts and lengths in a plan must be positive: check the options")
         architecture(self.student)
@@ -339,6 +347,13 @@ def describe(a: Assumptions) -> list[tuple[str, str, str]]:
         ("training FLOPs", "3 x forward", "backward = 2 x forward"),
         ("teacher scoring", "one prefill of prompt + response", "docs/facts.md"),
     ]
+    if a.max_staleness:
+        dt = a.teacher_devices or replica_devices(teacher, a)
+        rows += [
+            ("on-policy max staleness", str(a.max_staleness), "--max-staleness"),
+            ("student devices (sample, train)", str(a.student_devices), "--student-devices"),
+            ("teacher devices (score), apart", str(dt), "--teacher-devices (0: one replica)"),
+        ]
     return rows
 
 
@@ -352,3 +367,49 @@ def ratio_decomposition(on: Workload, rl: Workload) -> tuple[float, float]:
     tokens = sampled_tokens(rl) / sampled_tokens(on)
     per_token = (rl.device_hours / sampled_tokens(rl)) / (on.device_hours / sampled_tokens(on))
     return tokens, per_token
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeldEstimate:
+    """On-policy distillation as held devices see it: the student's group and the teacher's."""
+
+    student_devices: int
+    teacher_devices: int
+    series_hours: float  # device-hours held, sample -> score -> train in series (S = 0)
+    overlapped_hours: float  # held with the next step sampled and scored ahead (S >= 1)
+    student_busy: float  # share of the held time the student's group works, overlapped
+    teacher_busy: float
+
+    @property
+    def ratio(self) -> float:
+        return self.overlapped_hours / self.series_hours
+
+
+def held(a: Assumptions, on: Workload) -> HeldEstimate:
+    """Device-hours *held* by on-policy distillation with the teacher on its own devices.
+
+    Each phase's wall time is its device-hours over its group's devices (a phase's device-hours
+    do not depend on the device count, as above). In series a step lasts sample + score + train
+    and both groups are held throughout. Overlapped (distill/onpolicy/ahead.py: a sampler and a
+    scorer thread ahead of the trainer) the student's devices sample and train, the teacher's
+    score, and step k's sample -> score -> train chain spans S + 1 steps (it waits for version
+    k - S), so in steady state a step lasts max(sample + train, score, (sample + score + train) /
+    (S + 1)). The pipeline's fill (S steps) is left out, and so is the quality cost of
+    staleness, which only a run measures.
+    """
+    ds = a.student_devices
+    dt = a.teacher_devices or replica_devices(architecture(a.teacher), a)
+    hours = {p.phase: p.device_hours for p in on.phases}
+    t_sample, t_train = hours["student.sample"] / ds, hours["student.train"] / ds
+    t_score = hours["teacher.score"] / dt
+    series = t_sample + t_score + t_train
+    chain = (t_sample + t_score + t_train) / (a.max_staleness + 1)
+    overlapped = max(t_sample + t_train, t_score, chain)
+    return HeldEstimate(
+        student_devices=ds,
+        teacher_devices=dt,
+        series_hours=series * (ds + dt),
+        overlapped_hours=overlapped * (ds + dt),
+        student_busy=(t_sample + t_train) / overlapped,
+        teacher_busy=t_score / overlapped,
+    )

@@ -100,6 +100,17 @@ def sync_due(step: int, start: int, every: int) -> bool:
     return step == start or step % every == 0
 
 
+def on_copy(sampler: Sampler, model: PreTrainedModel) -> Sampler:
+    """The sampler that draws from `model`, a frozen copy of the student (asynchronous on-policy
+    steps): an HF sampler is rebuilt on the copy; an engine (vLLM) stays, fed the copy's weights at
+    each `sync`."""
+    if isinstance(sampler, HFSampler):
+        return HFSampler(
+            model, eos_id=sampler.eos_id, pad_id=sampler.pad_id, vocab_size=sampler.vocab_size
+        )
+    return sampler
+
+
 def close(sampler: Sampler) -> None:
     """Stop a sampler's engine (vLLM) now; an HF sampler has nothing to stop."""
     stop = getattr(sampler, "close", None)

@@ -40,6 +40,7 @@ class Rollout:
     mode: Mode
     on_policy: bool
     scores: TopK | None = None
+    version: int = 0  # the weight version (optimizer steps taken) whose sampler wrote it
 
 
 @dataclass(frozen=True, kw_only=True)

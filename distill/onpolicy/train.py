@@ -13,6 +13,9 @@ One step: [sync the sampler's weights] -> student.sample (G responses per prompt
 the mode's sampling preset; `lmbda` of the slots take teacher rows instead) -> teacher.score (top-k
 plus the actual token, one prefill) -> student.train (loss on sampled response tokens only:
 prompt and forced tokens never carry loss) -> metrics, checkpoint.
+
+`max_staleness` S >= 1: step k is sampled and scored ahead, in two threads (sampler, scorer),
+from a frozen copy of weight version max(k - S, start), while the student trains (ahead.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from distill.errors import DistillError
 from distill.fused_loss import topk_loss
 from distill.logits_loss import topk_divergence
 from distill.loop import LogFn, no_log
+from distill.onpolicy import ahead
+from distill.onpolicy.ahead import Ahead, Produced
 from distill.onpolicy.metrics import (
     Diagnostics,
     Lengths,
@@ -46,7 +51,7 @@ from distill.onpolicy.rollout import OffPolicyRow, Rollout, check_request, load_
 from distill.onpolicy.schedule import check_modes, position, step_slots
 from distill.prompts import Prompt
 from distill.rundir import prepare
-from distill.sampling import SamplerKind, make_sampler, mode_params, mode_presets, sync_due
+from distill.sampling import SamplerKind, make_sampler, mode_params, mode_presets
 from distill.seeds import derive_seed
 from distill.validation import (
     AT_LEAST_1,
@@ -94,6 +99,9 @@ class Config:
     sampler: SamplerKind = "auto"  # auto: vllm with CUDA and vllm installed, else hf
     # steps between weight pushes into a vllm sampler (hf: always current)
     sync_every: Annotated[int, AT_LEAST_1] = 1
+    # weight versions a trained sequence may lag its sampler by; 0: sample, score, train in
+    # series; >= 1: later steps are sampled and scored while the student trains (ahead.py)
+    max_staleness: Annotated[int, NON_NEGATIVE] = 0
     # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
     lr: Annotated[float, NON_NEGATIVE] = 1e-4
     warmup_steps: int = 5
@@ -114,6 +122,11 @@ class Config:
         check_fields(self)  # ranges and choices, from the field types above
         check_budget(self.thinking_budget, self.max_tokens)
         check_modes(self.modes, self.think_ratio, 0.0, [])  # the teacher's rows: at train time
+        if self.max_staleness and self.sync_every > 1:
+            raise DistillError(
+                f"--sync-every {self.sync_every} with --max-staleness {self.max_staleness}: "
+                "the staleness bound sets when the sampler gets weights; pass --sync-every 1"
+            )
 
     @property
     def divergence_spec(self) -> DivergenceSpec:
@@ -263,6 +276,55 @@ def micro_batches(
     return out
 
 
+def sample_step(
+    c: Config,
+    step: int,
+    version: int,
+    sampler: Sampler,
+    *,
+    trainee: loop.Trainee,
+    prompts: Sequence[Prompt],
+    rows: Sequence[OffPolicyRow],
+    ledger: GpuLedger,
+    rank: int,
+    world: int,
+    presets: dict[Mode, SamplingParams],
+) -> Produced:
+    """Step `step`'s slots (this process's share), sampled by `sampler` (weight `version`),
+    metered; a truncation "drop" applied, so that nothing dropped is scored."""
+    slots = step_slots(
+        step=step, seed=c.seed, prompts_per_step=c.prompts_per_step,
+        samples_per_prompt=c.samples_per_prompt, lmbda=c.lmbda, modes=c.modes,
+        think_ratio=c.think_ratio, n_prompts=len(prompts), row_modes=[r.mode for r in rows],
+    )  # fmt: skip
+    with ledger.phase("student.sample", devices=world) as sample_meter:
+        rollouts = sample_slots(
+            slots[rank::world], sampler, trainee.tokenizer, prompts, rows,
+            mode_params(presets, max_tokens=c.max_tokens, seed=c.seed, step=step),
+            samples_per_prompt=c.samples_per_prompt, soft_switch=c.soft_switch,
+            thinking_budget=c.thinking_budget, budget_sentence=c.budget_sentence,
+        )  # fmt: skip
+        n_sampled = sum(len(r.generation.token_ids) for r in rollouts if r.on_policy)
+        sample_meter.add(n_sampled, forward_flops(trainee.n_params, n_sampled))
+    lengths = Lengths.of(rollouts)
+    if c.truncation == "drop":
+        rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
+    return Produced(
+        step=step, slots=slots, lengths=lengths, n_sampled=n_sampled, n_scored=0,
+        rollouts=[replace(r, version=version) for r in rollouts],
+        sample_seconds=sample_meter.seconds, score_seconds=0.0,
+    )  # fmt: skip
+
+
+def score_step(batch: Produced, *, teacher: Teacher, top_k: int, ledger: GpuLedger) -> Produced:
+    """The batch with the teacher's top-k on every rollout (`score`), metered."""
+    with ledger.phase("teacher.score") as score_meter:
+        rollouts = score(teacher, batch.rollouts, top_k)  # each with its (T, K) top-k
+        n_scored = sum(len(r.prompt_ids) + len(r.generation.token_ids) for r in rollouts)
+        score_meter.add(n_scored, teacher_flops(teacher, n_scored))
+    return replace(batch, rollouts=rollouts, n_scored=n_scored, score_seconds=score_meter.seconds)
+
+
 def train(
     config: Config,
     teacher: Teacher,
@@ -295,71 +357,62 @@ def train(
     sampler = sampler or open_sampler(c, trainee.unwrapped(accelerator), trainee, prompts)
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
-    presets = mode_presets(c.think_sampling, c.no_think_sampling)
+    sample = partial(
+        sample_step, c, trainee=trainee, prompts=prompts, rows=rows, ledger=ledger,
+        rank=accelerator.process_index, world=world,
+        presets=mode_presets(c.think_sampling, c.no_think_sampling),
+    )  # fmt: skip
+    scored = partial(score_step, teacher=teacher, top_k=c.top_k, ledger=ledger)
     loss, metrics = float("nan"), {}
-    for step in range(start, c.steps):
-        t_step = time.perf_counter()
-        if sync_due(step, start, c.sync_every):
-            sampler.sync(trainee.unwrapped(accelerator))
-        slots = step_slots(
-            step=step, seed=c.seed, prompts_per_step=c.prompts_per_step,
-            samples_per_prompt=c.samples_per_prompt, lmbda=c.lmbda, modes=c.modes,
-            think_ratio=c.think_ratio, n_prompts=len(prompts), row_modes=[r.mode for r in rows],
-        )  # fmt: skip
-        with ledger.phase("student.sample", devices=world) as sample_meter:
-            rollouts = sample_slots(
-                slots[accelerator.process_index :: world], sampler, trainee.tokenizer, prompts,
-                rows, mode_params(presets, max_tokens=c.max_tokens, seed=c.seed, step=step),
-                samples_per_prompt=c.samples_per_prompt, soft_switch=c.soft_switch,
-                thinking_budget=c.thinking_budget, budget_sentence=c.budget_sentence,
-            )  # fmt: skip
-            n_sampled = sum(len(r.generation.token_ids) for r in rollouts if r.on_policy)
-            sample_meter.add(n_sampled, forward_flops(trainee.n_params, n_sampled))
-        lengths = Lengths.of(rollouts)
-        if c.truncation == "drop":
-            rollouts = [r for r in rollouts if r.generation.finish_reason != "length"]
-        with ledger.phase("teacher.score") as score_meter:
-            rollouts = score(teacher, rollouts, c.top_k)  # each with its (T, K) top-k
-            n_scored = sum(len(r.prompt_ids) + len(r.generation.token_ids) for r in rollouts)
-            score_meter.add(n_scored, teacher_flops(teacher, n_scored))
-        micro = micro_batches(rollouts, c.truncation, c.micro_batch_size, trainee.pad_id)
-        n_tokens = loop.global_target_tokens([mb for mb, _ in micro], accelerator)
-        total, diag, n_trained = torch.zeros(()), Diagnostics(), 0
-        with ledger.phase("student.train", devices=world) as train_meter:
-            for i, (mb, measured) in enumerate(micro):
-                mb = mb.to(accelerator.device)
-                # Only the last micro-batch all-reduces gradients; the others accumulate locally.
-                with loop.sync_gradients(accelerator, trainee, last=i == len(micro) - 1):
-                    share, summed = micro_batch_loss(
-                        trainee, mb, n_tokens, c.divergence_spec, measured, diag
-                    )  # share = sum / n_tokens: each backward adds its part of the step's mean
-                    accelerator.backward(share)
-                    total += summed.cpu()
-                n_seen = int(mb.attention_mask.sum())
-                n_trained += n_seen
-                flops = train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable)
-                train_meter.add(mb.n_targets, flops)
-            grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
-        loss = float(total) / (n_tokens * world)
-        metrics = {
-            "loss": loss,
-            **diag.means(),
-            **lengths.means(),
-            "offpolicy_fraction": sum(s.prompt is None for s in slots) / len(slots),
-            "loss_tokens": float(sum(mb.n_targets for mb, _ in micro)),  # this process's
-            "lr": lr,
-            "fused_loss": float(trainee.path.fused),
-            "grad_norm": grad_norm,
-            "sample_tokens_per_s": n_sampled / max(sample_meter.seconds, 1e-9),
-            "score_tokens_per_s": n_scored / max(score_meter.seconds, 1e-9),
-            "train_tokens_per_s": n_trained / max(train_meter.seconds, 1e-9),
-            "step_seconds": time.perf_counter() - t_step,
-        }
-        if step % c.log_every == 0 or step == c.steps - 1:
-            loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)
-        if loop.due(step, c.save_every, c.steps):
-            state = trainer_state(step, c)
-            loop.save(accelerator, trainee, ledger, c.run_dir, out, c.student, state)
+    source = Ahead(
+        sample, scored, sampler, trainee.unwrapped(accelerator), start=start, steps=c.steps,
+        max_staleness=c.max_staleness, sync_every=c.sync_every,
+    )  # fmt: skip
+    with source:  # stops the producer at a kill or the end
+        for step in range(start, c.steps):
+            t_step = time.perf_counter()
+            batch = source.take(step)  # sampled and scored now (S = 0) or ahead (S >= 1)
+            rollouts = batch.rollouts
+            micro = micro_batches(rollouts, c.truncation, c.micro_batch_size, trainee.pad_id)
+            n_tokens = loop.global_target_tokens([mb for mb, _ in micro], accelerator)
+            total, diag, n_trained = torch.zeros(()), Diagnostics(), 0
+            with ledger.phase("student.train", devices=world) as train_meter:
+                for i, (mb, measured) in enumerate(micro):
+                    mb = mb.to(accelerator.device)
+                    # Only the last micro-batch all-reduces; the others accumulate locally.
+                    with loop.sync_gradients(accelerator, trainee, last=i == len(micro) - 1):
+                        share, summed = micro_batch_loss(
+                            trainee, mb, n_tokens, c.divergence_spec, measured, diag
+                        )  # share = sum / n_tokens: each backward adds its part of the step's mean
+                        accelerator.backward(share)
+                        total += summed.cpu()
+                    n_seen = int(mb.attention_mask.sum())
+                    n_trained += n_seen
+                    flops = train_flops(trainee.n_params, n_seen, trainable=trainee.n_trainable)
+                    train_meter.add(mb.n_targets, flops)
+                grad_norm, lr = loop.optimizer_step(accelerator, trainee, step, c)
+                source.publish(step + 1)  # version step + 1: snapshot it if a later step samples it
+            loss = float(total) / (n_tokens * world)
+            metrics = {
+                "loss": loss,
+                **diag.means(),
+                **batch.lengths.means(),
+                "offpolicy_fraction": sum(s.prompt is None for s in batch.slots) / len(batch.slots),
+                "loss_tokens": float(sum(mb.n_targets for mb, _ in micro)),  # this process's
+                "lr": lr,
+                "fused_loss": float(trainee.path.fused),
+                "grad_norm": grad_norm,
+                "sample_tokens_per_s": batch.n_sampled / max(batch.sample_seconds, 1e-9),
+                "score_tokens_per_s": batch.n_scored / max(batch.score_seconds, 1e-9),
+                "train_tokens_per_s": n_trained / max(train_meter.seconds, 1e-9),
+                "step_seconds": time.perf_counter() - t_step,
+                **ahead.metrics(batch),  # staleness of the trained sequences, queue depth
+            }
+            if step % c.log_every == 0 or step == c.steps - 1:
+                loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)
+            if loop.due(step, c.save_every, c.steps):
+                state = trainer_state(step, c)
+                loop.save(accelerator, trainee, ledger, c.run_dir, out, c.student, state)
     if owned:
         sampling.close(sampler)
     return Summary(steps=c.steps, final_loss=loss, checkpoint=out, metrics=metrics)
