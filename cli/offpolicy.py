@@ -24,6 +24,7 @@ from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
+    DEFAULT_BACKEND,
     BackendOpt,
     GradCheckpointOpt,
     ModesOpt,
@@ -136,7 +137,7 @@ def generate(
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer folder (default: the teacher's folder)")
     ] = None,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
     seed: int = gen.Config.seed,
     force: Annotated[

@@ -21,6 +21,7 @@ from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
+    DEFAULT_BACKEND,
     BackendOpt,
     DtypeOpt,
     GradCheckpointOpt,
@@ -124,7 +125,7 @@ def onpolicy_cmd(
     sync_every: SyncEveryOpt = C.sync_every,
     lr: float = C.lr,
     save_every: int = C.save_every,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
     teacher_max_top_k: Annotated[
         int, typer.Option(help="vllm/server teachers: their max_logprobs")

@@ -11,7 +11,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from cli.dryrun import check_urls
 from cli.render import console
-from cli.teacher import BACKENDS
+from cli.teacher import AUTO, BACKENDS
+from cli.teacher import DEFAULT_BACKEND as DEFAULT_BACKEND  # the commands take it from here
 from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
@@ -28,7 +29,24 @@ StudentOpt = Annotated[
     str, typer.Option(help="'embedded' or a model folder sharing the teacher's tokenizer")
 ]
 PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet file")]
-BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"teacher backend: {AUTO} (vllm where CUDA GPUs are visible and vLLM is "
+        f"installed, else hf), {', '.join(BACKENDS)}"
+    ),
+]
+TeacherMaxLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="vllm teacher: cap on its context length (default: the model's "
+        "max_position_embeddings; 2,048 on CPU)",
+        min=1,
+    ),
+]
+TeacherConcurrencyOpt = Annotated[
+    int, typer.Option(help="server teacher: requests in flight over all servers", min=1)
+]
 UrlOpt = Annotated[
     list[str] | None, typer.Option(help="vLLM server URL (repeatable)", callback=check_urls)
 ]

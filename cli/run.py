@@ -19,6 +19,7 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
 from cli.resolve import (
+    DEFAULT_BACKEND,
     BackendOpt,
     ModesOpt,
     PromptsOpt,
@@ -72,7 +73,7 @@ def run(
     divergence: Annotated[
         onpolicy.Divergence, typer.Option(help="on-policy divergence")
     ] = onpolicy.Config.divergence,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
     teacher_gpus: TeacherGpusOpt = None,
     seed: int = 0,

@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, PreTrainedModel
 from students import dtype as dtypes
 from students import lora
 from students.engines import EngineGuard, wake_blocked_call
+from students.placement import request_seeds
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -151,13 +152,13 @@ class VLLMSampler:
                 top_k=params.top_k,  # 0 disables the filter in both conventions
                 max_tokens=params.max_tokens,
                 presence_penalty=params.presence_penalty,
-                seed=(params.seed * 1_000_003 + i) % 2**63,
+                seed=seed,
                 stop_token_ids=[self.eos_id],
                 # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
                 logit_bias=dict.fromkeys(range(self.vocab_size, self.width), -100.0),
                 detokenize=False,
             )
-            for i in range(len(prompts))
+            for seed in request_seeds(params.seed, len(prompts))
         ]
         token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
         with self._calls():

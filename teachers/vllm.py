@@ -21,6 +21,7 @@ import numpy as np
 
 from students import dtype as dtypes
 from students.engines import EngineGuard, wake_blocked_call
+from students.placement import request_seeds
 from students.presets import folder_matmul_params
 from teachers.protocol import (
     Generation,
@@ -90,12 +91,16 @@ class VLLMTeacher:
             ) from e
         from transformers import AutoTokenizer
 
-        from teachers.launch import local_max_model_len
+        from teachers.launch import CPU_MAX_MODEL_LEN, local_max_model_len
 
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-        max_model_len = max_model_len or local_max_model_len(path)
+        # The model's own context (thinking-length responses need it), capped where asked;
+        # on CPU at CPU_MAX_MODEL_LEN, what a 1 GiB KV cache holds.
+        max_model_len = local_max_model_len(
+            path, max_model_len or (CPU_MAX_MODEL_LEN if on_cpu else None)
+        )
         with EngineGuard.around("vLLM teacher engine") as guards:
             llm = LLM(
                 model=str(path),
@@ -149,20 +154,24 @@ class VLLMTeacher:
     ) -> list[Generation]:
         import vllm
 
-        sp = vllm.SamplingParams(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,  # 0 disables the filter in both conventions
-            max_tokens=params.max_tokens,
-            presence_penalty=params.presence_penalty,
-            seed=params.seed,
-            stop_token_ids=[self.eos_id],
-            # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
-            logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
-            detokenize=False,
-        )
+        # One seed per request: a shared seed gave the G copies of a prompt the same tokens.
+        requests = [
+            vllm.SamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,  # 0 disables the filter in both conventions
+                max_tokens=params.max_tokens,
+                presence_penalty=params.presence_penalty,
+                seed=seed,
+                stop_token_ids=[self.eos_id],
+                # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
+                logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
+                detokenize=False,
+            )
+            for seed in request_seeds(params.seed, len(prompts))
+        ]
         with self._calls():
-            outputs = self.llm.generate(_token_prompts(prompts), sp, use_tqdm=False)
+            outputs = self.llm.generate(_token_prompts(prompts), requests, use_tqdm=False)
         gens = []
         for out in outputs:
             c = out.outputs[0]
