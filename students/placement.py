@@ -141,7 +141,7 @@ def engine_kwargs(placement: EnginePlacement, *, on_cpu: bool, seed: int) -> dic
         )
     if "MASTER_PORT" not in os.environ:  # a lone process: no launcher set the rendezvous
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ["MASTER_PORT"] = str(_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     return {
         "distributed_executor_backend": "external_launcher",
         "tensor_parallel_size": tp,
@@ -211,7 +211,7 @@ def gather_requests(items: Sequence[T], group: ProcessGroup | None) -> tuple[lis
     return [x for g in gathered for x in (g or [])], slice(start, start + len(items))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from students.weight_sync import SyncStats
 from teachers.protocol import Generation, SamplingParams
 
 
@@ -159,9 +160,10 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
-    def sync(self, model: PreTrainedModel) -> None:
+    def sync(self, model: PreTrainedModel) -> SyncStats | None:
         """Nothing to copy: this sampler runs the training model's own parameters."""
         assert model is self.model, "HFSampler samples the model it was built with"
+        return None
 
 
 @runtime_checkable
@@ -174,6 +176,6 @@ class Sampler(Protocol):
         """One completion per prompt from the weights of the last `sync`."""
         ...
 
-    def sync(self, model: PreTrainedModel) -> None:
-        """Make the sampler draw from `model`'s current weights."""
+    def sync(self, model: PreTrainedModel) -> SyncStats | None:
+        """Make the sampler draw from `model`'s current weights; what moved (None: nothing)."""
         ...

