@@ -19,6 +19,7 @@ from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from students.dtype import HELP as DTYPE_HELP
 from students.dtype import DTypeName
 from students.load import resolve_student
+from students.placement import COLOCATED_MEMORY, OWN_MEMORY, EngineMode, EnginePlacement
 from students.tiny import TINY_SHAPES
 from teachers.chat import MODE_CHOICES, MODES, Mode, check_modes, detect_format, modes_for
 from teachers.protocol import refuse_remote_code
@@ -154,3 +155,52 @@ def prompt_sets(
             "lower --eval-prompts or add prompts"
         )
     return rows[n_eval : n_eval + n], rows[:n_eval]
+
+
+# Where the student's sampler engine runs on GPUs (students/placement.py, docs/gpu.md).
+ENGINE = EnginePlacement()  # the --engine-* options' defaults
+EngineModeOpt = Annotated[
+    EngineMode,
+    typer.Option(
+        "--engine-placement",
+        help="vLLM sampler on GPUs: colocate (in each rank's process, beside its student) or "
+        "own (on --engine-devices)",
+    ),
+]
+EngineMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        help=f"share of each GPU the vLLM sampler takes (default: {COLOCATED_MEMORY} colocated, "
+        f"{OWN_MEMORY} on its own GPUs)"
+    ),
+]
+EngineTpOpt = Annotated[
+    int, typer.Option("--engine-tensor-parallel", help="GPUs per vLLM sampler engine", min=1)
+]
+EngineSleepOpt = Annotated[
+    bool,
+    typer.Option(
+        "--engine-sleep/--no-engine-sleep",
+        help="colocated: the vLLM sampler gives its GPU memory back while the student trains",
+    ),
+]
+EngineDevicesOpt = Annotated[
+    str,
+    typer.Option(help="--engine-placement own: the engines' GPUs, e.g. 4,5,6,7 (T per rank)"),
+]
+
+
+def engine_placement(
+    mode: EngineMode, memory: float | None, tp: int, sleep: bool, devices: str
+) -> EnginePlacement:
+    """The --engine-* options as one placement (checked by EnginePlacement itself)."""
+    try:
+        gpus = tuple(int(d) for d in devices.split(",") if d.strip())
+    except ValueError:
+        raise DistillError(
+            f"--engine-devices {devices!r} is not a list of GPU indices: pass e.g. 4,5,6,7"
+        ) from None
+    return EnginePlacement(
+        mode=mode, gpu_memory_utilization=memory, tensor_parallel_size=tp, sleep=sleep,
+        devices=gpus,
+    )  # fmt: skip

@@ -73,6 +73,7 @@ from distill.validation import (
 )
 from losses import Divergence
 from students.dtype import resolve_name
+from students.placement import EnginePlacement
 from students.sample import Sampler
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams, Teacher
@@ -108,6 +109,7 @@ class Config:
     sampler: SamplerKind = "auto"  # auto: vllm with CUDA and vllm installed, else hf
     # steps between weight pushes into a vllm sampler (hf: always current)
     sync_every: Annotated[int, AT_LEAST_1] = 1
+    engine: EnginePlacement = EnginePlacement()  # the vLLM sampler on GPUs: students/placement
     # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
     lr: Annotated[float, NON_NEGATIVE] = 1e-4
     warmup_steps: int = 5
@@ -268,6 +270,7 @@ def train(
             seed=config.seed,
             dtype=resolve_name(config.dtype, config.student),  # the training dtype
             soft_switch=config.soft_switch,
+            placement=config.engine,
             budget_sentence=config.budget_sentence,
         )
     if accelerator.is_main_process:  # what `report compare` checks against the RL run

@@ -62,6 +62,7 @@ from distill.sampling import (
 )
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from students.dtype import resolve_name
+from students.placement import EnginePlacement
 from students.sample import Sampler
 from teachers.chat import MODES, Mode, render_prompt
 from teachers.protocol import NON_THINKING_SAMPLING, THINKING_SAMPLING, SamplingParams
@@ -96,6 +97,7 @@ class Config:
     sampler: SamplerKind = "auto"  # as on-policy: vllm with CUDA and vllm installed, else hf
     # steps between weight pushes into a vllm sampler (hf: always current)
     sync_every: Annotated[int, AT_LEAST_1] = 1
+    engine: EnginePlacement = EnginePlacement()  # the vLLM sampler on GPUs: students/placement
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
     lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_step)
@@ -233,6 +235,7 @@ def train(
             seed=config.seed,
             dtype=resolve_name(config.dtype, config.student),  # the training dtype
             soft_switch=config.soft_switch,
+            placement=config.engine,
         )
     if accelerator.is_main_process:  # what `report compare` checks against distillation runs
         built = manifest.setup(
