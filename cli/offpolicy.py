@@ -24,6 +24,7 @@ from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
+    DEFAULT_BACKEND,
     BackendOpt,
     DtypeOpt,
     GradCheckpointOpt,
@@ -32,8 +33,10 @@ from cli.resolve import (
     RunDir,
     SoftSwitchOpt,
     StudentOpt,
+    TeacherConcurrencyOpt,
     TeacherDtypeOpt,
     TeacherGpusOpt,
+    TeacherMaxLenOpt,
     TeacherOpt,
     TeacherParamsOpt,
     UrlOpt,
@@ -52,6 +55,7 @@ from distill.teacher_data import VERDICTS
 from teachers.chat import MODES
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
+from teachers.server import ServerConfig
 
 LoraRankOpt = Annotated[
     int, typer.Option(help="train rank-r LoRA adapters on a frozen student (0: every weight)")
@@ -138,8 +142,10 @@ def generate(
     tokenizer: Annotated[
         str | None, typer.Option(help="tokenizer folder (default: the teacher's folder)")
     ] = None,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
+    teacher_max_model_len: TeacherMaxLenOpt = None,
+    teacher_concurrency: TeacherConcurrencyOpt = ServerConfig.concurrency,
     seed: int = gen.Config.seed,
     force: Annotated[
         bool, typer.Option(help="replace data of another teacher/config (kept as .replaced-N)")
@@ -207,6 +213,8 @@ def generate(
         trust_remote_code=trust_remote_code,
         dtype=teacher_dtype,
         n_params=teacher_params,
+        max_model_len=teacher_max_model_len,
+        concurrency=teacher_concurrency,
     )
     record_config(run_dir, "generate", config, force=force)
     ledger = GpuLedger.load_or_new(run_dir / "ledger.json", teacher_devices=held)

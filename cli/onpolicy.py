@@ -22,18 +22,28 @@ from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
+    DEFAULT_BACKEND,
+    ENGINE,
     BackendOpt,
     DtypeOpt,
+    EngineDevicesOpt,
+    EngineMemoryOpt,
+    EngineModeOpt,
+    EngineSleepOpt,
+    EngineTpOpt,
     GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
+    TeacherConcurrencyOpt,
     TeacherDtypeOpt,
     TeacherGpusOpt,
+    TeacherMaxLenOpt,
     TeacherOpt,
     TeacherParamsOpt,
     UrlOpt,
+    engine_placement,
     prompt_sets,
     resolve_models,
     resolve_modes,
@@ -49,6 +59,7 @@ from distill.rundir import append_metrics, prepare, record_config
 from distill.sampling import SamplerKind
 from teachers.hf import REMOTE_CODE_FIX
 from teachers.protocol import refuse_remote_code
+from teachers.server import ServerConfig
 
 C = onpolicy.Config
 # The student's sampler, shared with `distill rl` (distill/sampling.py): the same flags on both.
@@ -130,10 +141,17 @@ def onpolicy_cmd(
     ] = C.truncation,
     sampler: SamplerOpt = C.sampler,
     sync_every: SyncEveryOpt = C.sync_every,
+    engine_mode: EngineModeOpt = ENGINE.mode,
+    engine_memory: EngineMemoryOpt = ENGINE.gpu_memory_utilization,
+    engine_tensor_parallel: EngineTpOpt = ENGINE.tensor_parallel_size,
+    engine_sleep: EngineSleepOpt = ENGINE.sleep,
+    engine_devices: EngineDevicesOpt = "",
     lr: float = C.lr,
     save_every: int = C.save_every,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
+    teacher_max_model_len: TeacherMaxLenOpt = None,
+    teacher_concurrency: TeacherConcurrencyOpt = ServerConfig.concurrency,
     teacher_max_top_k: Annotated[
         int, typer.Option(help="vllm/server teachers: their max_logprobs")
     ] = 20,
@@ -186,6 +204,9 @@ def onpolicy_cmd(
         truncation=truncation,
         sampler=sampler,
         sync_every=sync_every,
+        engine=engine_placement(
+            engine_mode, engine_memory, engine_tensor_parallel, engine_sleep, engine_devices
+        ),
         lr=lr,
         save_every=save_every,
         seed=seed,
@@ -219,6 +240,8 @@ def onpolicy_cmd(
         trust_remote_code=trust_remote_code,
         dtype=teacher_dtype,
         n_params=teacher_params,
+        max_model_len=teacher_max_model_len,
+        concurrency=teacher_concurrency,
     )
     check_request(
         config.top_k, config.lmbda, the_teacher, train_prompts

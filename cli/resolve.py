@@ -12,13 +12,15 @@ from transformers import PreTrainedTokenizerBase
 from cli import dryrun
 from cli.dryrun import check_urls
 from cli.render import console
-from cli.teacher import BACKENDS
+from cli.teacher import AUTO, BACKENDS
+from cli.teacher import DEFAULT_BACKEND as DEFAULT_BACKEND  # the commands take it from here
 from distill import embedded
 from distill.errors import DistillError
 from distill.prompts import EMBEDDED, Prompt, embedded_prompts, load_prompts
 from students.dtype import HELP as DTYPE_HELP
 from students.dtype import TRAIN_HELP, DTypeName, TrainDTypeName
 from students.load import resolve_student
+from students.placement import COLOCATED_MEMORY, OWN_MEMORY, EngineMode, EnginePlacement
 from students.tiny import TINY_SHAPES
 from teachers.chat import MODE_CHOICES, MODES, Mode, check_modes, detect_format, modes_for
 from teachers.protocol import refuse_remote_code
@@ -29,7 +31,24 @@ StudentOpt = Annotated[
     str, typer.Option(help="'embedded' or a model folder sharing the teacher's tokenizer")
 ]
 PromptsOpt = Annotated[str, typer.Option(help="'embedded' or a .jsonl/.parquet file")]
-BackendOpt = Annotated[str, typer.Option(help=f"teacher backend: {', '.join(BACKENDS)}")]
+BackendOpt = Annotated[
+    str,
+    typer.Option(
+        help=f"teacher backend: {AUTO} (vllm where CUDA GPUs are visible and vLLM is "
+        f"installed, else hf), {', '.join(BACKENDS)}"
+    ),
+]
+TeacherMaxLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="vllm teacher: cap on its context length (default: the model's "
+        "max_position_embeddings; 2,048 on CPU)",
+        min=1,
+    ),
+]
+TeacherConcurrencyOpt = Annotated[
+    int, typer.Option(help="server teacher: requests in flight over all servers", min=1)
+]
 UrlOpt = Annotated[
     list[str] | None, typer.Option(help="vLLM server URL (repeatable)", callback=check_urls)
 ]
@@ -146,3 +165,52 @@ def prompt_sets(
             "lower --eval-prompts or add prompts"
         )
     return rows[n_eval : n_eval + n], rows[:n_eval]
+
+
+# Where the student's sampler engine runs on GPUs (students/placement.py, docs/gpu.md).
+ENGINE = EnginePlacement()  # the --engine-* options' defaults
+EngineModeOpt = Annotated[
+    EngineMode,
+    typer.Option(
+        "--engine-placement",
+        help="vLLM sampler on GPUs: colocate (in each rank's process, beside its student) or "
+        "own (on --engine-devices)",
+    ),
+]
+EngineMemoryOpt = Annotated[
+    float | None,
+    typer.Option(
+        help=f"share of each GPU the vLLM sampler takes (default: {COLOCATED_MEMORY} colocated, "
+        f"{OWN_MEMORY} on its own GPUs)"
+    ),
+]
+EngineTpOpt = Annotated[
+    int, typer.Option("--engine-tensor-parallel", help="GPUs per vLLM sampler engine", min=1)
+]
+EngineSleepOpt = Annotated[
+    bool,
+    typer.Option(
+        "--engine-sleep/--no-engine-sleep",
+        help="colocated: the vLLM sampler gives its GPU memory back while the student trains",
+    ),
+]
+EngineDevicesOpt = Annotated[
+    str,
+    typer.Option(help="--engine-placement own: the engines' GPUs, e.g. 4,5,6,7 (T per rank)"),
+]
+
+
+def engine_placement(
+    mode: EngineMode, memory: float | None, tp: int, sleep: bool, devices: str
+) -> EnginePlacement:
+    """The --engine-* options as one placement (checked by EnginePlacement itself)."""
+    try:
+        gpus = tuple(int(d) for d in devices.split(",") if d.strip())
+    except ValueError:
+        raise DistillError(
+            f"--engine-devices {devices!r} is not a list of GPU indices: pass e.g. 4,5,6,7"
+        ) from None
+    return EnginePlacement(
+        mode=mode, gpu_memory_utilization=memory, tensor_parallel_size=tp, sleep=sleep,
+        devices=gpus,
+    )  # fmt: skip

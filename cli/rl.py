@@ -19,12 +19,19 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
 from cli.resolve import (
+    ENGINE,
     DtypeOpt,
+    EngineDevicesOpt,
+    EngineMemoryOpt,
+    EngineModeOpt,
+    EngineSleepOpt,
+    EngineTpOpt,
     GradCheckpointOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
+    engine_placement,
     prompt_sets,
     resolve_models,
     resolve_modes,
@@ -76,6 +83,11 @@ def rl_cmd(
     force: Annotated[bool, typer.Option(help="overwrite a run dir holding another config")] = False,
     sampler: SamplerOpt = rl.Config.sampler,
     sync_every: SyncEveryOpt = rl.Config.sync_every,
+    engine_mode: EngineModeOpt = ENGINE.mode,
+    engine_memory: EngineMemoryOpt = ENGINE.gpu_memory_utilization,
+    engine_tensor_parallel: EngineTpOpt = ENGINE.tensor_parallel_size,
+    engine_sleep: EngineSleepOpt = ENGINE.sleep,
+    engine_devices: EngineDevicesOpt = "",
     lora_rank: LoraRankOpt = rl.Config.lora_rank,
     lora_alpha: LoraAlphaOpt = rl.Config.lora_alpha,
     fused_loss: FusedLossOpt = rl.Config.fused_loss,
@@ -113,6 +125,9 @@ def rl_cmd(
         seed=seed,
         sampler=sampler,
         sync_every=sync_every,
+        engine=engine_placement(
+            engine_mode, engine_memory, engine_tensor_parallel, engine_sleep, engine_devices
+        ),
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         fused_loss=fused_loss,

@@ -20,14 +20,17 @@ from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.report import render_run
 from cli.resolve import (
+    DEFAULT_BACKEND,
     BackendOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
     StudentOpt,
+    TeacherConcurrencyOpt,
     TeacherDtypeOpt,
     TeacherGpusOpt,
+    TeacherMaxLenOpt,
     TeacherOpt,
     TeacherParamsOpt,
     UrlOpt,
@@ -43,6 +46,7 @@ from distill.onpolicy import train as onpolicy
 from distill.onpolicy.rollout import check_top_k
 from distill.prompts import EMBEDDED
 from distill.rundir import prepare, record_config
+from teachers.server import ServerConfig
 
 
 @app.command()
@@ -77,8 +81,10 @@ def run(
     divergence: Annotated[
         onpolicy.Divergence, typer.Option(help="on-policy divergence")
     ] = onpolicy.Config.divergence,
-    teacher_backend: BackendOpt = "hf",
+    teacher_backend: BackendOpt = DEFAULT_BACKEND,
     teacher_url: UrlOpt = None,
+    teacher_max_model_len: TeacherMaxLenOpt = None,
+    teacher_concurrency: TeacherConcurrencyOpt = ServerConfig.concurrency,
     teacher_gpus: TeacherGpusOpt = None,
     seed: int = onpolicy.Config.seed,
     lora_rank: LoraRankOpt = offpolicy.Config.lora_rank,
@@ -177,6 +183,8 @@ def run(
         max_top_k=top_k,
         dtype=teacher_dtype,
         n_params=teacher_params,
+        max_model_len=teacher_max_model_len,
+        concurrency=teacher_concurrency,
     )
     teacher_tok = dryrun.tokenizer(
         teacher_path if Path(teacher_path).is_dir() else student_path, "teacher", False, False

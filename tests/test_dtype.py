@@ -16,10 +16,10 @@ from distill.accounting import GpuLedger
 from distill.onpolicy import train as onpolicy
 from distill.prompts import embedded_prompts
 from students import dtype as dtypes
+from students.placement import engine_dtype
 from students.presets import StudentError
 from students.tiny import save_pretrained
 from teachers.hf import HFTeacher
-from teachers.vllm import engine_dtype
 from tests.conftest import TinyPair
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -65,7 +65,11 @@ def test_greedy_tokens_match_hf_after_a_weight_update(
         g = torch.Generator().manual_seed(0)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    engine.sync(model)
+    stats = engine.sync(model)
+    # CPU: the rpc fallback; every parameter once (named_parameters lists a tied head once), fp32
+    sent = list(model.parameters())
+    assert stats is not None and (stats.path, stats.tensors) == ("rpc", len(sent))
+    assert stats.bytes == sum(p.numel() * 4 for p in sent) and stats.seconds > 0
     after = [g.token_ids.tolist() for g in engine.generate(prompts, greedy)]
     assert after != before  # the engine really runs the new weights...
     assert after == greedy_hf(model, tiny_pair, prompts)  # ...exactly as transformers does

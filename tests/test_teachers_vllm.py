@@ -16,6 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from subprocess import Popen
@@ -458,3 +459,22 @@ def test_cli_check_against_the_server(server_url: str, tiny_pair: TinyPair, tmp_
     result = CliRunner().invoke(teacher_app, args)
     assert result.exit_code == 2 and "ids differ" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.vllm
+def test_engine_samples_each_copy_with_its_own_seed(
+    engine: VLLMTeacher, tiny_pair: TinyPair
+) -> None:
+    """samples_per_prompt > 1 repeats a prompt G times: each copy gets its own seed (one seed for
+    all gave G identical samples), and the same call gives the same samples again."""
+    tok = tiny_pair.tokenizer
+    prompt = render_prompt(tok, [{"role": "user", "content": "1+2="}], "no_think")
+    params = SamplingParams(temperature=1.0, max_tokens=12, seed=5)
+    first = [g.token_ids.tolist() for g in engine.generate([prompt] * 4, params)]
+    assert len({tuple(ids) for ids in first}) > 1, first
+    again = [g.token_ids.tolist() for g in engine.generate([prompt] * 4, params)]
+    assert again == first  # seeded per (seed, position): reproducible
+    other = [g.token_ids.tolist() for g in engine.generate([prompt] * 4, replace(params, seed=6))]
+    assert other != first
+    # The context is the model's own (1,024 positions in the tiny config), within the CPU cap.
+    assert engine.llm.llm_engine.model_config.max_model_len == 1024

@@ -110,13 +110,14 @@ class Ahead:
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
         self.published = start  # the latest version the trainer has made
         self.error: BaseException | None = None
+        self.synced: dict[str, float] = {}  # the latest weight sync's bytes and seconds (vLLM)
         self.stopping = False
         self.cond = threading.Condition()
         self.threads: list[threading.Thread] = []
         if max_staleness > 0:
             self.copy = copy.deepcopy(model).eval().requires_grad_(False)  # version `start`
             self.sampler = sampling.on_copy(sampler, self.copy)
-            self.sampler.sync(self.copy)  # a reused engine held any weights
+            self._sync(self.copy)  # a reused engine held any weights
             for work in (self._sample_ahead, self._score_ahead):
                 thread = threading.Thread(target=self._guard, args=(work,), name="distill-ahead")
                 thread.daemon = True
@@ -127,7 +128,7 @@ class Ahead:
         """Step `step`'s scored rollouts: produced now (S = 0) or waited for (S >= 1)."""
         if not self.threads:
             if sampling.sync_due(step, self.start, self.sync_every):
-                self.sampler.sync(self.model)
+                self._sync(self.model)
             return self.score(self.sample(step, step, self.sampler))
         with self.cond:
             self.cond.wait_for(lambda: step in self.ready or self.error is not None)
@@ -216,4 +217,9 @@ class Ahead:
         with torch.no_grad():
             for name, value in snapshot.items():
                 params[name].copy_(value)
-        self.sampler.sync(self.copy)
+        self._sync(self.copy)
+
+    def _sync(self, model: torch.nn.Module) -> None:
+        stats = self.sampler.sync(model)  # type: ignore[arg-type]
+        if stats is not None:  # an engine's sync (the HF sampler samples the model itself)
+            self.synced = stats.metrics()

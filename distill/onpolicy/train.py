@@ -64,6 +64,7 @@ from distill.validation import (
 )
 from losses import ALPHA, BETA, Divergence, DivergenceSpec
 from students.dtype import TrainDTypeName
+from students.placement import EnginePlacement
 from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import BUDGET_SENTENCE, MODES, Mode
 from teachers.protocol import Teacher
@@ -102,6 +103,7 @@ class Config:
     # weight versions a trained sequence may lag its sampler by; 0: sample, score, train in
     # series; >= 1: later steps are sampled and scored while the student trains (ahead.py)
     max_staleness: Annotated[int, NON_NEGATIVE] = 0
+    engine: EnginePlacement = EnginePlacement()  # the vLLM sampler on GPUs: students/placement
     # an SFT-converged student: 5e-4 raised the very reverse KL it minimises
     lr: Annotated[float, NON_NEGATIVE] = 1e-4
     warmup_steps: int = 5
@@ -247,7 +249,7 @@ def open_sampler(
     return make_sampler(
         c.sampler, model, trainee.source, trainee.tokenizer, prompts, modes=c.modes,
         max_tokens=c.max_tokens, seed=c.seed, dtype=trainee.precision.compute,
-        soft_switch=c.soft_switch, budget_sentence=c.budget_sentence,
+        soft_switch=c.soft_switch, budget_sentence=c.budget_sentence, placement=c.engine,
     )  # fmt: skip
 
 
@@ -407,6 +409,7 @@ def train(
                 "train_tokens_per_s": n_trained / max(train_meter.seconds, 1e-9),
                 "step_seconds": time.perf_counter() - t_step,
                 **ahead.metrics(batch),  # staleness of the trained sequences, queue depth
+                **source.synced,  # the latest weight sync into a vLLM sampler: GB, seconds
             }
             if step % c.log_every == 0 or step == c.steps - 1:
                 loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)

@@ -53,6 +53,7 @@ from distill.seeds import derive_seed
 from distill.tasks import verify
 from distill.validation import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, check_fields
 from students.dtype import TrainDTypeName
+from students.placement import EnginePlacement
 from students.sample import NON_THINKING_SAMPLING, THINKING_SAMPLING, Sampler, SamplingParams
 from teachers.chat import MODES, Mode, render_prompt
 
@@ -87,6 +88,7 @@ class Config:
     sampler: SamplerKind = "auto"  # as on-policy: vllm with CUDA and vllm installed, else hf
     # steps between weight pushes into a vllm sampler (hf: always current)
     sync_every: Annotated[int, AT_LEAST_1] = 1
+    engine: EnginePlacement = EnginePlacement()  # the vLLM sampler on GPUs: students/placement
     lora_rank: int = 0  # > 0: rank-r LoRA adapters on a frozen base (distill/adapters.py)
     lora_alpha: Annotated[int, AT_LEAST_1] | None = None  # scale = alpha / rank; None: 2 x rank
     fused_loss: bool = True  # loss from hidden states in chunks, no (B, T, V) logits (fused_loss)
@@ -251,19 +253,18 @@ def train(
     owned = sampler is None
     sampler = sampler or make_sampler(
         c.sampler, model, trainee.source, tokenizer, prompts, modes=c.modes,
-        max_tokens=c.max_tokens, seed=c.seed, soft_switch=c.soft_switch,
+        max_tokens=c.max_tokens, seed=c.seed, soft_switch=c.soft_switch, placement=c.engine,
         dtype=precision.compute,  # the forward's dtype: what each sync sends
     )  # fmt: skip
     described = sampling.describe(sampler, c.sync_every)
     loop.record_setup(accelerator, trainee, c.run_dir, c.output, c.lora_rank, described)
     presets = mode_presets(c.think_sampling, c.no_think_sampling)
     stage_args = (model, tokenizer, eval_prompts, c, eval_config, ledger, evals, accelerator)
-    mean_reward = float("nan")
+    mean_reward, synced = float("nan"), None
     for step in range(start, c.steps):
         if step == 0 and "before" not in evals:
             evaluate_stage("before", *stage_args, step)
-        if sync_due(step, start, c.sync_every):
-            sampler.sync(model)
+        synced = sampler.sync(model) if sync_due(step, start, c.sync_every) else synced
         mine = step_prompts(c, prompts, step)[accelerator.process_index :: world]
         prompt_ids, modes = rendered(c, tokenizer, mine)  # G contiguous copies of each prompt
         with ledger.phase("student.sample", devices=world) as sample_meter:
@@ -308,6 +309,7 @@ def train(
                 "fused_loss": float(trainee.path.fused),
                 "response_len": float(np.mean([len(g.token_ids) for g in gens])),
                 "sample_tokens_per_s": n_sampled / max(sample_meter.seconds, 1e-9),
+                **(synced.metrics() if synced else {}),  # the latest weight sync: GB, seconds
             }
             loop.log_step(accelerator, ledger, log, c.run_dir, c.output, step, c.steps, metrics)
         if last or (c.eval_every and (step + 1) % c.eval_every == 0):
