@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from students.memory import release_free_memory
 from teachers.protocol import Generation, SamplingParams
 
 
@@ -147,6 +148,9 @@ class HFSampler:
     ) -> list[Generation]:
         was_training = self.model.training
         self.model.eval()
+        # Training left its freed blocks in the heap, and sampling's growing KV cache fits in
+        # none of them: give them back first, and sampling's own afterwards (students/memory.py).
+        release_free_memory()
         try:
             return sample(
                 self.model,
@@ -158,6 +162,7 @@ class HFSampler:
             )
         finally:
             self.model.train(was_training)
+            release_free_memory()
 
     def sync(self, model: PreTrainedModel) -> None:
         """Nothing to copy: this sampler runs the training model's own parameters."""
