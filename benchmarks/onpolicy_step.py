@@ -249,8 +249,14 @@ def run_trl(args: argparse.Namespace, root: Path, phases: Phases) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
+    from distill.onpolicy.schedule import PROMPT_STREAM, permuted
+
     tok = AutoTokenizer.from_pretrained(root / "student", padding_side="left")
-    ids = rendered(args, tok)
+    # distill's loop takes the prompts in a seeded permutation (seed 0, one epoch = every
+    # prompt once); TRL reads its dataset in order: hand it that order, so every step of both
+    # sides sees the same prompts.
+    rendered_ids = rendered(args, tok)
+    ids = [rendered_ids[i] for i in permuted(0, PROMPT_STREAM, 0, len(rendered_ids))]
     texts = [tok.decode(i) for i in ids]
     assert [tok(t)["input_ids"] for t in texts] == ids, "prompt text does not round-trip"
     rows = [{"prompt": t} for t in texts for _ in range(args.g)]  # G samples: prompt G times
