@@ -248,8 +248,14 @@ def run_trl(args: argparse.Namespace, root: Path, phases: Phases) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
+    from distill.onpolicy.schedule import PROMPT_STREAM, permuted
+
     tok = AutoTokenizer.from_pretrained(root / "student", padding_side="left")
-    ids = rendered(args, tok)
+    # distill's loop takes the prompts in a seeded permutation (seed 0, one epoch = every
+    # prompt once); TRL reads its dataset in order: hand it that order, so every step of both
+    # sides sees the same prompts.
+    rendered_ids = rendered(args, tok)
+    ids = [rendered_ids[i] for i in permuted(0, PROMPT_STREAM, 0, len(rendered_ids))]
     texts = [tok.decode(i) for i in ids]
     assert [tok(t)["input_ids"] for t in texts] == ids, "prompt text does not round-trip"
     rows = [{"prompt": t} for t in texts for _ in range(args.g)]  # G samples: prompt G times
@@ -371,6 +377,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every side")
     parser.add_argument("--models", help="keep the built models here and reuse them (same shapes)")
     parser.add_argument("--skip-gap", action="store_true", help="leave out the objective gap")
+    parser.add_argument(
+        "--previous", help="a JSON file of sides measured before (name -> result): not rerun"
+    )
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -380,12 +389,15 @@ def main() -> None:
     from rich.table import Table
 
     console = Console(stderr=True)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, Any]] = (
+        json.loads(Path(args.previous).read_text()) if args.previous else {}
+    )
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.models or scratch
         built = args.models and (Path(tmp) / "teacher" / "config.json").exists()
         skip = {"build"} if built else set()
         skip |= {"gap"} if args.skip_gap else set()
+        skip |= set(results)
         for name in [s for s in SIDES if s not in skip]:
             side = "distill" if name.startswith("distill") else name
             extra = ["--top-k", str(args.top_k_max)] if name == "distill_max" else []

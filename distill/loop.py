@@ -41,6 +41,7 @@ from distill.sampling import resolve_sampler
 from students import dtype as dtypes
 from students import lora
 from students.load import check_head
+from students.memory import release_free_memory
 
 LogFn = Callable[[str, int, int, Mapping[str, float]], None]  # (phase, step, total, metrics)
 
@@ -281,6 +282,7 @@ def optimizer_step(
     set_lr(trainee.optimizer, lr)
     trainee.optimizer.step()
     trainee.optimizer.zero_grad(set_to_none=True)
+    release_free_memory()  # the step's freed activations: not held while the next one samples
     return (float("nan") if norm is None else float(norm)), lr
 
 

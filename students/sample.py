@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from students.memory import release_free_memory
 from students.weight_sync import SyncStats
 
 FinishReason = Literal["stop", "length"]
@@ -189,6 +190,9 @@ class HFSampler:
     ) -> list[Generation]:
         was_training = self.model.training
         self.model.eval()
+        # Training left its freed blocks in the heap, and sampling's growing KV cache fits in
+        # none of them: give them back first, and sampling's own afterwards (students/memory.py).
+        release_free_memory()
         try:
             return sample(
                 self.model,
@@ -200,6 +204,7 @@ class HFSampler:
             )
         finally:
             self.model.train(was_training)
+            release_free_memory()
 
     def sync(self, model: PreTrainedModel) -> SyncStats | None:
         """Nothing to copy: this sampler runs the training model's own parameters."""

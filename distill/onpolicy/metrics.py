@@ -85,8 +85,15 @@ def accumulate_rows(
     # student's top-k is over the real ids only, so it cannot be wider than the vocabulary.
     K = min(t_ids.shape[-1], vocab_size)
     student_ids = torch.topk(logits[..., :vocab_size].float(), K, dim=-1).indices  # (..., K)
-    hits = (student_ids[..., :, None] == t_ids[..., None, :]) & valid[..., None, :]
-    overlap = hits.any(-1).float().mean(-1)  # (...)
+    if vocab_size >= K * K:  # pairwise compare: (..., K, K)
+        hits = (student_ids[..., :, None] == t_ids[..., None, :]) & valid[..., None, :]
+        overlap = hits.any(-1).float().mean(-1)  # (...)
+    else:  # wide K (up to every id): (..., K, K) would be K^2 per row; count ids in (..., V)
+        counts = torch.zeros(
+            (*t_ids.shape[:-1], vocab_size), dtype=torch.int32, device=t_ids.device
+        )
+        counts.scatter_add_(-1, t_ids.clamp(0, vocab_size - 1), valid.to(torch.int32))
+        overlap = (counts.gather(-1, student_ids) > 0).float().mean(-1)  # (...)
     diag.tokens += float(mask.sum())
     diag.kl += float((kl * mask).sum())
     diag.teacher_mass += float((mass * mask).sum())
