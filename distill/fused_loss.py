@@ -15,7 +15,8 @@ parameter, so DDP averages it with the rest.
 
 The fused path is exact only for a head that is one bias-free Linear on that hidden state, held
 whole on this process. `choose_loss_path` checks that once per run and otherwise falls back to the
-logits path, logging why: FSDP and DeepSpeed ZeRO-3 (the weight is a shard outside the forward),
+logits path, logging why: FSDP1 and DeepSpeed ZeRO-3 (the weight is a shard outside the forward;
+FSDP2 keeps the root's head unsharded from forward to backward: `live_head`),
 a head that is not a plain Linear (LoRA on lm_head, a bias), a config that scales or soft-caps
 the logits, or a probe forward whose `lm_head(hidden)` differs from its own logits.
 """
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 
 from distill.batch import Batch, next_token_view
 from losses import (
@@ -67,8 +69,9 @@ class LossPath:
 def _refusal(accelerator: Accelerator, model: torch.nn.Module) -> str | None:
     """Why the fused path would not be exact for this model and setup, or None."""
     kind = accelerator.distributed_type
-    if kind == DistributedType.FSDP:
-        return "FSDP shards the lm_head weight outside the forward"
+    fsdp = accelerator.state.fsdp_plugin if kind == DistributedType.FSDP else None
+    if fsdp is not None and fsdp.fsdp_version != 2:
+        return "FSDP1 shards the lm_head weight outside the forward (FSDP2 keeps it: fsdp.yaml)"
     plugin = accelerator.state.deepspeed_plugin
     if kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
         return "DeepSpeed ZeRO-3 shards the lm_head weight outside the forward"
@@ -95,6 +98,7 @@ def _probe(model: torch.nn.Module) -> str | None:
     ids = torch.arange(8, device=weight.device)[None] % weight.shape[0]  # (1, 8)
     out = model(input_ids=ids, output_hidden_states=True)
     model.train(was_training)
+    weight = live_head(model, weight)  # FSDP2: the unsharded head the forward used
     logits = out.logits.float()  # (1, 8, V_s)
     mine = (out.hidden_states[-1] @ weight.T).float()  # (1, 8, V_s)
     tol = (1e-4 if weight.dtype == torch.float32 else 2e-2) * (1.0 + float(logits.abs().max()))
@@ -134,6 +138,20 @@ def last_hidden(student: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return out.hidden_states[-1]  # (B, T, H): the state lm_head consumes (checked by _probe)
 
 
+def live_head(student: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The lm_head weight the forward that just ran used. Under FSDP2 the parameter a loop holds
+    is a DTensor shard; the root module keeps its head unsharded from its forward to its
+    backward, and FSDP's post-backward reduce-scatters the gradient the loss adds to it with the
+    rest (tests/test_fsdp_cpu.py: the same weights as one process). Elsewhere: `weight` itself."""
+    if not isinstance(weight, DTensor):
+        return weight
+    model = getattr(student, "module", student)
+    live = model.get_output_embeddings().weight  # type: ignore[operator]
+    if isinstance(live, DTensor):
+        raise RuntimeError("FSDP resharded the lm_head after the forward: use --no-fused-loss")
+    return live
+
+
 def topk_loss(
     student: torch.nn.Module,
     weight: torch.Tensor,
@@ -153,6 +171,7 @@ def topk_loss(
     chunk (a measured row without loss gets token weight 0): the loop's diagnostics.
     """
     h, _, mask, t_ids, t_lp = next_token_view(last_hidden(student, batch), batch)  # (B, T-1, H)
+    weight = live_head(student, weight)
     assert t_ids is not None and t_lp is not None, "this batch carries no teacher top-k"
     shown = measured[:, 1:].to(mask.device) if measured is not None else torch.zeros_like(mask)
     rows = mask | shown  # (B, T-1): only these rows go through the head
@@ -198,6 +217,7 @@ def ce_topk_loss(
     KD (kd_weight > 0) is a second pass over the same rows against the teacher's top-k.
     """
     h, targets, mask, t_ids, t_lp = next_token_view(last_hidden(student, batch), batch)
+    weight = live_head(student, weight)
     rows = h[mask]  # (N, H): response targets only
     x = targets[mask]  # (N,) the token each row predicts
     sampled = TeacherSampled(x, torch.zeros(x.shape, device=x.device))  # log p_t(x) := 0
@@ -242,6 +262,7 @@ def policy_gradient_loss(
     is -A / n_tokens.
     """
     h, targets, mask, _, _ = next_token_view(last_hidden(student, batch), batch)
+    weight = live_head(student, weight)
     rows = h[mask]  # (N, H): sampled response tokens only
     x = targets[mask]  # (N,)
     adv = advantages.float()[:, None].expand(mask.shape)[mask]  # (N,): its sequence's advantage

@@ -66,6 +66,7 @@ def test_fsdp2_two_cpu_processes_match_one_and_save_full_weights(tmp_path, tiny_
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["processes"] for r in lines] == [2, 2]
+    assert [r["fused_loss"] for r in lines] == [1.0, 1.0]  # FSDP2 takes the fused loss too
     for mine, ref in zip(lines, (one.metrics[1], one.metrics[2]), strict=True):
         assert mine["loss"] == pytest.approx(ref["loss"], rel=1e-4)
     saved = load_file(tmp_path / "two" / "offpolicy" / "checkpoint" / "model.safetensors")
@@ -73,7 +74,9 @@ def test_fsdp2_two_cpu_processes_match_one_and_save_full_weights(tmp_path, tiny_
     assert saved.keys() == ref.keys()
     for k in ref:  # full, gathered tensors, the same training
         assert saved[k].shape == ref[k].shape, k
-        assert float((saved[k].float() - ref[k].float()).abs().max()) < 1e-4, k
+        # a tenth of one Adam step at lr 0.01: a lost or misplaced gradient moves a weight by ~lr,
+        # while summation order alone moves an element whose gradient is near Adam's eps by ~1e-4
+        assert float((saved[k].float() - ref[k].float()).abs().max()) < 1e-3, k
 
 
 def test_fsdp2_resume_continues_as_the_uninterrupted_run(tmp_path, tiny_pair) -> None:
