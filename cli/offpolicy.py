@@ -28,6 +28,7 @@ from cli.resolve import (
     BackendOpt,
     DtypeOpt,
     GradCheckpointOpt,
+    MinLrRatioOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
@@ -40,6 +41,7 @@ from cli.resolve import (
     TeacherOpt,
     TeacherParamsOpt,
     UrlOpt,
+    WarmupStepsOpt,
     resolve_models,
     resolve_modes,
 )
@@ -319,8 +321,8 @@ def offpolicy_cmd(
         int, typer.Option(help="sequences per forward/backward on one process")
     ] = offpolicy.Config.micro_batch_size,
     lr: float = offpolicy.Config.lr,
-    warmup_steps: int = offpolicy.Config.warmup_steps,
-    min_lr_ratio: float = offpolicy.Config.min_lr_ratio,
+    warmup_steps: WarmupStepsOpt = offpolicy.Config.warmup_steps,
+    min_lr_ratio: MinLrRatioOpt = offpolicy.Config.min_lr_ratio,
     weight_decay: float = offpolicy.Config.weight_decay,
     grad_clip: float = offpolicy.Config.grad_clip,
     kd_weight: Annotated[

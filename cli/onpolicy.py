@@ -32,6 +32,7 @@ from cli.resolve import (
     EngineSleepOpt,
     EngineTpOpt,
     GradCheckpointOpt,
+    MinLrRatioOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
@@ -43,6 +44,7 @@ from cli.resolve import (
     TeacherOpt,
     TeacherParamsOpt,
     UrlOpt,
+    WarmupStepsOpt,
     engine_placement,
     prompt_sets,
     resolve_models,
@@ -166,9 +168,8 @@ def onpolicy_cmd(
     dtype: DtypeOpt = C.dtype,
     teacher_dtype: TeacherDtypeOpt = "auto",
     teacher_params: TeacherParamsOpt = 0,
-    warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
-        C.warmup_steps
-    ),
+    warmup_steps: WarmupStepsOpt = C.warmup_steps,
+    min_lr_ratio: MinLrRatioOpt = C.min_lr_ratio,
     gradient_checkpointing: GradCheckpointOpt = C.gradient_checkpointing,
     teacher_gpus: TeacherGpusOpt = None,
     dry_run: dryrun.DryRunOpt = False,
@@ -215,6 +216,7 @@ def onpolicy_cmd(
         fused_loss=fused_loss,
         dtype=dtype,
         warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio,
         gradient_checkpointing=gradient_checkpointing,
         max_staleness=max_staleness,
     )

@@ -75,6 +75,11 @@ GradCheckpointOpt = Annotated[
         help="recompute each layer's activations in the backward: far less memory, ~30% slower",
     ),
 ]
+WarmupStepsOpt = Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")]
+MinLrRatioOpt = Annotated[
+    float,
+    typer.Option(help="the cosine decay ends at this share of --lr (1: constant after warmup)"),
+]
 TeacherParamsOpt = Annotated[
     int,
     typer.Option(

@@ -27,10 +27,12 @@ from cli.resolve import (
     EngineSleepOpt,
     EngineTpOpt,
     GradCheckpointOpt,
+    MinLrRatioOpt,
     ModesOpt,
     PromptsOpt,
     RunDir,
     SoftSwitchOpt,
+    WarmupStepsOpt,
     engine_placement,
     prompt_sets,
     resolve_models,
@@ -92,9 +94,8 @@ def rl_cmd(
     lora_alpha: LoraAlphaOpt = rl.Config.lora_alpha,
     fused_loss: FusedLossOpt = rl.Config.fused_loss,
     dtype: DtypeOpt = rl.Config.dtype,
-    warmup_steps: Annotated[int, typer.Option(help="steps of linear LR warmup to --lr")] = (
-        rl.Config.warmup_steps
-    ),
+    warmup_steps: WarmupStepsOpt = rl.Config.warmup_steps,
+    min_lr_ratio: MinLrRatioOpt = rl.Config.min_lr_ratio,
     gradient_checkpointing: GradCheckpointOpt = rl.Config.gradient_checkpointing,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
@@ -133,6 +134,7 @@ def rl_cmd(
         fused_loss=fused_loss,
         dtype=dtype,
         warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio,
         gradient_checkpointing=gradient_checkpointing,
     )
     rl.check_request(config, train_prompts)  # before config.json records anything
