@@ -29,7 +29,7 @@ from distill.batch import Example, collate, next_token_view
 from distill.logits_loss import cross_entropy
 from distill.loop import lr_at, set_lr
 from distill.rundir import atomic_write_json
-from distill.tasks import corpus, is_correct, problems, response_text
+from distill.tasks import Problem, corpus, is_correct, problems, response_text
 from students.sample import SamplingParams, sample
 from students.tiny import TINY_SHAPES, save_pretrained, tiny_qwen3, train_tokenizer
 from teachers.chat import MODES, Mode, render_prompt
@@ -65,10 +65,10 @@ def cache_root() -> Path:
     return Path(base)
 
 
-def reference_rows(tokenizer: object, n: int, seed: int) -> list[dict[str, object]]:
-    """The task's worked solutions in both modes, in the teacher-data schema (all kept)."""
+def reference_rows(tokenizer: object, chosen: Sequence[Problem]) -> list[dict[str, object]]:
+    """The worked solutions of `chosen` in both modes, in the teacher-data schema (all kept)."""
     rows: list[dict[str, object]] = []
-    for p in problems(n, seed, "teacher-train"):
+    for p in chosen:
         messages = [{"role": "user", "content": p.prompt}]
         for mode in ("think", "no_think"):
             m: Mode = "think" if mode == "think" else "no_think"
@@ -88,6 +88,18 @@ def reference_rows(tokenizer: object, n: int, seed: int) -> list[dict[str, objec
                 }
             )
     return rows
+
+
+def reference_examples(tokenizer: object, chosen: Sequence[Problem]) -> list[Example]:
+    """The worked solutions of `chosen` in both modes, every response token trained."""
+    return [
+        Example(
+            prompt_ids=r["prompt_ids"],  # type: ignore[arg-type]
+            response_ids=r["response_ids"],  # type: ignore[arg-type]
+            train=np.ones(len(r["response_ids"]), dtype=bool),  # type: ignore[arg-type]
+        )
+        for r in reference_rows(tokenizer, chosen)
+    ]
 
 
 @torch.no_grad()
@@ -178,15 +190,9 @@ def build(recipe: Recipe = Recipe(), log: Callable[[str], None] = print) -> Asse
     teacher = tiny_qwen3(TINY_SHAPES[recipe.teacher_shape], tokenizer, seed=recipe.seed + 1)
     student = tiny_qwen3(TINY_SHAPES[recipe.student_shape], tokenizer, seed=recipe.seed + 2)
     save_pretrained(student, tokenizer, assets.student)
-    rows = reference_rows(tokenizer, recipe.problems, recipe.seed)
-    examples = [
-        Example(
-            prompt_ids=r["prompt_ids"],  # type: ignore[arg-type]
-            response_ids=r["response_ids"],  # type: ignore[arg-type]
-            train=np.ones(len(r["response_ids"]), dtype=bool),  # type: ignore[arg-type]
-        )
-        for r in rows
-    ]
+    examples = reference_examples(
+        tokenizer, problems(recipe.problems, recipe.seed, "teacher-train")
+    )
     pad_id = tokenizer.pad_token_id
     assert isinstance(pad_id, int), pad_id
     sft(teacher, examples, recipe, pad_id, len(tokenizer), log)

@@ -81,7 +81,7 @@ def test_a_second_build_reuses_the_cache_and_a_half_built_one_is_redone(
 def test_reference_rows_hold_both_modes_in_the_teacher_data_schema(
     tokenizer: PreTrainedTokenizerFast,
 ) -> None:
-    rows = embedded.reference_rows(tokenizer, 3, seed=0)
+    rows = embedded.reference_rows(tokenizer, problems(3, seed=0, split="teacher-train"))
     assert [r["mode"] for r in rows] == ["think", "no_think"] * 3
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     for r in rows:
