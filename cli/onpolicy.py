@@ -170,6 +170,9 @@ def onpolicy_cmd(
     teacher_params: TeacherParamsOpt = 0,
     warmup_steps: WarmupStepsOpt = C.warmup_steps,
     min_lr_ratio: MinLrRatioOpt = C.min_lr_ratio,
+    log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = (
+        C.log_every
+    ),
     gradient_checkpointing: GradCheckpointOpt = C.gradient_checkpointing,
     teacher_gpus: TeacherGpusOpt = None,
     dry_run: dryrun.DryRunOpt = False,
@@ -217,6 +220,7 @@ def onpolicy_cmd(
         dtype=dtype,
         warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio,
+        log_every=log_every,
         gradient_checkpointing=gradient_checkpointing,
         max_staleness=max_staleness,
     )

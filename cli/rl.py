@@ -96,6 +96,9 @@ def rl_cmd(
     dtype: DtypeOpt = rl.Config.dtype,
     warmup_steps: WarmupStepsOpt = rl.Config.warmup_steps,
     min_lr_ratio: MinLrRatioOpt = rl.Config.min_lr_ratio,
+    log_every: Annotated[int, typer.Option(help="steps between metrics.jsonl lines")] = (
+        rl.Config.log_every
+    ),
     gradient_checkpointing: GradCheckpointOpt = rl.Config.gradient_checkpointing,
     dry_run: dryrun.DryRunOpt = False,
 ) -> None:
@@ -135,6 +138,7 @@ def rl_cmd(
         dtype=dtype,
         warmup_steps=warmup_steps,
         min_lr_ratio=min_lr_ratio,
+        log_every=log_every,
         gradient_checkpointing=gradient_checkpointing,
     )
     rl.check_request(config, train_prompts)  # before config.json records anything
