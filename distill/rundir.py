@@ -27,9 +27,11 @@ def prepare(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
+        # A probe of this process's own: every rank of a job prepares the same (shared) folder,
+        # and one fixed name let one rank unlink the probe another was about to unlink.
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".write-probe.")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise DistillError(
             f"cannot write to run directory {run_dir} ({e.strerror}): choose another --run-dir "

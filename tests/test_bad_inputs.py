@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -444,3 +445,26 @@ def test_onpolicy_tokenizer_mismatch(tiny_pair: TinyPair, run_dir: Path, tmp_pat
     student = tmp_path / "other"
     save_pretrained(tiny_qwen3(TINY_SHAPES["tiny-student"], other, seed=2), other, student)
     refused(on(run_dir, tiny_pair, student=student), run_dir, "tokenizers differ", "ids differ")
+
+
+def test_every_rank_proves_the_shared_run_directory_writable_at_once(tmp_path: Path) -> None:
+    """The ranks of a job (on one machine, or on several over a shared filesystem) all call
+    rundir.prepare on one folder at the same moment: no rank may trip over another's probe (a
+    fixed probe name did, one run in three of tests/test_multi_machine.py)."""
+    from multiprocessing import get_context
+
+    ctx = get_context("spawn")
+    start = time.time() + 3.0  # every process begins together, after its interpreter starts
+    with ctx.Pool(4) as pool:
+        made = pool.starmap(prepare_many, [(tmp_path / "run", start)] * 4)
+    assert made == [2000] * 4
+    assert list((tmp_path / "run").iterdir()) == []  # no probe left behind
+
+
+def prepare_many(run_dir: Path, start: float) -> int:
+    from distill import rundir
+
+    time.sleep(max(0.0, start - time.time()))
+    for _ in range(2000):
+        rundir.prepare(run_dir)
+    return 2000

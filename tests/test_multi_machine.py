@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,15 @@ def launch(args: list[str], *, machines: int, procs: int) -> None:
         )
         for rank in range(machines)
     ]
-    outputs = []
+    deadline = time.monotonic() + 300
     try:
-        for proc in running:
-            outputs.append(proc.communicate(timeout=300)[0])
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in running]
+    except subprocess.TimeoutExpired:
+        for proc in running:  # every machine's output, not only the first one waited on
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        said = [f"machine {r}:\n{p.communicate()[0][-3000:]}" for r, p in enumerate(running)]
+        pytest.fail("the machines did not finish in 300 s\n" + "\n".join(said))
     finally:
         for proc in running:
             if proc.poll() is None:
