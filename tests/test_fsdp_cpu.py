@@ -9,17 +9,14 @@ interpreters, twice.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_offpolicy_accelerate import free_port
+from test_offpolicy_accelerate import launch
 from test_offpolicy_train import Recorder, config, write_data
 
 from distill.accounting import GpuLedger
@@ -27,29 +24,13 @@ from distill.offpolicy import train as offpolicy
 
 
 def launch_fsdp(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    distill = Path(sys.executable).parent / "distill"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-        "--fsdp_transformer_layer_cls_to_wrap", "Qwen3DecoderLayer",
-        "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_reshard_after_forward", "true",
-        "--num_cpu_threads_per_process", "1", "--main_process_port", str(free_port()),
-        str(distill), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-        start_new_session=True,
+    return launch(
+        ["--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+         "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+         "--fsdp_transformer_layer_cls_to_wrap", "Qwen3DecoderLayer",
+         "--fsdp_state_dict_type", "FULL_STATE_DICT", "--fsdp_reshard_after_forward", "true"],
+        args, timeout,
     )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_fsdp2_two_cpu_processes_match_one_and_save_full_weights(tmp_path, tiny_pair) -> None:

@@ -34,36 +34,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> None:
-    write_data(tmp_path / "data", tiny_pair.tokenizer, 4)
-    one, one_ledger = Recorder(), GpuLedger()
-    cfg = config(tmp_path / "one", tiny_pair.student_dir, tmp_path / "data", steps=1)
-    offpolicy.train(cfg, one_ledger, one)
+def launch(
+    flags: list[str], args: list[str], timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """`accelerate launch <flags> distill <args>` on one machine, one CPU thread per process."""
     distill = Path(sys.executable).parent / "distill"
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+        sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
         # A free port, not 29500: another job's process group there would hang the rendezvous.
-        "--main_process_port", str(free_port()),
-        str(distill), "offpolicy",
-        "--run-dir", str(tmp_path / "two"), "--student", str(tiny_pair.student_dir),
-        "--data-dir", str(tmp_path / "data"), "--steps", "1", "--batch-size", "4",
-        "--micro-batch-size", "2", "--lr", "0.01", "--warmup-steps", "1", "--log-every", "1",
+        "--main_process_port", str(free_port()), str(distill), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own process group: a timeout kills both ranks, not only the launcher.
+    # Own process group: a timeout kills every rank, not only the launcher.
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,
     )  # fmt: skip
     try:
-        stdout, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_two_cpu_processes_match_one_on_the_first_step(tmp_path, tiny_pair) -> None:
+    write_data(tmp_path / "data", tiny_pair.tokenizer, 4)
+    one, one_ledger = Recorder(), GpuLedger()
+    cfg = config(tmp_path / "one", tiny_pair.student_dir, tmp_path / "data", steps=1)
+    offpolicy.train(cfg, one_ledger, one)
+    args = [
+        "offpolicy", "--run-dir", str(tmp_path / "two"), "--student", str(tiny_pair.student_dir),
+        "--data-dir", str(tmp_path / "data"), "--steps", "1", "--batch-size", "4",
+        "--micro-batch-size", "2", "--lr", "0.01", "--warmup-steps", "1", "--log-every", "1",
+    ]  # fmt: skip
+    done = launch(["--multi_gpu", "--num_processes", "2"], args, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1  # only rank 0 writes
     two = json.loads(lines[0])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ from distill.prompts import embedded_prompts
 from distill.rundir import read_metrics
 from teachers.hf import HFTeacher
 from tests.conftest import TinyPair
+from tests.test_onpolicy_train import Recorder, config
 
-FAST = {"max_tokens": 16, "prompts_per_step": 4, "samples_per_prompt": 2, "warmup_steps": 1}
 GOLDEN = Path(__file__).parent / "data" / "onpolicy_s0_golden.json"
 TIMING = ("sample_tokens_per_s", "score_tokens_per_s", "train_tokens_per_s", "step_seconds")
 
@@ -32,21 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def teacher(tiny_pair: TinyPair) -> HFTeacher:
     return HFTeacher.from_pretrained(tiny_pair.teacher_dir)
-
-
-def config(run_dir: Path, student: Path, **kw: object) -> onpolicy.Config:
-    return onpolicy.Config(run_dir=run_dir, student=str(student), **{**FAST, **kw})  # type: ignore[arg-type]
-
-
-class Recorder:
-    def __init__(self, stop_after: int | None = None) -> None:
-        self.steps: list[dict[str, float]] = []
-        self.stop_after = stop_after
-
-    def __call__(self, phase: str, step: int, total: int, metrics: Mapping[str, float]) -> None:
-        self.steps.append(dict(metrics))
-        if self.stop_after is not None and step == self.stop_after:
-            raise KeyboardInterrupt  # a kill while the producer has steps queued
 
 
 def no_producer_left() -> bool:
