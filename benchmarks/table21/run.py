@@ -338,6 +338,19 @@ def mode_mean(point: dict[str, Any], key: str = "pass1") -> float:
     return sum(point[key][m] for m in MODES) / len(MODES)
 
 
+def seed_curves(
+    per_seed: list[list[dict[str, Any]]],
+    rl: list[list[dict[str, Any]]],
+    start: list[dict[str, Any]],
+    value: Callable[[dict[str, Any]], float],
+) -> list[list[tuple[float, float]]]:
+    """Each seed's (share of its RL budget, `value`) points, from its off-policy start on."""
+    return [
+        [(0.0, value(start[s]))] + [(p["hours"] / rl[s][-1]["hours"], value(p)) for p in points]
+        for s, points in enumerate(per_seed)
+    ]
+
+
 def seed_mean(
     per_seed: list[list[dict[str, Any]]],
     rl: list[list[dict[str, Any]]],
@@ -345,14 +358,8 @@ def seed_mean(
     value: Callable[[dict[str, Any]], float],
     grid: np.ndarray,
 ) -> np.ndarray:
-    """The mean over seeds of `value` at `grid` (shares of each seed's RL budget), each seed's
-    curve running from its off-policy start through its measured points."""
-    ys = []
-    for s, points in enumerate(per_seed):
-        budget = rl[s][-1]["hours"]
-        curve = [(0.0, value(start[s]))] + [(p["hours"] / budget, value(p)) for p in points]
-        ys.append(on_grid(curve, grid))
-    return np.mean(ys, 0)
+    """The mean over seeds of `value` at `grid` (shares of each seed's RL budget)."""
+    return np.mean([on_grid(c, grid) for c in seed_curves(per_seed, rl, start, value)], 0)
 
 
 def on_grid(curve: list[tuple[float, float]], grid: np.ndarray) -> np.ndarray:
@@ -397,11 +404,9 @@ def plot(
     for ax, mode in zip(axes, MODES, strict=True):
         for method, color in (("onpolicy", "tab:blue"), ("rl", "tab:red")):
             ys = []
-            for s, seed_points in enumerate(curves[method]):
-                budget = curves["rl"][s][-1]["hours"]
-                curve = [(0.0, start[s]["pass1"][mode])] + [
-                    (p["hours"] / budget, p["pass1"][mode]) for p in seed_points
-                ]
+            for curve in seed_curves(
+                curves[method], curves["rl"], start, lambda p, mode=mode: p["pass1"][mode]
+            ):
                 ax.plot(*zip(*curve, strict=True), color=color, alpha=0.25, marker=".")
                 ys.append(on_grid(curve, grid))
             mean, lo, hi = np.mean(ys, 0), np.min(ys, 0), np.max(ys, 0)
