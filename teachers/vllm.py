@@ -22,8 +22,8 @@ import numpy as np
 from students.engines import EngineGuard, wake_blocked_call
 from students.placement import (
     EnginePlacement,
-    engine_devices,
     engine_dtype,
+    engine_environment,
     engine_kwargs,
     gather_requests,
     request_seeds,
@@ -117,7 +117,10 @@ class VLLMTeacher:
         )
         placed = engine_kwargs(placement, on_cpu=on_cpu, seed=seed)
         tp_group = tensor_parallel_group(placement, on_cpu)  # collective: every rank, in order
-        with EngineGuard.around("vLLM teacher engine") as guards, engine_devices(placement, on_cpu):
+        with (
+            EngineGuard.around("vLLM teacher engine") as guards,
+            engine_environment(placement, on_cpu),
+        ):
             llm = LLM(
                 model=str(path),
                 max_logprobs=max_top_k,

@@ -40,7 +40,9 @@ if __name__ == "__main__":
 
 
 def start_parent(teacher_dir: Path) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # vLLM's own EngineCore and Worker processes (a lone CPU process would run it inline).
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1",
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # fmt: skip
     return subprocess.Popen(
         [sys.executable, "-c", PARENT, str(teacher_dir)],
         stdin=subprocess.PIPE,

@@ -9,15 +9,17 @@ import os
 import socket
 
 import pytest
+import torch
 import torch.distributed as dist
 from torch.multiprocessing.spawn import spawn
 
 from students.placement import (
     COLOCATED_MEMORY,
     CPU_MEMORY,
+    MULTIPROCESSING_ENV,
     OWN_MEMORY,
     EnginePlacement,
-    engine_devices,
+    engine_environment,
     engine_kwargs,
     gather_requests,
     tensor_parallel_group,
@@ -27,9 +29,26 @@ from students.presets import StudentError
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def test_cpu_engines_keep_the_vllm_cpu_settings() -> None:
-    kwargs = engine_kwargs(EnginePlacement(), on_cpu=True, seed=3)
-    assert kwargs == {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": 3}
+def test_cpu_engines_keep_the_vllm_cpu_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (*LAUNCH_ENV, MULTIPROCESSING_ENV):
+        monkeypatch.delenv(name, raising=False)
+    cpu = {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": 3}
+    # A lone process runs its engine inline, and only while the engine starts does vLLM see 0.
+    inline = cpu | {"distributed_executor_backend": "uni"}
+    assert engine_kwargs(EnginePlacement(), on_cpu=True, seed=3) == inline
+    set_num_threads = torch.set_num_threads
+    with engine_environment(EnginePlacement(), on_cpu=True):
+        assert os.environ[MULTIPROCESSING_ENV] == "0"
+        torch.set_num_threads = lambda n: None  # what vLLM's CPU worker does to the process
+    assert MULTIPROCESSING_ENV not in os.environ and torch.set_num_threads is set_num_threads
+    # vLLM's own processes where the user asks for them, and for every rank of a launched job.
+    monkeypatch.setenv(MULTIPROCESSING_ENV, "1")
+    assert engine_kwargs(EnginePlacement(), on_cpu=True, seed=3) == cpu
+    monkeypatch.delenv(MULTIPROCESSING_ENV)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert engine_kwargs(EnginePlacement(), on_cpu=True, seed=3) == cpu
+    with engine_environment(EnginePlacement(), on_cpu=True):
+        assert MULTIPROCESSING_ENV not in os.environ
 
 
 def test_colocated_engine_runs_in_the_ranks_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -58,13 +77,13 @@ def test_own_engines_take_their_gpus_and_nccl(monkeypatch: pytest.MonkeyPatch) -
     kwargs = engine_kwargs(own, on_cpu=False, seed=0)
     assert kwargs["weight_transfer_config"] == {"backend": "nccl"}
     assert kwargs["gpu_memory_utilization"] == OWN_MEMORY
-    with engine_devices(own, on_cpu=False):
+    with engine_environment(own, on_cpu=False):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"  # rank 1's two
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"  # restored
     few = EnginePlacement(mode="own", devices=(4, 5), tensor_parallel_size=2)
     with (
         pytest.raises(StudentError, match="lists 2 GPUs for 2 processes of 2 GPUs each"),
-        engine_devices(few, on_cpu=False),
+        engine_environment(few, on_cpu=False),
     ):
         pass
 

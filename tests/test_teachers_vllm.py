@@ -106,6 +106,8 @@ def assert_same_scores(got: list[TopK], ref: list[TopK], atol: float = 1e-4) -> 
 def test_engine_scores_equal_hf(engine: VLLMTeacher, reference: HFTeacher, scored) -> None:
     seqs, plens = scored
     assert isinstance(engine, Teacher)
+    # A lone CPU process runs the engine inline: no EngineCore or Worker process to hold memory.
+    assert engine.guard is not None and engine.guard.processes() == []
     assert (engine.vocab_size, engine.logits_width) == (reference.vocab_size, 512)
     assert_same_scores(engine.score(seqs, plens, MAX_LOGPROBS), reference.score(seqs, plens, 8))
     # top_k below max: the same leading columns
