@@ -19,9 +19,14 @@ Runs, in order, each alone on the machine:
           new tokens), one POST /v1/completions with prompt_logprobs over those sequences;
   lora    `distill onpolicy` (8 prompts x 2 samples, --max-tokens, no_think mode, LoRA rank 16,
           gradient checkpointing, HF sampler, the served teacher);
-  full    the same with full fine-tuning (AdamW over every weight).
+  full    the same with full fine-tuning (AdamW over every weight);
+  inproc  after the server is stopped: the LoRA run with the teacher engine inside distill's
+          process (`--teacher-backend vllm`: a lone CPU process runs vLLM inline,
+          students/placement.py), against a plain `vllm.LLM` scoring the same sequences as its
+          raw reference (`inproc_score_ratio_vs_raw`).
 The RSS of every process (distill, the server's api_server, EngineCore and worker) is sampled
-twice a second; `*_peak_rss_gib_total` is the peak of their sum. Per-phase tokens/s are the
+twice a second; `*_peak_rss_gib_total` is the peak of their sum (`goal_lora_le_10gib`: the
+in-process run; `goal_lora_le_10gib_served`: the served one). Per-phase tokens/s are the
 means over steps of distill's own metrics (metrics.jsonl). The last stdout line is JSON.
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -175,7 +181,32 @@ def raw_phases(student: Path, url: str, served: str, args: argparse.Namespace) -
     return {
         "sample_tokens_per_s": n_new / t_sample,
         "score_tokens_per_s": sum(len(s) for s in seqs) / t_score,
+        "inproc_score_tokens_per_s": raw_inproc_scoring(seqs, args),
     }
+
+
+def raw_inproc_scoring(seqs: list[list[int]], args: argparse.Namespace) -> float:
+    """A plain in-process `vllm.LLM` (its own process here, as vLLM starts by default) scoring
+    `seqs` as one batch: the reference for the in-process teacher's scoring."""
+    code = (
+        "import json, sys, time\n"
+        "from vllm import LLM, SamplingParams, TokensPrompt\n"
+        "seqs, k = json.loads(sys.stdin.read()), int(sys.argv[2])\n"
+        "llm = LLM(model=sys.argv[1], max_logprobs=20, max_model_len=2048, dtype='bfloat16',\n"
+        "          enforce_eager=True, gpu_memory_utilization=0.1, seed=0)\n"
+        "p = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False)\n"
+        "llm.generate([TokensPrompt(prompt_token_ids=seqs[0][:32])], p, use_tqdm=False)\n"
+        "t0 = time.perf_counter()\n"
+        "llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], p, use_tqdm=False)\n"
+        "print('SECONDS', time.perf_counter() - t0)\n"
+    )
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(args.root / "qwen3-1.7B-random"), str(args.top_k)],
+        input=json.dumps(seqs), capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    line = next(x for x in done.stdout.splitlines() if x.startswith("SECONDS "))
+    return sum(len(s) for s in seqs) / float(line.split()[1])
 
 
 def distill_run(
@@ -188,17 +219,20 @@ def distill_run(
 ) -> dict[str, float]:
     """`distill onpolicy` in its own process; tokens/s from its metrics, RSS from the sampler."""
     run_dir = args.root / f"run-{kind}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a finished run would resume and do nothing
+    served = ["--teacher-backend", "server", "--teacher-url", url]
     cmd = [
         sys.executable, "-c", "from cli import app; app()", "onpolicy",
         "--run-dir", str(run_dir), "--force",
         "--teacher", str(teacher), "--student", str(student),
-        "--teacher-backend", "server", "--teacher-url", url, "--teacher-max-top-k", "20",
+        *(["--teacher-backend", "vllm"] if kind == "inproc" else served),
+        "--teacher-max-top-k", "20",
         "--top-k", str(args.top_k), "--modes", "no_think", "--sampler", "hf",
         "--steps", str(args.steps), "--prompts-per-step", str(args.prompts),
         "--samples-per-prompt", str(args.samples), "--micro-batch-size", str(args.micro_batch),
         "--max-tokens", str(args.max_tokens), "--save-every", str(args.steps),
         "--seed", str(args.seed), "--gradient-checkpointing",
-        "--lora-rank", "16" if kind == "lora" else "0",
+        "--lora-rank", "0" if kind == "full" else "16",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     rss.reset()
@@ -277,11 +311,19 @@ def main() -> None:
             full = distill_run("full", student, teacher, url, rss, args)
             print("full:", json.dumps(full), flush=True)
             result |= {f"full_{k}": v for k, v in full.items()}
-        result["goal_lora_le_10gib"] = float(result["lora_peak_rss_gib_total"]) <= 10.0
-        if "full_peak_rss_gib_total" in result:
-            result["goal_full_le_20gib"] = float(result["full_peak_rss_gib_total"]) <= 20.0
     finally:
         launch.stop_server(server)
+    rss.forget("server")  # the in-process run is distill's process alone
+    inproc = distill_run("inproc", student, teacher, url, rss, args)
+    print("inproc:", json.dumps(inproc), flush=True)
+    result |= {f"inproc_{k}": v for k, v in inproc.items()}
+    result["inproc_score_ratio_vs_raw"] = (
+        inproc["score_tokens_per_s"] / raw["inproc_score_tokens_per_s"]
+    )
+    result["goal_lora_le_10gib_served"] = float(result["lora_peak_rss_gib_total"]) <= 10.0
+    result["goal_lora_le_10gib"] = inproc["peak_rss_gib_total"] <= 10.0
+    if "full_peak_rss_gib_total" in result:
+        result["goal_full_le_20gib"] = float(result["full_peak_rss_gib_total"]) <= 20.0
     print(json.dumps(result))
 
 
