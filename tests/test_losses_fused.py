@@ -21,7 +21,8 @@ from losses import (
     sampled_logprobs,
     topk_support,
 )
-from losses.logits import logits_into, matmul_out_dtype
+from losses import logits as logits_module
+from losses.logits import fp32_out_matmul, logits_into, matmul_out_dtype
 from losses.workspace import Workspace
 from tests.test_losses import VARIANT_IDS, VARIANTS
 
@@ -238,8 +239,14 @@ def test_row_blocks_inside_a_chunk_match_unchunked(monkeypatch, form, compile):
     torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-6)
 
 
-def test_matmul_out_dtype_and_fp32_output_call():
-    """bf16 logits on CPU (no bf16-in/fp32-out matmul there); fp32 on CUDA, via mm's out_dtype."""
+@pytest.fixture
+def no_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU PyTorch without MKL's fp32-out GEMM (aarch64 builds, or MKL left out)."""
+    monkeypatch.setattr(logits_module, "_mkl_gemm", lambda dtype: None)
+
+
+def test_matmul_out_dtype_and_fp32_output_call(no_mkl: None) -> None:
+    """bf16 logits on a CPU without the fp32-out GEMM; fp32 on CUDA, via mm's out_dtype."""
     assert matmul_out_dtype(torch.zeros(2, 2, dtype=torch.bfloat16)) == torch.bfloat16
     assert matmul_out_dtype(torch.zeros(2, 2)) == torch.float32
     # The CUDA call, checked for signature and shapes on the meta device (no kernel runs).
@@ -287,7 +294,28 @@ def test_workspace_buffer_is_remade_when_it_does_not_fit():
     assert workspace.nbytes == 6 * 12 * 2  # one buffer per name, the old one released
 
 
-def test_exact_logits_from_two_bf16_matmuls():
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch built without MKL")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_fp32_logits_from_mkl_are_exact_for_any_layout(dtype: torch.dtype) -> None:
+    """MKL's 16-bit-in, fp32-out GEMM: logits as exact as an fp32 matmul of the same inputs, for
+    strided views (a row slice of a wider buffer, a transposed hidden state), one row, no rows."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(16, 256, generator=g).to(dtype)
+    w = (torch.randn(310, 256, generator=g) * 0.2).to(dtype)
+    assert fp32_out_matmul(h) and matmul_out_dtype(h) == torch.float32
+    exact = h.double() @ w[:300].double().T  # (16, 300)
+    scale = exact.abs().max()
+    plain = logits_into(h, w[:300], torch.empty(16, 300))
+    assert (plain.double() - exact).abs().max() / scale < 2e-6
+    wide = torch.full((16, 400), float("nan"))  # out: a column slice, rows 400 apart
+    strided = logits_into(h.T.contiguous().T, w[:300], wide[:, 50:350])
+    torch.testing.assert_close(strided, plain, rtol=0, atol=0)
+    assert wide[:, :50].isnan().all() and wide[:, 350:].isnan().all()  # nothing written outside
+    torch.testing.assert_close(logits_into(h[3:4], w[:300], torch.empty(1, 300)), plain[3:4])
+    assert logits_into(h[:0], w[:300], torch.empty(0, 300)).shape == (0, 300)
+
+
+def test_exact_logits_from_two_bf16_matmuls(no_mkl: None) -> None:
     """hi + lo from two bf16 matmuls is as close to the exact logits as an fp32 matmul is."""
     g = torch.Generator().manual_seed(7)
     h = torch.randn(16, 256, generator=g).bfloat16()
@@ -302,8 +330,14 @@ def test_exact_logits_from_two_bf16_matmuls():
     assert (one_term.double() - exact).abs().max() / scale > 5e-4  # one bf16 rounding
 
 
-def test_exact_logits_loss_matches_fp32_reference():
-    """bf16 inputs: exact_logits brings the loss from bf16-logit error to fp32-level error."""
+@pytest.mark.parametrize("mkl", [False, True])
+def test_exact_logits_loss_matches_fp32_reference(mkl: bool, monkeypatch: pytest.MonkeyPatch):
+    """bf16 inputs: fp32 logits (MKL's GEMM by default, else exact_logits' two matmuls) bring the
+    loss from bf16-logit error to fp32-level error."""
+    if not mkl:
+        monkeypatch.setattr(logits_module, "_mkl_gemm", lambda dtype: None)
+    elif not torch.backends.mkl.is_available():
+        pytest.skip("PyTorch built without MKL")
     g = torch.Generator().manual_seed(8)
     n, hidden, vocab = 24, 128, 3000
     hs = torch.randn(n, hidden, generator=g).bfloat16()
@@ -320,7 +354,10 @@ def test_exact_logits_loss_matches_fp32_reference():
             chunk_size=10, exact_logits=exact,
         )  # fmt: skip
         errors[exact] = abs(loss.item() - reference.item()) / reference.item()
-    assert errors[True] < 1e-5 < errors[False]
+    if mkl:  # fp32 logits either way: exact_logits adds nothing
+        assert errors[False] < 1e-5 and errors[True] == errors[False]
+    else:
+        assert errors[True] < 1e-5 < errors[False]
 
 
 def test_exact_logits_with_teacher_and_student_in_different_dtypes():
