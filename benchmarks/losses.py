@@ -8,7 +8,7 @@ Every contestant runs generalized JSD(β=0.5) (TRL's and Liger's convention) ove
 with H = 1,024 and bf16 matmuls, forward + backward, each configuration in its own process so
 its peak RSS (ru_maxrss) is clean. Groups compare like with like:
 - hidden: student and teacher hidden states + lm_heads: naive, Liger chunked JSD, distill, and
-  distill with `exact_logits` (N = 2048 only);
+  distill with bf16 logits (MKL's fp32-out GEMM switched off, N = 2048 only);
 - logits: student hidden + lm_head, teacher (N, V) bf16 logits: naive, TRL, distill;
 - topk: student hidden + lm_head, teacher top-64 ids/log-probs: naive, distill (TRL and
   Liger take no top-k data).
@@ -20,8 +20,8 @@ Memory: peak RSS of one process per configuration (also the N = 1k-8k scan of th
 Speed: paired runs, where a group's contestants alternate step by step in one process on the
 same inputs, the order rotating every round (round r starts with contestant r mod k), so a load
 spike on the shared machine hits all of them and none always runs first; a ratio is the median
-over rounds of the per-round ratio. Two paired runs: hidden (Liger, distill, distill with
-`exact_logits`; --rounds) and logits (naive, TRL, distill; --logits-rounds). The
+over rounds of the per-round ratio. Two paired runs: hidden (Liger, distill, distill with bf16
+logits; --rounds) and logits (naive, TRL, distill; --logits-rounds). The
 separate-process step times are printed too, labelled so.
 
 Precision: each contestant's loss against the same loss in fp64 arithmetic (`reference`),
@@ -32,10 +32,11 @@ fp32 matmul and the teacher's bf16 logits as given; topk, the student's from an 
 the teacher's top-k + tail support. `rel_err_vs_fp32_same_bf16_logits` compares distill with the
 reference built from the bf16-rounded logits a CPU matmul returns: the error of everything after
 the matmul. `matmul_out` says which logits distill's matmuls produced here ("fp32" where a
-bf16-in/fp32-out matmul exists: CUDA; "bf16" on CPU, where PyTorch has none). `exact_logits=True`
-rebuilds fp32-accurate logits on CPU from a second, residual bf16 matmul per side
-(`losses.logits.logits_into`). `vs_liger` gives, per distill configuration, its paired speed
-ratio against Liger next to its own error: the goal asks for both in one configuration.
+bf16-in/fp32-out matmul exists: CUDA, and CPU through MKL's `cblas_gemm_bf16bf16f32`, which
+PyTorch's x86 builds carry: `losses.logits`; "bf16" otherwise). `distill_bf16_logits` is distill
+with that GEMM switched off: every logit rounded to bf16, the CPU default before it (the cost of
+exact logits, measured). `vs_liger` gives, per distill configuration, its paired speed ratio
+against Liger next to its own error: the goal asks for both in one configuration.
 The last stdout line is JSON.
 """
 
@@ -47,7 +48,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -56,11 +58,13 @@ import torch
 # `losses` package: put the repository root there instead.
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from losses.fused import CHUNK_ROWS  # noqa: E402
+
 V, H, K, BETA = 151_936, 1_024, 64, 0.5
 NAIVE_COPIES = 12  # measured: naive peaks near 12 fp32 copies of the (N, V) logits here
 NAIVE_LIMIT_GB = 16.0  # shared 24 GiB machine: skip naive above this estimate
 CONTESTANTS = {
-    "hidden": ["naive", "liger", "distill", "distill_exact"],
+    "hidden": ["naive", "liger", "distill", "distill_bf16_logits"],
     "logits": ["naive", "trl", "distill"],
     "topk": ["naive", "distill"],
 }
@@ -115,7 +119,7 @@ def step_fn(
         hs.grad, ws.grad = None, None
         return loss.item()
 
-    if name in ("distill", "distill_exact"):
+    if name in ("distill", "distill_bf16_logits"):
         teacher = {
             "hidden": lambda: TeacherHidden(x["ht"], x["wt"]),
             "logits": lambda: TeacherLogits(x["zt"]),
@@ -125,11 +129,12 @@ def step_fn(
         workspace = Workspace()  # chunk buffers kept between steps, as a training loop keeps them
 
         def distill() -> float:
-            loss, _ = fused_linear_divergence_sum(
-                hs, ws, teacher, "jsd", weight, vocab_size=V, beta=BETA, chunk_size=chunk,
-                compile=compile, exact_logits=name == "distill_exact", workspace=workspace,
-            )  # fmt: skip
-            return done(loss)
+            with bf16_logits() if name == "distill_bf16_logits" else nullcontext():
+                loss, _ = fused_linear_divergence_sum(
+                    hs, ws, teacher, "jsd", weight, vocab_size=V, beta=BETA, chunk_size=chunk,
+                    compile=compile, workspace=workspace,
+                )  # fmt: skip
+                return done(loss)
 
         return distill
     if name == "naive":
@@ -168,6 +173,19 @@ def step_fn(
     return liger
 
 
+@contextmanager
+def bf16_logits() -> Iterator[None]:
+    """distill without MKL's fp32-out GEMM, as on a CPU PyTorch without MKL: bf16 logits."""
+    from losses import logits
+
+    gemm = logits._mkl_gemm
+    logits._mkl_gemm = lambda dtype: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        logits._mkl_gemm = gemm
+
+
 def jsd64(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     """JSD(0.5) per row in fp64 from (C, V) student and teacher logits, written out by hand."""
     q, p = torch.softmax(zs.double(), -1), torch.softmax(zt.double(), -1)
@@ -203,7 +221,10 @@ def reference(n: int) -> dict[str, float]:
     return {k: v / n for k, v in total.items()}
 
 
-PAIRED = {"hidden": ("liger", "distill", "distill_exact"), "logits": ("naive", "trl", "distill")}
+PAIRED = {
+    "hidden": ("liger", "distill", "distill_bf16_logits"),
+    "logits": ("naive", "trl", "distill"),
+}
 
 
 def paired(group: str, n: int, rounds: int, chunk: int) -> dict[str, object]:
@@ -278,7 +299,9 @@ def main() -> None:
     parser.add_argument("--group", default="hidden", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=2048, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration")
-    parser.add_argument("--chunk", type=int, default=256, help="distill's chunk size (rows)")
+    parser.add_argument(
+        "--chunk", type=int, default=CHUNK_ROWS, help="distill's chunk size (rows; its default)"
+    )
     parser.add_argument("--rounds", type=int, default=7, help="rounds of the paired Liger run")
     parser.add_argument(
         "--logits-rounds", type=int, default=3, help="rounds of the paired naive/TRL run"
@@ -303,7 +326,7 @@ def main() -> None:
         steps = args.steps if n <= 2048 else max(1, args.steps - 1)
         for group in groups:
             for name in CONTESTANTS[group]:
-                if name == "distill_exact" and n != 2048:
+                if name == "distill_bf16_logits" and n != 2048:
                     continue
                 naive_gb = NAIVE_COPIES * n * V * 4 / 2**30
                 if name in ("naive", "trl") and naive_gb > NAIVE_LIMIT_GB:
@@ -366,10 +389,10 @@ def main() -> None:
     }  # separate processes: nothing from another library to pair with
     hidden, logits = pair["hidden"].get("ratios", {}), pair["logits"].get("ratios", {})
     configs = {  # one configuration per claim: its speed against Liger and its own error
-        "bf16_logits": (hidden.get("liger_over_distill"), contestants["hidden"]["distill"]),
-        "exact_logits": (
-            hidden.get("liger_over_distill_exact"),
-            contestants["hidden"]["distill_exact"],
+        "default": (hidden.get("liger_over_distill"), contestants["hidden"]["distill"]),
+        "bf16_logits": (
+            hidden.get("liger_over_distill_bf16_logits"),
+            contestants["hidden"]["distill_bf16_logits"],
         ),
     }
     flat = [float(rows[("hidden", "distill", n)]["peak_rss_gb"]) for n in sizes  # type: ignore[arg-type]
@@ -394,14 +417,16 @@ def main() -> None:
         "speed_ratio_vs_naive_separate_processes": ratio("hidden", "naive", "median_s"),
         "speed_ratio_vs_liger_separate_processes": ratio("hidden", "liger", "median_s"),
         "mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb"),
-        "exact_logits_mem_ratio_vs_naive": ratio("hidden", "naive", "peak_rss_gb", "distill_exact"),
+        "bf16_logits_mem_ratio_vs_naive": ratio(
+            "hidden", "naive", "peak_rss_gb", "distill_bf16_logits"
+        ),
         "mem_spread_1024_8192": round(max(flat) / min(flat) - 1, 4) if len(flat) > 1 else None,
         "logits_mem_ratio_vs_naive": ratio("logits", "naive", "peak_rss_gb"),
         "logits_mem_ratio_vs_trl": ratio("logits", "trl", "peak_rss_gb"),
         "topk_mem_ratio_vs_naive": ratio("topk", "naive", "peak_rss_gb"),
         "topk_speed_ratio_vs_naive_separate_processes": ratio("topk", "naive", "median_s"),
         "rel_err_vs_fp32_same_bf16_logits": err(
-            rows[("hidden", "distill", 2048)].get("loss"), ref["bf16_logits"]
+            rows[("hidden", "distill_bf16_logits", 2048)].get("loss"), ref["bf16_logits"]
         ),
         "distill_peak_rss_gb": rows[("hidden", "distill", 2048)].get("peak_rss_gb"),
         "reference": ref,
