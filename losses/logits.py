@@ -17,12 +17,13 @@ def _mkl_gemm(dtype: torch.dtype) -> Callable[..., None] | None:
     """MKL's `cblas_gemm_bf16bf16f32` (or `_f16f16f32`) from PyTorch's own CPU library, or None.
 
     PyTorch's x86 CPU builds link MKL into libtorch_cpu and export its mixed-precision GEMMs:
-    16-bit inputs, fp32 accumulation, fp32 output, no rounding of the result. On CPUs with
-    AMX or AVX512-BF16 it runs at nearly the bf16 matmul's speed (256 x 1,024 x 151,936 on 2
-    cores: 86 ms, against 67 ms for `torch.mm` in bf16, which rounds every logit to 2^-9, and
-    459 ms in fp32). Called through ctypes, which releases the GIL for the call.
+    16-bit inputs, fp32 accumulation, fp32 output, no rounding of the result. Used only where
+    the CPU has AMX tiles, where it runs within 2x of the bf16 matmul (Intel Xeon, 2 cores,
+    256 x 1,024 x 151,936: 88 ms, against 48 ms for oneDNN's bf16 `torch.mm`, which rounds every
+    logit to 2^-9, and 459 ms in fp32); without AMX MKL fell far behind (AMD Zen 5 with
+    AVX512-BF16: 577 ms against 88). Called through ctypes, which releases the GIL for the call.
     """
-    if not torch.backends.mkl.is_available():
+    if not (torch.backends.mkl.is_available() and torch.cpu._is_amx_tile_supported()):
         return None
     try:
         lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
@@ -38,7 +39,7 @@ def _mkl_gemm(dtype: torch.dtype) -> Callable[..., None] | None:
 
 def fp32_out_matmul(side: torch.Tensor) -> bool:
     """Whether a 16-bit `side` has a matmul that writes fp32 logits without rounding them:
-    CUDA (`torch.mm(..., out_dtype=)`), and CPU where PyTorch carries MKL (`_mkl_gemm`).
+    CUDA (`torch.mm(..., out_dtype=)`), and CPUs with AMX where PyTorch carries MKL (`_mkl_gemm`).
     PyTorch's own CPU matmul has no such variant (2.13: `aten::mm.dtype` is not implemented)."""
     if side.dtype not in LOW:
         return False
