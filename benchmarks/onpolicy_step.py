@@ -14,7 +14,8 @@ sampling run over Qwen3's vocabulary; the 267 extra head rows are padding, as in
 Both tools get the same prompts (thinking-mode chat prompts of the embedded task, rendered by
 distill and handed to TRL as the same text), batch (--prompts x --g sequences per step, one
 optimizer step each), sampled length (random-init models never emit eos: every response is
-exactly --max-tokens long), sampling (T=1, no top-k/top-p), fp32, AdamW (torch, lr 1e-5, betas
+exactly --max-tokens long), sampling (T=1, no top-k/top-p), fp32, AdamW (torch's fused kernel on
+both sides: distill's default, and transformers' default for torch >= 2.8; lr 1e-5, betas
 0.9/0.95, no weight decay), grad clip 1.0, constant lr. Objective: TRL `beta=1` (reverse KL over
 the teacher's and student's full 151,936-row heads, chunked); distill `--divergence reverse_kl` on
 the teacher's top-k plus one tail bucket, once at its default --top-k and once at --top-k-max
@@ -262,7 +263,7 @@ def run_trl(args: argparse.Namespace, root: Path, phases: Phases) -> None:
     config = DistillationConfig(
         output_dir=str(root / "trl_run"), per_device_train_batch_size=args.prompts * args.g,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=LR,
-        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch", adam_beta2=0.95,
+        lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused", adam_beta2=0.95,
         weight_decay=0.0, max_grad_norm=1.0, beta=1.0, temperature=1.0, top_p=1.0, top_k=0,
         max_completion_length=args.max_tokens, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, bf16=False, dataloader_num_workers=0, seed=0, shuffle_dataset=False,
