@@ -130,8 +130,12 @@ def engine_kwargs(placement: EnginePlacement, *, on_cpu: bool, seed: int) -> dic
     tensor-parallel engine share its seed, so their schedulers agree step by step.
     """
     if on_cpu:
-        inline = {"distributed_executor_backend": "uni"} if engine_in_process(on_cpu) else {}
-        return {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": seed} | inline
+        kwargs: dict[str, object] = {
+            "enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": seed
+        }  # fmt: skip
+        if engine_in_process(on_cpu):
+            kwargs["distributed_executor_backend"] = "uni"
+        return kwargs
     tp = placement.tensor_parallel_size
     rank, _, world = rank_and_world()
     if placement.mode == "own":
