@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 # Python puts this script's folder first on sys.path, where benchmarks/losses.py would shadow the
@@ -88,12 +89,15 @@ def step(model, batch, measured, path: str, workspace=None) -> float:  # noqa: A
     from distill.fused_loss import last_hidden, topk_loss
     from distill.logits_loss import topk_divergence
     from distill.onpolicy.metrics import Diagnostics, accumulate, accumulate_rows
-    from losses import divergence, topk_support
+    from losses import DivergenceSpec, divergence, topk_support
+
+    RKL = DivergenceSpec("reverse_kl")  # noqa: N806
 
     n_tokens, diag = float(batch.n_targets), Diagnostics()
     if path == "fused":
-        share, _ = topk_loss(model, model.lm_head.weight, batch, n_tokens, "reverse_kl", VOCAB,
-                             measured=measured, diag=diag, workspace=workspace)  # fmt: skip
+        observe = partial(accumulate_rows, diag, vocab_size=VOCAB)  # as the loop's micro_batch_loss
+        share, _ = topk_loss(model, model.lm_head.weight, batch, n_tokens, RKL, VOCAB,
+                             measured=measured, observe=observe, workspace=workspace)  # fmt: skip
     elif path == "logits_rows":
         h, _, mask, t_ids, t_lp = next_token_view(last_hidden(model, batch), batch)  # (B, T-1, H)
         assert t_ids is not None and t_lp is not None
@@ -105,7 +109,7 @@ def step(model, batch, measured, path: str, workspace=None) -> float:  # noqa: A
         accumulate_rows(diag, logits.detach(), ids, lp, measured[:, 1:][rows], VOCAB)
     else:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        per_token, _ = topk_divergence(logits, batch, "reverse_kl", VOCAB)
+        per_token, _ = topk_divergence(logits, batch, RKL, VOCAB)
         share = per_token.sum() / n_tokens
         accumulate(diag, logits, batch, measured, VOCAB)
     share.backward()
