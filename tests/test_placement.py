@@ -15,6 +15,7 @@ from torch.multiprocessing.spawn import spawn
 
 from students.placement import (
     COLOCATED_MEMORY,
+    CPU_BATCHED_TOKENS,
     CPU_MEMORY,
     MULTIPROCESSING_ENV,
     OWN_MEMORY,
@@ -32,7 +33,8 @@ LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 def test_cpu_engines_keep_the_vllm_cpu_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (*LAUNCH_ENV, MULTIPROCESSING_ENV):
         monkeypatch.delenv(name, raising=False)
-    cpu = {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": 3}
+    cpu = {"enforce_eager": True, "gpu_memory_utilization": CPU_MEMORY, "seed": 3,
+           "max_num_batched_tokens": CPU_BATCHED_TOKENS}  # fmt: skip
     # A lone process runs its engine inline, and only while the engine starts does vLLM see 0.
     inline = cpu | {"distributed_executor_backend": "uni"}
     assert engine_kwargs(EnginePlacement(), on_cpu=True, seed=3) == inline
