@@ -109,8 +109,12 @@ def test_a_fleet_loses_nothing_when_a_server_dies(tiny_pair: TinyPair, tmp_path:
     assert 1 <= done_at_kill < STEPS, "the server died before the run or after it"
     direct, fleet_losses = losses(tmp_path / "direct"), losses(run_dir)
     assert len(fleet_losses) == len(direct) == STEPS  # every step finished
+    # Step 0 scores the same samples with two teacher backends (vLLM served, HF in-process):
+    # equal to ~5e-6. Each later step trains on the last one's small differences, and the runs
+    # drift apart slowly (with torch's fused AdamW, 1.0e-3 at step 9 of one measured run).
+    assert math.isclose(fleet_losses[0], direct[0], rel_tol=1e-4), (fleet_losses, direct)
     for a, b in zip(fleet_losses, direct, strict=True):
-        assert math.isclose(a, b, rel_tol=1e-3), (fleet_losses, direct)
+        assert math.isclose(a, b, rel_tol=3e-3), (fleet_losses, direct)
     (record,) = [m for m in read_metrics(run_dir) if m["phase"] == "onpolicy.teacher"]
     assert record["teacher_requests_0"] > 0 and record["teacher_requests_1"] > 0  # spread
     assert record["teacher_retries"] >= 1  # a request found the dead server; retried, answered
