@@ -130,7 +130,9 @@ def post(url: str, body: dict[str, object]) -> dict[str, object]:
         return json.loads(r.read())
 
 
-def raw_phases(student: Path, url: str, served: str, args: argparse.Namespace) -> dict[str, float]:
+def raw_phases(
+    student: Path, url: str, served: str, args: argparse.Namespace
+) -> tuple[dict[str, float], list[list[int]]]:
     """The reference: plain transformers generate, then one plain scoring request."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,13 +183,13 @@ def raw_phases(student: Path, url: str, served: str, args: argparse.Namespace) -
     return {
         "sample_tokens_per_s": n_new / t_sample,
         "score_tokens_per_s": sum(len(s) for s in seqs) / t_score,
-        "inproc_score_tokens_per_s": raw_inproc_scoring(seqs, args),
-    }
+    }, seqs
 
 
 def raw_inproc_scoring(seqs: list[list[int]], args: argparse.Namespace) -> float:
     """A plain in-process `vllm.LLM` (its own process here, as vLLM starts by default) scoring
-    `seqs` as one batch: the reference for the in-process teacher's scoring."""
+    `seqs` as one batch: the reference for the in-process teacher's scoring. Run with the server
+    stopped: beside it, at 256 new tokens, this engine hung idle (both vLLM CPU engines waiting)."""
     code = (
         "import json, os, sys, time\n"
         "from vllm import LLM, SamplingParams, TokensPrompt\n"
@@ -302,7 +304,7 @@ def main() -> None:
         launch.wait_healthy(url, server, timeout_s=1800)
         time.sleep(2.0)  # one RSS sample of the idle server
         result["server_idle_rss_gib"] = rss.peak_total / GIB
-        raw = raw_phases(student, url, str(teacher), args)
+        raw, seqs = raw_phases(student, url, str(teacher), args)
         print("raw:", json.dumps(raw), flush=True)
         lora = distill_run("lora", student, teacher, url, rss, args)
         print("lora:", json.dumps(lora), flush=True)
@@ -318,6 +320,8 @@ def main() -> None:
     finally:
         launch.stop_server(server)
     rss.forget("server")  # the in-process run is distill's process alone
+    raw["inproc_score_tokens_per_s"] = raw_inproc_scoring(seqs, args)
+    result["raw_inproc_score_tokens_per_s"] = raw["inproc_score_tokens_per_s"]
     inproc = distill_run("inproc", student, teacher, url, rss, args)
     print("inproc:", json.dumps(inproc), flush=True)
     result |= {f"inproc_{k}": v for k, v in inproc.items()}
