@@ -153,7 +153,8 @@ def check_world(accelerator: Accelerator, step: SamplingStep, *, even: bool = Fa
 def fused_adamw(params: list[torch.nn.Parameter]) -> bool:
     """torch's fused AdamW (one kernel over every tensor) where each parameter lives on a device
     that has it: on 2 CPU cores 0.19 s per step for 307M fp32 parameters against 0.85 s for the
-    default per-tensor loop; the update is the same arithmetic."""
+    default per-tensor loop. The same update, equal to rounding (2.4e-7 apart after 5 steps at
+    lr 1e-2), and the same on 1 or 2 threads."""
     return bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
 
 

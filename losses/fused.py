@@ -2,8 +2,8 @@
 
 The student's (N, V) fp32 logits never exist. Rows go through in chunks of C: one matmul gives
 (C, V) logits cut to the real vocabulary (bf16 inputs: fp32 accumulation inside; the logits come
-out in fp32 where a bf16-in/fp32-out matmul exists, CUDA, and in bf16 on CPU unless
-`exact_logits` asks for a second, residual matmul: `losses.logits`); the divergence and its
+out in fp32 where a bf16-in/fp32-out matmul exists, CUDA and CPUs with AMX, and in bf16 elsewhere
+unless `exact_logits` asks for a second, residual matmul: `losses.logits`); the divergence and its
 closed-form logit gradient run in fp32 (`losses.chunk`, on CPU in blocks of rows that stay in
 cache; compiled on CPU, the dense forms run a C++ kernel instead, `losses.native`); two more
 matmuls turn that into the chunk's hidden-state gradient and its share of the lm_head gradient. Peak
@@ -399,11 +399,11 @@ def fused_linear_divergence(
     "k1"/"k2"/"k3" for TeacherSampled. compile=True fuses each chunk's fp32 math with
     torch.compile (one compilation per kind and chunk shape; faster on CPU and GPU), except the
     dense forms on CPU, which then run the C++ kernel of `losses.native` (built once per machine).
-    exact_logits: where no fp32-out matmul exists for 16-bit inputs (a CPU PyTorch without
-    MKL), rebuild fp32-accurate logits from a second, residual matmul per side
+    exact_logits: where no fp32-out matmul exists for 16-bit inputs (a CPU without AMX, or a
+    PyTorch without MKL), rebuild fp32-accurate logits from a second, residual matmul per side
     (`losses.logits.logits_into`): the loss then matches an fp32 computation of the same bf16
     inputs to ~1e-7 instead of ~1e-4, for ~40% more time. No effect where the fp32-out matmul
-    exists (CUDA; CPU with MKL: `losses.logits.fp32_out_matmul`), or with fp32 inputs.
+    exists (CUDA; AMX CPUs with MKL: `losses.logits.fp32_out_matmul`), or with fp32 inputs.
     workspace: keep the chunk buffers between calls (see `Workspace`).
     """
     spec = _spec(kind, vocab_size, beta, alpha, chunk_size, compile, exact_logits)

@@ -23,7 +23,8 @@ def _mkl_gemm(dtype: torch.dtype) -> Callable[..., None] | None:
     logit to 2^-9, and 459 ms in fp32); without AMX MKL fell far behind (AMD Zen 5 with
     AVX512-BF16: 577 ms against 88). Called through ctypes, which releases the GIL for the call.
     """
-    if not (torch.backends.mkl.is_available() and torch.cpu._is_amx_tile_supported()):
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent in some builds
+    if not (torch.backends.mkl.is_available() and amx is not None and amx()):
         return None
     try:
         lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))

@@ -168,9 +168,9 @@ def engine_in_process(on_cpu: bool) -> bool:
     """Whether a vLLM engine runs inside this process: on CPU, in a lone process (one rank), unless
     VLLM_ENABLE_V1_MULTIPROCESSING says otherwise (1: vLLM's own EngineCore and Worker processes).
 
-    In-process, a Qwen3-1.7B teacher costs 6.7 GiB where the same engine in its own processes
-    held 8.6 (api_server 1.1, EngineCore 0.9 and a worker that imports torch and vLLM again;
-    benchmarks/real_size.py). Ranks of a multi-process job keep vLLM's processes: an inline
+    In-process, a Qwen3-1.7B bf16 teacher adds 5.8 GiB to distill's process where the same engine
+    served held 8.5 (api_server 1.1, EngineCore 0.8 and a worker that imports torch and vLLM
+    again; benchmarks/real_size.py). Ranks of a multi-process job keep vLLM's processes: an inline
     engine's one-process group would clash with accelerate's.
     """
     if not on_cpu:

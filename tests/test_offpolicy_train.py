@@ -236,3 +236,17 @@ def test_bad_settings_are_refused_before_training(tmp_path, tiny_pair, data) -> 
     pq.write_table(table, changed / "shard-00000.parquet")
     with pytest.raises(DistillError, match="changed since checkpoint"):
         offpolicy.train(replace(base, data_dir=changed, steps=2), GpuLedger())
+
+
+def test_the_loops_step_with_torch_fused_adamw(tmp_path, tiny_pair) -> None:
+    """load_trainee builds torch's fused AdamW where the parameters' device has it (CPU, CUDA)."""
+    from distill.loop import fused_adamw, load_trainee, make_accelerator
+
+    student = str(tiny_pair.student_dir)
+    accelerator, precision = make_accelerator("float32", student)
+    trainee = load_trainee(accelerator, student=student, out=tmp_path, precision=precision,
+                           lora_config=None, lr=1e-3, fused_loss=True)  # fmt: skip
+    optimizer = getattr(trainee.optimizer, "optimizer", trainee.optimizer)  # accelerate's wrapper
+    assert optimizer.defaults["fused"] is True
+    assert not fused_adamw([torch.nn.Parameter(torch.empty(2, device="meta"))])
+    assert not fused_adamw([])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 import torch
@@ -28,6 +30,14 @@ from students.placement import (
 from students.presets import StudentError
 
 LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def restored_environment() -> Iterator[None]:
+    """engine_kwargs sets the rendezvous of a lone process in os.environ: gone after each test,
+    or a later test's Accelerator would see WORLD_SIZE and look for a process group."""
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def test_cpu_engines_keep_the_vllm_cpu_settings(monkeypatch: pytest.MonkeyPatch) -> None:
