@@ -22,9 +22,9 @@ from rich.table import Table
 from transformers import PreTrainedTokenizerBase
 
 from cli import dryrun
-from cli.app import app
 from cli.render import config_table, console, user_errors
 from cli.resolve import ModesOpt, PromptsOpt, RunDir, SoftSwitchOpt, resolve_modes
+from cli.root import app
 from distill import checkpoint, evaluate
 from distill.accounting import GpuLedger
 from distill.answers import write_responses

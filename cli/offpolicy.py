@@ -20,7 +20,6 @@ from accelerate import PartialState
 from rich.table import Table
 
 from cli import dryrun
-from cli.app import app
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
 from cli.resolve import (
@@ -45,6 +44,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
+from cli.root import app
 from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
 from distill import adapters, checkpoint
 from distill.accounting import GpuLedger

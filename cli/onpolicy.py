@@ -17,7 +17,6 @@ import typer
 from accelerate import PartialState
 
 from cli import dryrun
-from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.progress import phase_progress
 from cli.render import config_table, console, user_errors
@@ -50,6 +49,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
+from cli.root import app
 from cli.teacher import make_teacher, parse_backend, teacher_devices, teacher_metrics
 from distill import adapters, parity
 from distill.accounting import GpuLedger

@@ -13,8 +13,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cli.app import app
 from cli.render import console, user_errors
+from cli.root import app
 from distill.plan import (
     Assumptions,
     describe,

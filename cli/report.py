@@ -14,9 +14,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.app import app
 from cli.eval import render_eval_dir
 from cli.render import console, err_console, user_errors
+from cli.root import app
 from distill.accounting import PHASES, GpuLedger
 from distill.errors import DistillError
 from distill.report_schema import (

@@ -12,7 +12,6 @@ from typing import Annotated
 import typer
 
 from cli import dryrun
-from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.onpolicy import SamplerOpt, SyncEveryOpt
 from cli.progress import phase_progress
@@ -38,6 +37,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
+from cli.root import app
 from distill import adapters, evaluate
 from distill.accounting import GpuLedger
 from distill.manifest import fingerprint

@@ -13,7 +13,6 @@ from typing import Annotated
 import typer
 
 from cli import dryrun
-from cli.app import app
 from cli.offpolicy import FusedLossOpt, LoraAlphaOpt, LoraRankOpt
 from cli.onpolicy import MaxStalenessOpt
 from cli.progress import phase_progress
@@ -38,6 +37,7 @@ from cli.resolve import (
     resolve_models,
     resolve_modes,
 )
+from cli.root import app
 from cli.teacher import make_teacher, parse_backend, teacher_devices
 from distill import adapters, evaluate, parity, pipeline
 from distill.offpolicy import generate as gen

@@ -41,7 +41,7 @@ from distill.sampling import resolve_sampler
 from students import dtype as dtypes
 from students import lora
 from students.load import check_head
-from students.memory import release_free_memory
+from students.memory import allocator, release_free_memory, trim_each_layer
 
 LogFn = Callable[[str, int, int, Mapping[str, float]], None]  # (phase, step, total, metrics)
 
@@ -81,6 +81,7 @@ class Trainee:
     n_params: int  # matmul parameters: FLOPs (distill/accounting.py)
     n_trainable: int  # of which trained (LoRA: the adapters)
     vocab_size: int  # the tokenizer's ids: divergences never give mass to padded head rows
+    allocator: str  # the C malloc under host tensors, and how its heap is trimmed
     pad_id: int
 
     def unwrapped(self, accelerator: Accelerator) -> PreTrainedModel:
@@ -187,6 +188,9 @@ def load_trainee(
     )
     vocab_size = len(tokenizer)
     check_head(model, vocab_size, source)
+    heap = allocator()
+    if accelerator.device.type == "cpu" and trim_each_layer(model):  # glibc: students/memory.py
+        heap = "glibc, trimmed before each layer"
     n_params = matmul_params(model)
     n_trainable = matmul_params(model, trainable_only=True)
     params = adapters.trainable(model)
@@ -223,6 +227,7 @@ def load_trainee(
         n_params=n_params,
         n_trainable=n_trainable,
         vocab_size=vocab_size,
+        allocator=heap,
         pad_id=int(tokenizer.pad_token_id),
     )
 
@@ -243,6 +248,7 @@ def record_setup(
             fused=trainee.path.fused,
             loss_reason=trainee.path.reason,
             lora_rank=lora_rank,
+            allocator=trainee.allocator,
             sampler=sampler,
         )
         manifest.record_setup(run_dir, phase, built)

@@ -108,6 +108,7 @@ def setup(
     fused: bool,
     loss_reason: str,
     lora_rank: int,
+    allocator: str,
     sampler: Mapping[str, str | int] | None = None,
 ) -> dict[str, str | int]:
     """How a training phase was built: what `report compare` sets side by side across runs.
@@ -122,6 +123,7 @@ def setup(
         "processes": accelerator.num_processes,
         "layout": layout(accelerator),
         "lora_rank": lora_rank,
+        "allocator": allocator,  # host memory and CPU speed depend on it (students/memory.py)
     }
     return {**out, **(sampler or {})}
 

@@ -10,7 +10,7 @@ import pytest
 from typer.main import get_command
 
 import cli  # noqa: F401  (registers every command)
-from cli.app import app
+from cli.root import app
 from distill import evaluate, pipeline
 from distill.offpolicy import generate as gen
 from distill.offpolicy import train as offpolicy

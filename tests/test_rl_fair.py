@@ -128,18 +128,21 @@ def test_manifest_records_the_setup_and_compare_names_each_difference(
     assert setup["sampler"] == "hf" and setup["sampler_dtype"] == "float32"
     assert setup["dtype"] == "float32" and setup["loss_path"] == "fused"
     assert setup["layout"] == "1 x cpu" and setup["lora_rank"] == 0
+    # pytest runs on glibc (only the `distill` command reruns itself on tcmalloc)
+    assert setup["allocator"] == "glibc, trimmed before each layer"
     assert from_run_dir(hf_run).setup == {
         "sampler": "hf, float32",
         "precision": "float32",
         "loss_path": "fused",
         "processes": "1 x cpu",
         "lora": "none (every weight)",
+        "allocator": "glibc, trimmed before each layer",
     }
     other = tmp_path / "rl_vllm"
     shutil.copytree(hf_run, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["setup"]["rl"].update(sampler="vllm", sync_every=4, sampler_dtype="bfloat16")
-    manifest["setup"]["rl"].update(dtype="bfloat16")
+    manifest["setup"]["rl"].update(dtype="bfloat16", allocator="tcmalloc")
     (other / "manifest.json").write_text(json.dumps(manifest))
     runner = CliRunner()
     same = runner.invoke(app, ["report", "compare", str(hf_run), str(hf_run), "--json"])
@@ -150,7 +153,8 @@ def test_manifest_records_the_setup_and_compare_names_each_difference(
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     differ = [w for w in out["warnings"] if "differ in" in w]
-    assert len(differ) == 2, differ  # sampler and precision; loss path, layout, LoRA agree
+    assert len(differ) == 3, differ  # sampler, precision, allocator; loss path, layout, LoRA agree
+    assert any(w.startswith("the runs differ in allocator") for w in differ)
     sampler = next(w for w in differ if w.startswith("the runs differ in sampler"))
     assert f"{hf_run.name}: hf, float32" in sampler
     assert "rl_vllm: vllm, bfloat16, sync every 4" in sampler

@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.app import app
+from cli.root import app
 from cli.teacher import DEFAULT_BACKEND, make_teacher, parse_backend, teacher_app
 from students.placement import local_device, request_seeds
 from teachers import launch

@@ -1,4 +1,4 @@
-"""The typer app every command module registers on."""
+"""The root typer app every command module registers on (`cli.commands` imports them all)."""
 
 import os
 import re
