@@ -128,28 +128,35 @@ class HFTeacher:
             ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
             attn[i, : len(s)] = 1
         hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        head = self._head()
-        results = []
-        for i, s in enumerate(seqs):
-            P, L = int(plens[i]), len(s) - int(plens[i])
-            assert 1 <= P <= len(s), (P, len(s))
-            # Alignment (see TopK): completion token t is predicted by the hidden state at P+t-1.
-            h = hidden[i, P - 1 : P - 1 + L]  # (L, H)
-            target = ids[i, P : P + L]  # (L,)
-            top_ids = np.empty((L, top_k), dtype=np.int32)
-            top_lp = np.empty((L, top_k), dtype=np.float32)
-            actual = np.empty(L, dtype=np.float32)
-            for c in range(0, L, self.chunk):
-                # Raw temperature-1 log-softmax over the full head width, as vLLM reports it.
-                logp = torch.log_softmax(head(h[c : c + self.chunk]).float(), dim=-1)  # (C, W)
-                vals, idx = torch.topk(logp, top_k, dim=-1)  # (C, K), sorted
-                top_ids[c : c + self.chunk] = idx.cpu().numpy()
-                top_lp[c : c + self.chunk] = vals.cpu().numpy()
-                actual[c : c + self.chunk] = (
-                    logp.gather(-1, target[c : c + self.chunk, None]).squeeze(-1).cpu().numpy()
-                )
-            results.append(TopK(ids=top_ids, logprobs=top_lp, actual_logprobs=actual))
-        return results
+        # Alignment (see TopK): completion token t is predicted by the hidden state at P+t-1.
+        # Every sequence's completion rows go through the head together, `chunk` rows at a time:
+        # the (W, H) head weight is read once per chunk, not once per sequence.
+        spans = [
+            (i, int(P), len(s) - int(P)) for i, (s, P) in enumerate(zip(seqs, plens, strict=True))
+        ]
+        assert all(1 <= P <= P + L for _, P, L in spans), spans
+        rows = torch.cat([hidden[i, P - 1 : P - 1 + L] for i, P, L in spans])  # (N, H)
+        targets = torch.cat([ids[i, P : P + L] for i, P, L in spans])  # (N,)
+        N, head = rows.shape[0], self._head()
+        top_ids = np.empty((N, top_k), dtype=np.int32)
+        top_lp = np.empty((N, top_k), dtype=np.float32)
+        actual = np.empty(N, dtype=np.float32)
+        for c in range(0, N, self.chunk):
+            # Raw temperature-1 log-softmax over the full head width, as vLLM reports it.
+            logp = torch.log_softmax(head(rows[c : c + self.chunk]).float(), dim=-1)  # (C, W)
+            vals, idx = torch.topk(logp, top_k, dim=-1)  # (C, K), sorted
+            top_ids[c : c + self.chunk] = idx.cpu().numpy()
+            top_lp[c : c + self.chunk] = vals.cpu().numpy()
+            picked = logp.gather(-1, targets[c : c + self.chunk, None]).squeeze(-1)  # (C,)
+            actual[c : c + self.chunk] = picked.cpu().numpy()
+        ends = np.cumsum([L for _, _, L in spans])[:-1]
+        # Copies, not views: a view would keep the whole batch's arrays alive (TopK.nbytes).
+        return [
+            TopK(ids=i.copy(), logprobs=lp.copy(), actual_logprobs=a.copy())
+            for i, lp, a in zip(
+                np.split(top_ids, ends), np.split(top_lp, ends), np.split(actual, ends), strict=True
+            )
+        ]
 
 
 def weights_digest(model: torch.nn.Module, n: int = 12) -> str:
