@@ -39,7 +39,8 @@ Memory: peak RSS (`ru_maxrss`, read at the end of the last step) above the RSS r
 imports (`peak_above_import_gib`: models, gradients, optimizer state and the step), and above
 the RSS when the first step starts (`step_peak_gib`: what the step itself adds: gradients,
 AdamW state, activations). Each side runs in its own process, one after another (never
-together). The last line is JSON.
+together), on the allocator the `distill` command would run on (tcmalloc where installed; on
+glibc distill trims the heap before each layer: students/memory.py). The last line is JSON.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -229,8 +231,10 @@ def run_distill(args: argparse.Namespace, root: Path, phases: Phases) -> None:
 
     HFSampler.generate = sample  # type: ignore[method-assign]
     HFTeacher.score = phases.timed("teacher", score)  # type: ignore[method-assign]
+    run_dir = root / f"distill_k{args.top_k}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # with --models kept, a finished run would resume
     config = onpolicy.Config(
-        run_dir=root / f"distill_k{args.top_k}", student=str(root / "student"), steps=args.steps,
+        run_dir=run_dir, student=str(root / "student"), steps=args.steps,
         prompts_per_step=args.prompts, samples_per_prompt=args.g,
         micro_batch_size=args.prompts * args.g, modes=("think",), max_tokens=args.max_tokens,
         top_k=args.top_k, divergence="reverse_kl", sampler="hf", lr=LR, warmup_steps=0,
@@ -386,8 +390,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         return child(args)
+    # Both sides on the allocator the `distill` command picks (tcmalloc on a CPU host that has it:
+    # students/memory.py); the children inherit it.
+    from cli import rerun_on_tcmalloc
+
+    rerun_on_tcmalloc()
     from rich.console import Console
     from rich.table import Table
+
+    from students.memory import allocator
 
     console = Console(stderr=True)
     results: dict[str, dict[str, Any]] = (
@@ -427,7 +438,8 @@ def main() -> None:
     summary: dict[str, Any] = {
         "config": {"prompts": args.prompts, "g": args.g, "max_tokens": args.max_tokens,
                    "timed_steps": args.steps - 1, "teacher_layers": args.teacher_layers,
-                   "threads": args.threads, "top_k": args.top_k, "top_k_max": args.top_k_max},
+                   "threads": args.threads, "top_k": args.top_k, "top_k_max": args.top_k_max,
+                   "allocator": allocator()},
         "speedup_vs_trl": round(results["distill"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
         "cpu_speedup_vs_trl": round(
             results["distill"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
