@@ -164,6 +164,9 @@ def main() -> None:
     p.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-prompts", type=int, default=8)
     args = p.parse_args()
+    from cli import rerun_on_tcmalloc
+
+    rerun_on_tcmalloc()  # on the allocator the `distill` command runs on (students/memory.py)
     import torch
 
     student_core = pin(0)

@@ -67,6 +67,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--prompts", type=int, default=256)
     args = parser.parse_args()
+    from cli import rerun_on_tcmalloc
+
+    rerun_on_tcmalloc()  # on the allocator the `distill` command runs on (students/memory.py)
     assets = embedded.build(log=lambda s: print(s, flush=True))
     tokenizer = AutoTokenizer.from_pretrained(assets.teacher)
     teacher = HFTeacher.from_pretrained(assets.teacher)
