@@ -14,7 +14,8 @@ sampling run over Qwen3's vocabulary; the 267 extra head rows are padding, as in
 Both tools get the same prompts (thinking-mode chat prompts of the embedded task, rendered by
 distill and handed to TRL as the same text), batch (--prompts x --g sequences per step, one
 optimizer step each), sampled length (random-init models never emit eos: every response is
-exactly --max-tokens long), sampling (T=1, no top-k/top-p), fp32, AdamW (torch's fused kernel on
+exactly --max-tokens long), sampling (T=1, no top-k/top-p), --dtype (fp32 by default; bfloat16:
+pure bf16 weights on both sides), AdamW (torch's fused kernel on
 both sides: distill's default, and transformers' default for torch >= 2.8; lr 1e-5, betas
 0.9/0.95, no weight decay), grad clip 1.0, constant lr. Objective: TRL `beta=1` (reverse KL over
 the teacher's and student's full 151,936-row heads, chunked); distill `--divergence reverse_kl` on
@@ -238,11 +239,11 @@ def run_distill(args: argparse.Namespace, root: Path, phases: Phases) -> None:
         prompts_per_step=args.prompts, samples_per_prompt=args.g,
         micro_batch_size=args.prompts * args.g, modes=("think",), max_tokens=args.max_tokens,
         top_k=args.top_k, divergence="reverse_kl", sampler="hf", lr=LR, warmup_steps=0,
-        min_lr_ratio=1.0, grad_clip=1.0, dtype="float32", save_every=10**9,
+        min_lr_ratio=1.0, grad_clip=1.0, dtype=args.dtype, save_every=10**9,
         think_sampling=SamplingParams(temperature=1.0),
     )  # fmt: skip
     prompts = prompt_set(args)
-    teacher = HFTeacher.from_pretrained(root / "teacher")
+    teacher = HFTeacher.from_pretrained(root / "teacher", dtype=args.dtype)
     # The loop logs each step after its optimizer step: that closes the step.
     onpolicy.train(config, teacher, prompts, GpuLedger(), lambda *a: phases.end())
 
@@ -280,8 +281,9 @@ def run_trl(args: argparse.Namespace, root: Path, phases: Phases) -> None:
         def on_step_end(self, *a: object, **k: object) -> None:
             phases.end()
 
-    student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=torch.float32)
+    dtype = getattr(torch, args.dtype)  # pure weights of that dtype, as distill's --dtype
+    student = AutoModelForCausalLM.from_pretrained(root / "student", dtype=dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher", dtype=dtype)
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tok, callbacks=[Clock()],
@@ -380,6 +382,10 @@ def main() -> None:
     parser.add_argument("--teacher-layers", type=int, default=6, help="of Qwen3-1.7B's 28")
     parser.add_argument("--student-layers", type=int, default=28, help="28: Qwen3-0.6B")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, every side")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="weights and compute of both models on both sides (bfloat16: Qwen3's own dtype)",
+    )  # fmt: skip
     parser.add_argument("--models", help="keep the built models here and reuse them (same shapes)")
     parser.add_argument("--skip-gap", action="store_true", help="leave out the objective gap")
     parser.add_argument(
@@ -423,7 +429,7 @@ def main() -> None:
                 console.print(f"[dim]  {results[name]}[/dim]")
     trl_run = results["trl"]
     table = Table(title=f"on-policy step, Qwen3-0.6B student, P={args.prompts} G={args.g} "
-                  f"L={args.max_tokens}, CPU {args.threads} threads")  # fmt: skip
+                  f"L={args.max_tokens}, {args.dtype}, CPU {args.threads} threads")  # fmt: skip
     cols = ("", "tokens/s", "sample s", "teacher s", "loss+bwd s", "optim s", "step GiB")
     for col in cols:
         table.add_column(col, justify="right")
@@ -439,7 +445,7 @@ def main() -> None:
         "config": {"prompts": args.prompts, "g": args.g, "max_tokens": args.max_tokens,
                    "timed_steps": args.steps - 1, "teacher_layers": args.teacher_layers,
                    "threads": args.threads, "top_k": args.top_k, "top_k_max": args.top_k_max,
-                   "allocator": allocator()},
+                   "dtype": args.dtype, "allocator": allocator()},
         "speedup_vs_trl": round(results["distill"]["tokens_per_s"] / trl_run["tokens_per_s"], 3),
         "cpu_speedup_vs_trl": round(
             results["distill"]["tokens_per_cpu_s"] / trl_run["tokens_per_cpu_s"], 3),
