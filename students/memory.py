@@ -40,8 +40,8 @@ PRELOADED_ENV = "DISTILL_MALLOC_PRELOADED"  # set in the re-executed process: ne
 TCMALLOC_INSTALL = (
     "apt install libtcmalloc-minimal4 (Debian, Ubuntu) or dnf install gperftools-libs"
 )
-# tcmalloc logs every allocation above 1 GiB to stderr ("tcmalloc: large alloc ..."); the fused
-# loss and the KV caches make such allocations routinely.
+# gperftools' tcmalloc can log allocations above 1 GiB to stderr ("tcmalloc: large alloc ...";
+# libtcmalloc_minimal 4.5 stayed silent here), which KV caches and weights make routinely.
 QUIET_LARGE_ALLOC = {"TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 62)}
 
 
