@@ -134,7 +134,7 @@ class HFTeacher:
         spans = [
             (i, int(P), len(s) - int(P)) for i, (s, P) in enumerate(zip(seqs, plens, strict=True))
         ]
-        assert all(1 <= P <= P + L for _, P, L in spans), spans
+        assert all(P >= 1 and L >= 0 for _, P, L in spans), spans  # a prompt token each
         rows = torch.cat([hidden[i, P - 1 : P - 1 + L] for i, P, L in spans])  # (N, H)
         targets = torch.cat([ids[i, P : P + L] for i, P, L in spans])  # (N,)
         N, head = rows.shape[0], self._head()
@@ -152,8 +152,8 @@ class HFTeacher:
         ends = np.cumsum([L for _, _, L in spans])[:-1]
         # Copies, not views: a view would keep the whole batch's arrays alive (TopK.nbytes).
         return [
-            TopK(ids=i.copy(), logprobs=lp.copy(), actual_logprobs=a.copy())
-            for i, lp, a in zip(
+            TopK(ids=top.copy(), logprobs=lp.copy(), actual_logprobs=a.copy())
+            for top, lp, a in zip(
                 np.split(top_ids, ends), np.split(top_lp, ends), np.split(actual, ends), strict=True
             )
         ]

@@ -86,7 +86,7 @@ def test_command_reruns_itself_on_tcmalloc_in_the_same_process() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc")
 def test_system_choice_keeps_glibc() -> None:
     lines = rerun({memory.MALLOC_ENV: "system"})
-    assert [line for line in lines if line.startswith("pid ")].__len__() == 1
+    assert len([line for line in lines if line.startswith("pid ")]) == 1  # never exec'd
     assert "allocator glibc True" in lines
 
 
@@ -105,7 +105,9 @@ def linux_with(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
 def test_preload_command_reruns_the_same_command_with_tcmalloc_first(linux_with) -> None:  # noqa: ANN001
     linux_with(gpu=False, library="/opt/libtcmalloc_minimal.so.4")
     env = {"LD_PRELOAD": "/opt/libiomp5.so", "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": "10"}
-    argv, new_env = memory.preload_command(env, ["py", "-c", "code", "onpolicy"], "/venv/python")
+    rerun = memory.preload_command(env, ["py", "-c", "code", "onpolicy"], "/venv/python")
+    assert rerun is not None
+    argv, new_env = rerun
     assert argv == ["/venv/python", "-c", "code", "onpolicy"]
     assert new_env["LD_PRELOAD"] == "/opt/libtcmalloc_minimal.so.4:/opt/libiomp5.so"
     assert new_env[memory.PRELOADED_ENV] == "/opt/libtcmalloc_minimal.so.4"
