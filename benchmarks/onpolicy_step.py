@@ -21,10 +21,10 @@ both sides: distill's default, and transformers' default for torch >= 2.8; lr 1e
 the teacher's and student's full 151,936-row heads, chunked); distill `--divergence reverse_kl` on
 the teacher's top-k plus one tail bucket, once at its default --top-k and once at --top-k-max
 (default 151,669, every real id: the dense objective over the real ids, with the teacher's
-padded-row mass in its tail; the HF teacher serves up to its head width, 151,936, but the loop's
-top-k overlap diagnostic fails for K above the tokenizer's length). A separate `gap` process
-measures, on one sampled batch, how far each top-k objective is from the full-vocabulary
-reverse KL (mean nats per token, fp64).
+padded-row mass in its tail; the HF teacher serves up to its head width, 151,936, but a K above
+the tokenizer's length adds only padded rows, which the loss drops into the tail). A separate
+`gap` process measures, on one sampled batch, how far each top-k objective is from the
+full-vocabulary reverse KL (mean nats per token, fp64).
 
 Per phase, same method on both sides (wall-clock of the timed steps; the first step is warm-up):
 - sample: the student's generation (distill `HFSampler.generate`, TRL `_generate`);
