@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,10 @@ def load_prompts(
     import datasets  # heavy; only the file path needs it
 
     path = Path(source)
+    # datasets logs a parser's failure before raising it: the one error line below says it.
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         if path.exists():
             ds = datasets.load_dataset(_format(path), data_files=str(path), split="train")
@@ -67,6 +72,8 @@ def load_prompts(
             f"cannot read prompts from {source}: {type(e).__name__}: {detail[:200]}; "
             "pass a readable .jsonl/.parquet file (one prompt per row)"
         ) from None
+    finally:
+        logger.setLevel(level)
     columns = list(ds.column_names)
     if prompt_column not in columns:
         raise DistillError(

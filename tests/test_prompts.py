@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -64,6 +65,17 @@ def test_bad_cells_and_unreadable_files_are_named(tmp_path: Path) -> None:
         load_prompts(str(tmp_path / "p.txt"))
     with pytest.raises(DistillError, match="no non-empty prompts"):
         load_prompts(str(jsonl(tmp_path / "e.jsonl", [{"prompt": ""}])))
+
+
+def test_an_unparsable_file_is_one_error_not_a_log_line_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("not json\n")
+    with caplog.at_level(logging.DEBUG), pytest.raises(DistillError, match="JSON parse error"):
+        load_prompts(str(path))
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert logging.getLogger("datasets").level != logging.CRITICAL  # restored
 
 
 def test_embedded_prompts_are_seeded_and_verifiable() -> None:
