@@ -66,7 +66,15 @@ def tokenizer(
 ) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder or hub id, or a one-line error naming it. A dry run
     (`local_only`) reads the disk only; a real run may download a hub id's files."""
-    if Path(path).is_dir():
+    folder = Path(path)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            held = sorted(p.name for p in folder.iterdir())
+            raise DistillError(
+                f"the {what} folder {path} holds no tokenizer (none of "
+                f"{', '.join(TOKENIZER_FILES[:2])}, ...; it holds {held[:6] or 'nothing'}): "
+                "pass a folder written by save_pretrained with its tokenizer"
+            )
         refuse_remote_code(path, trust=trust_remote_code, fix="pass --trust-remote-code")
     try:
         return AutoTokenizer.from_pretrained(
@@ -77,9 +85,26 @@ def tokenizer(
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... by case
         raise DistillError(
             f"cannot load the {what} tokenizer from {path!r} ({type(e).__name__}: "
-            f"{' '.join(str(e).split())[:200]}): pass a model folder with its tokenizer, or "
+            f"{first_sentences(str(e))}): pass a model folder with its tokenizer, or "
             "a hub id whose files are reachable or cached"
         ) from None
+
+
+# A tokenizer folder holds at least one of these (fast, slow BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+    "spiece.model",
+)  # fmt: skip
+
+
+def first_sentences(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut at the last sentence end within `limit` characters (or at the
+    limit, marked with "...") so that an error never ends mid-word or mid-address."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else text[:limit] + "..."
 
 
 def model_config(path: str, what: str) -> dict[str, object]:

@@ -178,6 +178,16 @@ def test_teacher_that_is_not_a_folder(run_dir: Path, tmp_path: Path) -> None:
     refused(gen(run_dir, tmp_path / "no-teacher", p), run_dir, "not a model folder")
 
 
+def test_teacher_folder_without_a_tokenizer(run_dir: Path, tmp_path: Path) -> None:
+    p = jsonl(tmp_path / "p.jsonl", GOOD)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(gen(run_dir, empty, p), run_dir, "holds no tokenizer", "holds nothing",
+            "with its tokenizer")  # fmt: skip
+    (empty / "config.json").write_text("{}")
+    refused(gen(run_dir, empty, p), run_dir, "holds no tokenizer", "['config.json']")
+
+
 def plain_template(src: Path, dst: Path) -> Path:
     """A copy of `src` whose chat template knows nothing of thinking."""
     shutil.copytree(src, dst)
@@ -468,3 +478,16 @@ def prepare_many(run_dir: Path, start: float) -> int:
     for _ in range(2000):
         rundir.prepare(run_dir)
     return 2000
+
+
+def test_a_library_error_is_cut_at_a_sentence_end_not_mid_address() -> None:
+    from cli.dryrun import first_sentences
+
+    hub = (
+        "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
+        "them in the cached files.\n Check your internet connection or see how to run the "
+        "library in offline mode at 'https://huggingface.co/docs/transformers/installation'."
+    )
+    assert first_sentences(hub) == hub.split("\n")[0]  # whole first sentence, one line
+    assert first_sentences("a  b\nc") == "a b c"  # short: kept whole, on one line
+    assert first_sentences("x" * 300) == "x" * 200 + "..."  # no sentence end: marked as cut
