@@ -162,6 +162,19 @@ def test_only_rank_0_prints_under_a_launcher(rank: str, prints: bool) -> None:
     assert ("0.6B" in out.stdout) == prints
 
 
+def test_a_table_printed_to_a_pipe_keeps_every_cell() -> None:
+    # rich would wrap a non-terminal at 80 columns and cut the plan's cells to "...".
+    distill = Path(sys.executable).parent / "distill"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [str(distill), "plan", "--student", "8B", "--teacher", "235B-A22B"],
+        capture_output=True, text=True, env=env, check=True,
+    ).stdout  # fmt: skip
+    assert "…" not in out
+    row = next(line for line in out.splitlines() if "student.sample" in line and "RL" in line)
+    assert "Qwen3-8B" in row and "memory" in row
+
+
 def test_run_records_the_loss_path_of_both_stages(
     finished_run: Path, trained_pair: tuple[Path, Path], prompt_file: Path, tmp_path: Path
 ) -> None:
