@@ -89,6 +89,26 @@ def _nucleus_drop(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return (p.cumsum(-1) - p) >= top_p
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One id per row of (B, V) probabilities, by inverting each row's cumulative sum.
+
+    The same distribution as `torch.multinomial(probs, 1)`, which on CPU took 11 ms for 4 rows
+    of Qwen3's 151,669 ids (a tenth of a Qwen3-0.6B decode step) and 45 ms for 16, where this
+    takes 1-2. The sum runs in float64, so an id's chance is its probability to ~1e-16 of the
+    row's mass (float32 would round ids below ~6e-8 of it to nothing). An id of probability 0
+    (filtered out) adds nothing to the sum, so no draw below the total lands on it; a draw
+    rounded up to the total goes to the last id of nonzero probability.
+    """
+    cdf = probs.double().cumsum(-1)  # (B, V), nondecreasing
+    total = cdf[:, -1:]  # (B, 1)
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator)
+    idx = torch.searchsorted(cdf, u * total, right=True).squeeze(-1)  # (B,): cdf[idx] > u*total
+    over = idx >= cdf.shape[-1]
+    if bool(over.any()):  # u * total rounded to the total: chance ~1e-16 a row
+        idx = torch.where(over, (cdf < total).sum(-1), idx)  # the last id of nonzero probability
+    return idx
+
+
 @torch.no_grad()
 def sample(
     model: PreTrainedModel,
@@ -155,8 +175,7 @@ def _sample_chunk(
         if params.temperature == 0.0:
             nxt = logits.argmax(-1)  # (B,)
         else:
-            probs = filter_logits(logits, params).softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+            nxt = draw(filter_logits(logits, params).softmax(-1), generator)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens[:, n] = nxt
         seen[torch.arange(B, device=device), nxt.clamp(max=vocab_size - 1)] |= ~done
