@@ -25,18 +25,16 @@ from teachers.protocol import TeacherError
 
 # Under `accelerate launch` (torchrun sets RANK) every process runs the same command: only rank
 # 0 prints tables, progress and results; errors are printed by whichever process hits them.
-# Printed to a file or pipe (a log, `| tee`, CI), rich would wrap at 80 columns and cut table
-# cells to "..."; a log keeps every digit instead (COLUMNS, where set, still decides).
+console = Console(quiet=os.environ.get("RANK", "0") != "0")
+err_console = Console(stderr=True)
+
+# Printed to a file or pipe (a log, `| tee`, CI), rich would lay out 80 columns and cut table
+# cells to "...": there, unless COLUMNS is set, COLUMNS is set to 160 so that a log keeps every
+# digit. After the consoles are built: a Console built with COLUMNS set fixes its width for good,
+# one built without reads COLUMNS at each layout (so a caller's own COLUMNS still decides).
 LOG_WIDTH = 160
-
-
-def _width(stream: Any) -> int | None:
-    tty = getattr(stream, "isatty", lambda: False)()
-    return None if "COLUMNS" in os.environ or tty else LOG_WIDTH
-
-
-console = Console(quiet=os.environ.get("RANK", "0") != "0", width=_width(sys.stdout))
-err_console = Console(stderr=True, width=_width(sys.stderr))
+if "COLUMNS" not in os.environ and not getattr(sys.stdout, "isatty", lambda: False)():
+    os.environ["COLUMNS"] = str(LOG_WIDTH)
 
 # Errors a user can fix: one line naming the problem and the fix, exit code 2, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
