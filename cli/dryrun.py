@@ -25,6 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from cli.render import console
 from distill import embedded
 from distill.errors import DistillError
+from students.load import first_sentences
 from students.tiny import TINY_SHAPES
 from teachers.protocol import TeacherError, refuse_remote_code
 
@@ -95,16 +96,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
     "spiece.model",
 )  # fmt: skip
-
-
-def first_sentences(text: str, limit: int = 200) -> str:
-    """`text` on one line, cut at the last sentence end within `limit` characters (or at the
-    limit, marked with "...") so that an error never ends mid-word or mid-address."""
-    text = " ".join(text.split())
-    if len(text) <= limit:
-        return text
-    end = text.rfind(". ", 0, limit)
-    return text[: end + 1] if end > 0 else text[:limit] + "..."
 
 
 def model_config(path: str, what: str) -> dict[str, object]:

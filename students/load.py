@@ -85,9 +85,19 @@ def load_config(source: str) -> PretrainedConfig:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:  # not found, not reachable, not a model config
         raise StudentError(
-            f"cannot read the config of {source!r} ({' '.join(str(e).split())[:200]}): pass a "
+            f"cannot read the config of {source!r} ({first_sentences(str(e))}): pass a "
             "local model folder, or a hub id whose files are reachable or cached"
         ) from None
+
+
+def first_sentences(text: str, limit: int = 200) -> str:
+    """A library's error message on one line, cut at the last sentence end within `limit`
+    characters (or at the limit, marked "...") so that ours never ends mid-word or mid-address."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    end = text.rfind(". ", 0, limit)
+    return text[: end + 1] if end > 0 else text[:limit] + "..."
 
 
 def check_architecture(source: str, size: str) -> None:

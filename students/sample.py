@@ -92,12 +92,12 @@ def _nucleus_drop(sorted_logits: torch.Tensor, top_p: float) -> torch.Tensor:
 def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One id per row of (B, V) probabilities, by inverting each row's cumulative sum.
 
-    The same distribution as `torch.multinomial(probs, 1)`, which on CPU took 11 ms for 4 rows
-    of Qwen3's 151,669 ids (a tenth of a Qwen3-0.6B decode step) and 45 ms for 16, where this
-    takes 1-2. The sum runs in float64, so an id's chance is its probability to ~1e-16 of the
-    row's mass (float32 would round ids below ~6e-8 of it to nothing). An id of probability 0
-    (filtered out) adds nothing to the sum, so no draw below the total lands on it; a draw
-    rounded up to the total goes to the last id of nonzero probability.
+    The same distribution as `torch.multinomial(probs, 1)`, which on CPU took 10.2 ms for 4 rows
+    of Qwen3's 151,669 ids (a tenth of a Qwen3-0.6B decode step) and 42 for 16, where this takes
+    0.6 and 3.1 (`benchmarks/sampling.py`, tcmalloc). The sum runs in float64, so an id's chance
+    is its probability to ~1e-16 of the row's mass (float32 would round ids below ~6e-8 of it to
+    nothing). An id of probability 0 (filtered out) adds nothing to the sum, so no draw below the
+    total lands on it; a draw rounded up to the total goes to the last id of nonzero probability.
     """
     cdf = probs.double().cumsum(-1)  # (B, V), nondecreasing
     total = cdf[:, -1:]  # (B, 1)

@@ -481,7 +481,7 @@ def prepare_many(run_dir: Path, start: float) -> int:
 
 
 def test_a_library_error_is_cut_at_a_sentence_end_not_mid_address() -> None:
-    from cli.dryrun import first_sentences
+    from students.load import first_sentences
 
     hub = (
         "We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find "
